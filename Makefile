@@ -1,0 +1,40 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and install everything.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+DEMO_REPO ?= demo-repo
+
+.PHONY: install demo test lint format generate clean
+
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(BIN)/gearbox compress --example digits --repo $(DEMO_REPO)
+	$(BIN)/gearbox variants --repo $(DEMO_REPO)
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(INSTALLED)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Regenerates the Python stubs of every .proto under protos/ (committed; a test checks freshness).
+generate: $(INSTALLED)
+	@protos="$$(find protos -name '*.proto' 2>/dev/null)"; \
+	if [ -z "$$protos" ]; then echo "no .proto files under protos/"; exit 0; fi; \
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos/generated \
+		--grpc_python_out=protos/generated --pyi_out=protos/generated $$protos
+
+clean:
+	rm -rf $(VENV) $(DEMO_REPO) .pytest_cache .ruff_cache

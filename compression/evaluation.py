@@ -1,0 +1,92 @@
+"""Evaluation of one variant: held-out quality, outputs for agreement, latency per device class."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gearbox.compression.devices import DeviceClass
+from gearbox.compression.onnx_export import run_onnx
+from gearbox.compression.quality import get_metric
+from gearbox.compression.spec import DataSplits, ModelSpec, Split
+
+PROFILE_BATCH_SIZES = (1, 8)
+
+
+@dataclass(frozen=True)
+class LatencyBudget:
+    """How long to time one (device class, batch size) pair."""
+
+    warmup: int = 10
+    min_iterations: int = 100
+    max_iterations: int = 2000
+    min_seconds: float = 0.3
+    max_seconds: float = 3.0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    quality: float
+    outputs: np.ndarray
+    """First output on the held-out split, for agreement with the reference variant."""
+    latency_ms: dict[str, dict[str, dict[str, float]]]
+    """``{device_class: {batch_size: {"p50": ms, "p95": ms}}}``, batch sizes as strings (JSON)."""
+
+
+def _batch(split: Split, size: int) -> dict[str, np.ndarray]:
+    rows = np.arange(size) % len(split)
+    return {name: np.ascontiguousarray(array[rows]) for name, array in split.inputs.items()}
+
+
+def measure_latency(
+    model_bytes: bytes,
+    device: DeviceClass,
+    split: Split,
+    batch_sizes: Sequence[int] = PROFILE_BATCH_SIZES,
+    budget: LatencyBudget = LatencyBudget(),
+) -> dict[str, dict[str, float]]:
+    """p50/p95 of single ``session.run`` calls, in milliseconds, per batch size."""
+    session = device.create_session(model_bytes)
+    profile: dict[str, dict[str, float]] = {}
+    for size in batch_sizes:
+        feed = _batch(split, size)
+        for _ in range(budget.warmup):
+            session.run(None, feed)
+        samples: list[float] = []
+        started = time.perf_counter()
+        while len(samples) < budget.max_iterations:
+            begin = time.perf_counter()
+            session.run(None, feed)
+            samples.append(time.perf_counter() - begin)
+            elapsed = time.perf_counter() - started
+            if len(samples) >= budget.min_iterations and elapsed >= budget.min_seconds:
+                break
+            if elapsed >= budget.max_seconds:
+                break
+        millis = np.array(samples) * 1e3
+        profile[str(size)] = {
+            "p50": round(float(np.percentile(millis, 50)), 4),
+            "p95": round(float(np.percentile(millis, 95)), 4),
+        }
+    return profile
+
+
+def evaluate(
+    model_bytes: bytes,
+    spec: ModelSpec,
+    data: DataSplits,
+    device_classes: Sequence[DeviceClass],
+    budget: LatencyBudget = LatencyBudget(),
+) -> Evaluation:
+    """Quality on the held-out split, and latency on every device class present here."""
+    outputs = run_onnx(model_bytes, spec, data.heldout)
+    quality = get_metric(spec.metric).score(outputs, data.heldout.labels)
+    latency = {
+        device.name: measure_latency(model_bytes, device, data.heldout, budget=budget)
+        for device in device_classes
+        if device.is_available()
+    }
+    return Evaluation(quality=quality, outputs=outputs, latency_ms=latency)

@@ -1,0 +1,365 @@
+"""Compression on Ray: train the reference once, build and evaluate each variant in its own task.
+
+Every task declares its CPUs, so variants run in parallel on whichever nodes have room. Tasks
+return artifacts and evaluations to the driver, which applies the accuracy gate and publishes
+to the repository; workers therefore never need the repository's filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayError, RayTaskError
+
+from gearbox.compression.devices import DEFAULT_DEVICE_CLASSES, DeviceClass
+from gearbox.compression.errors import CompressionError, GearboxError, InvalidArgumentError
+from gearbox.compression.evaluation import Evaluation, LatencyBudget, evaluate
+from gearbox.compression.progress import ProgressBoard, ProgressListener, SilentProgress
+from gearbox.compression.quality import get_metric
+from gearbox.compression.repository import (
+    ModelRecord,
+    ModelRepository,
+    Quality,
+    VariantManifest,
+    sha256_hex,
+)
+from gearbox.compression.spec import DataSplits, ModelSpec
+from gearbox.compression.techniques import (
+    REFERENCE_VARIANT,
+    CompressedModel,
+    TechniqueConfig,
+    TechniqueInput,
+    apply_technique,
+)
+from gearbox.compression.training import fit, predict
+
+TRAINING_JOB = "reference model"
+DEFAULT_MAX_ACCURACY_DROP = 0.02
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class VariantBuild:
+    """What a variant task sends back to the driver."""
+
+    config: TechniqueConfig
+    compressed: CompressedModel
+    evaluation: Evaluation
+    node: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    model: str
+    published: list[VariantManifest]
+    failed: dict[str, str]
+    """Variant -> why it failed."""
+    nodes: dict[str, str]
+    """Variant -> node that built it."""
+    seconds: float
+
+
+# --- Ray tasks ------------------------------------------------------------------------------
+
+
+def _use_cpus(num_cpus: float) -> None:
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+def _reference_model(spec: ModelSpec, weights: Weights | None) -> torch.nn.Module:
+    model = spec.build_model()
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidArgumentError(
+            f"model factory '{spec.model_factory}' returned {type(model).__name__}, "
+            "not a torch.nn.Module"
+        )
+    if weights is not None:
+        model.load_state_dict({name: torch.from_numpy(array) for name, array in weights.items()})
+    return model.eval()
+
+
+@ray.remote
+def _train_reference(
+    spec: ModelSpec, data: DataSplits, board: Any, num_cpus: float
+) -> tuple[Weights, float]:
+    _use_cpus(num_cpus)
+    assert spec.training is not None
+    model = _reference_model(spec, None)
+    board.update.remote(TRAINING_JOB, "training", 0.0)
+    fit(
+        model,
+        spec,
+        data.train,
+        spec.training,
+        on_epoch=lambda done, total: board.update.remote(
+            TRAINING_JOB, f"training epoch {done}/{total}", done / total
+        ),
+    )
+    heldout_outputs = predict(model, spec, data.heldout)
+    accuracy = get_metric(spec.metric).score(heldout_outputs, data.heldout.labels)
+    weights = {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
+    return weights, accuracy
+
+
+@ray.remote
+def _build_variant(
+    spec: ModelSpec,
+    config: TechniqueConfig,
+    data: DataSplits,
+    weights: tuple[Weights, float] | None,
+    parent: VariantBuild | None,
+    device_classes: Sequence[DeviceClass],
+    latency_budget: LatencyBudget,
+    board: Any,
+    num_cpus: float,
+) -> VariantBuild:
+    _use_cpus(num_cpus)
+    started = time.perf_counter()
+
+    def report(stage: str, fraction: float) -> None:
+        board.update.remote(config.name, stage, fraction)
+
+    report("starting", 0.0)
+    compressed = apply_technique(
+        config,
+        TechniqueInput(
+            spec=spec,
+            data=data,
+            reference_model=_reference_model(spec, None if weights is None else weights[0]),
+            parent_artifact=None if parent is None else parent.compressed.onnx,
+            parent_param_count=None if parent is None else parent.compressed.param_count,
+            report=report,
+        ),
+    )
+    report("evaluating quality and latency", 0.92)
+    evaluation = evaluate(compressed.onnx, spec, data, device_classes, latency_budget)
+    report("done", 1.0)
+    return VariantBuild(
+        config=config,
+        compressed=compressed,
+        evaluation=evaluation,
+        node=f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}",
+        seconds=time.perf_counter() - started,
+    )
+
+
+# --- driver ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Use the Ray already initialised in this process, or connect/start one for the block.
+
+    ``address=None`` starts a local Ray; ``"auto"`` joins the cluster on this machine; anything
+    else is a Ray address. Modules in the current directory stay importable on the workers.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    python_path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+            runtime_env={"env_vars": {"PYTHONPATH": python_path}},
+        )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"at {address}" if address else "locally"
+        raise GearboxError(f"cannot start or reach Ray {where}: {exc}") from exc
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _largest_node_cpus() -> float:
+    return max(
+        (node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")),
+        default=1.0,
+    )
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost readable message of a task failure."""
+    while isinstance(error, RayTaskError) and error.cause is not None:
+        error = error.cause
+    if isinstance(error, GearboxError):
+        return error.message
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _gate(
+    build: VariantBuild,
+    reference: VariantBuild,
+    spec: ModelSpec,
+    max_accuracy_drop: float,
+) -> VariantManifest:
+    metric = get_metric(spec.metric)
+    value = build.evaluation.quality
+    reference_value = reference.evaluation.quality
+    drop = reference_value - value
+    reason = None
+    if drop > max_accuracy_drop:
+        reason = (
+            f"{spec.metric} {value:.4f} is {drop:.4f} below the reference {reference_value:.4f}; "
+            f"the gate allows {max_accuracy_drop:.4f}"
+        )
+    artifact = build.compressed.onnx
+    config = build.config
+    agreement = metric.agreement(build.evaluation.outputs, reference.evaluation.outputs)
+    return VariantManifest(
+        model=spec.name,
+        variant=config.name,
+        technique=config.technique,
+        params=dict(build.compressed.params),
+        parent=None if config.name == REFERENCE_VARIANT else (config.parent or REFERENCE_VARIANT),
+        status="rejected" if reason else "ready",
+        reason=reason,
+        sha256=sha256_hex(artifact),
+        size_bytes=len(artifact),
+        param_count=build.compressed.param_count,
+        quality=Quality(
+            metric=spec.metric,
+            value=round(value, 6),
+            reference=round(reference_value, 6),
+            agreement=round(agreement, 6),
+        ),
+        latency_ms=build.evaluation.latency_ms,
+        build={"node": build.node, "seconds": round(build.seconds, 2)},
+    )
+
+
+def compress(
+    spec: ModelSpec,
+    repository: ModelRepository,
+    recipes: Sequence[TechniqueConfig],
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    progress: ProgressListener | None = None,
+    device_classes: Sequence[DeviceClass] = DEFAULT_DEVICE_CLASSES,
+    latency_budget: LatencyBudget | None = None,
+    cpus_per_variant: float = 1.0,
+) -> CompressionReport:
+    """Build, evaluate, gate and publish ``recipes`` of ``spec`` (Ray must be initialised).
+
+    The reference variant must succeed, or nothing is published. Other variants that fail are
+    listed in the report; the ones that succeed are published, each atomically.
+    """
+    if not 0.0 <= max_accuracy_drop <= 1.0:
+        raise InvalidArgumentError(
+            f"--max-accuracy-drop must be between 0 and 1, got {max_accuracy_drop}"
+        )
+    names = [recipe.name for recipe in recipes]
+    if REFERENCE_VARIANT not in names:
+        raise InvalidArgumentError(f"the reference variant '{REFERENCE_VARIANT}' must be built")
+    progress = progress or SilentProgress()
+    started = time.perf_counter()
+    repository.ensure_writable()
+    data = spec.load_data()
+
+    board = ProgressBoard.remote()
+    data_ref = ray.put(data)
+    jobs: dict[str, ray.ObjectRef] = {}
+    weights_ref = None
+    if spec.training is not None:
+        # Asking for more CPUs than any node has would leave the task pending forever.
+        train_cpus = min(spec.training.num_cpus, _largest_node_cpus())
+        weights_ref = _train_reference.options(
+            num_cpus=train_cpus, name=f"gearbox-train:{spec.name}"
+        ).remote(spec, data_ref, board, train_cpus)
+        jobs[TRAINING_JOB] = weights_ref
+    for recipe in recipes:
+        parent_ref = jobs.get(recipe.parent) if recipe.parent else None
+        jobs[recipe.name] = _build_variant.options(
+            num_cpus=cpus_per_variant, name=f"gearbox-variant:{spec.name}/{recipe.name}"
+        ).remote(
+            spec,
+            recipe,
+            data_ref,
+            weights_ref,
+            parent_ref,
+            device_classes,
+            latency_budget or LatencyBudget(),
+            board,
+            cpus_per_variant,
+        )
+
+    progress.started(list(jobs))
+    results: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    by_ref = {ref: job for job, ref in jobs.items()}
+    pending = list(jobs.values())
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=0.2)
+            for job, (stage, fraction) in ray.get(board.snapshot.remote()).items():
+                if job not in results and job not in failed:
+                    progress.update(job, stage, fraction)
+            for ref in done:
+                job = by_ref[ref]
+                try:
+                    results[job] = ray.get(ref)
+                except RayError as exc:
+                    failed[job] = _cause(exc)
+                    progress.finished(job, False, failed[job])
+                    continue
+                summary = "trained" if job == TRAINING_JOB else "built"
+                progress.finished(job, True, summary)
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        ray.kill(board)
+
+    if TRAINING_JOB in failed:
+        raise CompressionError(f"model '{spec.name}': training failed: {failed[TRAINING_JOB]}")
+    if REFERENCE_VARIANT in failed:
+        raise CompressionError(
+            f"model '{spec.name}': reference variant '{REFERENCE_VARIANT}' failed: "
+            f"{failed[REFERENCE_VARIANT]}"
+        )
+
+    reference: VariantBuild = results[REFERENCE_VARIANT]
+    repository.register_model(
+        ModelRecord(
+            name=spec.name,
+            signature=spec.signature,
+            task=spec.task,
+            metric=spec.metric,
+            reference_variant=REFERENCE_VARIANT,
+            spec=spec.source,
+            model_factory=spec.model_factory,
+            description=spec.description,
+        )
+    )
+    published: list[VariantManifest] = []
+    nodes: dict[str, str] = {}
+    for name in names:
+        build = results.get(name)
+        if build is None:
+            continue
+        manifest = _gate(build, reference, spec, max_accuracy_drop)
+        repository.publish_variant(manifest, build.compressed.onnx)
+        published.append(manifest)
+        nodes[name] = build.node
+    return CompressionReport(
+        model=spec.name,
+        published=published,
+        failed={name: reason for name, reason in failed.items() if name != TRAINING_JOB},
+        nodes=nodes,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,316 @@
+"""The model repository: ``<repo>/<model>/model.json`` and ``<repo>/<model>/<variant>/``.
+
+Writes are atomic: a variant is assembled in a hidden staging directory beside its final place
+and renamed into it, so a reader sees either no variant or a complete one. Names starting with
+``.`` are staging or trash and never listed. Artifacts are checked against their sha256 on read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from gearbox.compression.errors import (
+    IntegrityError,
+    InvalidArgumentError,
+    NotFoundError,
+    RepositoryError,
+)
+from gearbox.compression.signature import Signature
+
+MODEL_FILE = "model.json"
+MANIFEST_FILE = "variant.json"
+ARTIFACT_FILE = "model.onnx"
+
+VariantStatus = Literal["ready", "rejected"]
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_name(name: str, what: str) -> None:
+    if not name or name.startswith(".") or "/" in name or "\\" in name or name in ("..",):
+        raise InvalidArgumentError(f"invalid {what} name '{name}'")
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """``model.json``: what every variant of a model shares."""
+
+    name: str
+    signature: Signature
+    task: str
+    metric: str
+    reference_variant: str
+    spec: str | None = None
+    model_factory: str | None = None
+    description: str = ""
+    created_at: str = field(default_factory=utc_now)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            **self.signature.to_json(),
+            "task": self.task,
+            "metric": self.metric,
+            "reference_variant": self.reference_variant,
+            "spec": self.spec,
+            "model_factory": self.model_factory,
+            "description": self.description,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelRecord:
+        return cls(
+            name=data["name"],
+            signature=Signature.from_json(data),
+            task=data["task"],
+            metric=data["metric"],
+            reference_variant=data["reference_variant"],
+            spec=data.get("spec"),
+            model_factory=data.get("model_factory"),
+            description=data.get("description", ""),
+            created_at=data.get("created_at", ""),
+        )
+
+
+@dataclass(frozen=True)
+class Quality:
+    metric: str
+    value: float
+    reference: float
+    agreement: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "value": self.value,
+            "reference": self.reference,
+            "agreement": self.agreement,
+        }
+
+
+@dataclass(frozen=True)
+class VariantManifest:
+    """``variant.json``: one published variant, exactly the keys of DESIGN.md §4 plus extras."""
+
+    model: str
+    variant: str
+    technique: str
+    params: Mapping[str, Any]
+    parent: str | None
+    status: VariantStatus
+    reason: str | None
+    sha256: str
+    size_bytes: int
+    param_count: int
+    quality: Quality
+    latency_ms: Mapping[str, Mapping[str, Mapping[str, float]]]
+    created_at: str = field(default_factory=utc_now)
+    build: Mapping[str, Any] = field(default_factory=dict)
+    """Provenance: which Ray node built the variant and how long it took."""
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == "ready"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "variant": self.variant,
+            "technique": self.technique,
+            "params": dict(self.params),
+            "parent": self.parent,
+            "status": self.status,
+            "reason": self.reason,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "param_count": self.param_count,
+            "quality": self.quality.to_json(),
+            "latency_ms": {
+                device: {batch: dict(figures) for batch, figures in by_batch.items()}
+                for device, by_batch in self.latency_ms.items()
+            },
+            "created_at": self.created_at,
+            "build": dict(self.build),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> VariantManifest:
+        try:
+            return cls(
+                model=data["model"],
+                variant=data["variant"],
+                technique=data["technique"],
+                params=data.get("params", {}),
+                parent=data.get("parent"),
+                status=data["status"],
+                reason=data.get("reason"),
+                sha256=data["sha256"],
+                size_bytes=int(data["size_bytes"]),
+                param_count=int(data["param_count"]),
+                quality=Quality(**data["quality"]),
+                latency_ms=data.get("latency_ms", {}),
+                created_at=data.get("created_at", ""),
+                build=data.get("build", {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RepositoryError(f"malformed variant manifest: {exc!r}") from exc
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _json_bytes(data: Mapping[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise RepositoryError(f"cannot read {path}: {exc}") from exc
+
+
+class ModelRepository:
+    """A model repository rooted at a local directory."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+
+    def __repr__(self) -> str:
+        return f"ModelRepository({str(self.root)!r})"
+
+    # --- writing -------------------------------------------------------------------------
+
+    def ensure_writable(self) -> None:
+        """Create the root if needed and prove a file can be written there, or raise."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe-{uuid.uuid4().hex}"
+            _write_file(probe, b"")
+            probe.unlink()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise RepositoryError(f"repository {self.root} is not writable: {reason}") from exc
+
+    def register_model(self, record: ModelRecord) -> None:
+        """Write ``model.json`` atomically (replacing any earlier registration)."""
+        _check_name(record.name, "model")
+        model_dir = self.root / record.name
+        model_dir.mkdir(parents=True, exist_ok=True)
+        staging = model_dir / f".{MODEL_FILE}.{uuid.uuid4().hex}"
+        _write_file(staging, _json_bytes(record.to_json()))
+        os.replace(staging, model_dir / MODEL_FILE)
+
+    def publish_variant(self, manifest: VariantManifest, artifact: bytes) -> Path:
+        """Publish one variant atomically; an existing variant of that name is replaced."""
+        _check_name(manifest.model, "model")
+        _check_name(manifest.variant, "variant")
+        if sha256_hex(artifact) != manifest.sha256 or len(artifact) != manifest.size_bytes:
+            raise IntegrityError(
+                f"variant {manifest.model}/{manifest.variant}: manifest does not describe the "
+                "artifact being published"
+            )
+        model_dir = self.root / manifest.model
+        if not (model_dir / MODEL_FILE).is_file():
+            raise NotFoundError(f"model '{manifest.model}' is not registered in {self.root}")
+        token = uuid.uuid4().hex
+        staging = model_dir / f".staging-{manifest.variant}-{token}"
+        final = model_dir / manifest.variant
+        trash = model_dir / f".trash-{manifest.variant}-{token}"
+        replaced_old = False
+        try:
+            staging.mkdir()
+            _write_file(staging / ARTIFACT_FILE, artifact)
+            _write_file(staging / MANIFEST_FILE, _json_bytes(manifest.to_json()))
+            if final.exists():
+                os.rename(final, trash)
+                replaced_old = True
+            os.rename(staging, final)
+        except OSError as exc:
+            if replaced_old and not final.exists():
+                os.rename(trash, final)  # put the previous variant back: lose nothing
+            raise RepositoryError(
+                f"cannot publish {manifest.model}/{manifest.variant} to {self.root}: {exc}"
+            ) from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(trash, ignore_errors=True)
+        return final
+
+    # --- reading -------------------------------------------------------------------------
+
+    def _require_root(self) -> None:
+        if not self.root.is_dir():
+            raise NotFoundError(f"repository {self.root} does not exist")
+
+    def models(self) -> list[str]:
+        self._require_root()
+        return sorted(
+            entry.name
+            for entry in self.root.iterdir()
+            if not entry.name.startswith(".") and (entry / MODEL_FILE).is_file()
+        )
+
+    def model(self, name: str) -> ModelRecord:
+        self._require_root()
+        _check_name(name, "model")
+        try:
+            return ModelRecord.from_json(_read_json(self.root / name / MODEL_FILE))
+        except FileNotFoundError:
+            raise NotFoundError(f"model '{name}' not found in repository {self.root}") from None
+        except KeyError as exc:
+            raise RepositoryError(f"malformed {name}/{MODEL_FILE}: missing {exc}") from exc
+
+    def variants(self, model: str) -> list[VariantManifest]:
+        """Every published variant of ``model``, ready and rejected, sorted by name."""
+        self.model(model)
+        model_dir = self.root / model
+        return [
+            self.manifest(model, entry.name)
+            for entry in sorted(model_dir.iterdir())
+            if not entry.name.startswith(".") and (entry / MANIFEST_FILE).is_file()
+        ]
+
+    def manifest(self, model: str, variant: str) -> VariantManifest:
+        _check_name(variant, "variant")
+        try:
+            data = _read_json(self.root / model / variant / MANIFEST_FILE)
+        except FileNotFoundError:
+            raise NotFoundError(f"variant '{variant}' of model '{model}' not found") from None
+        return VariantManifest.from_json(data)
+
+    def read_artifact(self, manifest: VariantManifest) -> bytes:
+        """The variant's ONNX bytes, verified against the manifest's sha256."""
+        path = self.root / manifest.model / manifest.variant / ARTIFACT_FILE
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise RepositoryError(f"cannot read artifact {path}: {exc}") from exc
+        if sha256_hex(data) != manifest.sha256:
+            raise IntegrityError(
+                f"artifact {path} does not match its manifest's sha256; refusing to load it"
+            )
+        return data

@@ -1,0 +1,122 @@
+"""Tensor signatures in Open Inference Protocol terms (datatype names, -1 for dynamic dims)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gearbox.compression.errors import InvalidArgumentError
+
+# OIP v2 datatype name -> numpy dtype. BYTES is not a numeric tensor and is not served here.
+OIP_TO_NUMPY: Mapping[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output: OIP datatype and shape, -1 marking a dynamic dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise InvalidArgumentError("tensor name must not be empty")
+        if self.datatype not in OIP_TO_NUMPY:
+            known = ", ".join(OIP_TO_NUMPY)
+            raise InvalidArgumentError(
+                f"tensor '{self.name}': unknown datatype '{self.datatype}' (known: {known})"
+            )
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if any(d < -1 or d == 0 for d in self.shape):
+            raise InvalidArgumentError(
+                f"tensor '{self.name}': shape {list(self.shape)} may hold only positive sizes or -1"
+            )
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return OIP_TO_NUMPY[self.datatype]
+
+    def accepts(self, shape: Sequence[int]) -> bool:
+        return len(shape) == len(self.shape) and all(
+            want == -1 or want == got for want, got in zip(self.shape, shape, strict=True)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
+        return cls(name=data["name"], datatype=data["datatype"], shape=tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def __post_init__(self) -> None:
+        if not self.inputs or not self.outputs:
+            raise InvalidArgumentError("a signature needs at least one input and one output")
+        names = [t.name for t in (*self.inputs, *self.outputs)]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise InvalidArgumentError(f"signature repeats tensor names: {', '.join(duplicates)}")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray], where: str) -> None:
+        """Raise a clear error unless ``inputs`` match this signature exactly."""
+        missing = [t.name for t in self.inputs if t.name not in inputs]
+        if missing:
+            raise InvalidArgumentError(f"{where}: missing input(s) {', '.join(missing)}")
+        extra = sorted(set(inputs) - set(self.input_names))
+        if extra:
+            raise InvalidArgumentError(f"{where}: unexpected input(s) {', '.join(extra)}")
+        for spec in self.inputs:
+            array = inputs[spec.name]
+            if array.dtype != spec.numpy_dtype:
+                raise InvalidArgumentError(
+                    f"{where}: input '{spec.name}' has dtype {array.dtype}, "
+                    f"signature says {spec.datatype}"
+                )
+            if not spec.accepts(array.shape):
+                raise InvalidArgumentError(
+                    f"{where}: input '{spec.name}' has shape {list(array.shape)}, "
+                    f"signature says {list(spec.shape)}"
+                )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Signature:
+        return cls(
+            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+        )

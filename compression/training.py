@@ -1,0 +1,161 @@
+"""Training loops shared by the reference model, pruning fine-tunes and distillation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gearbox.compression.errors import CompressionError
+from gearbox.compression.spec import ModelSpec, Split, TrainingConfig, import_object
+
+EpochCallback = Callable[[int, int], None]
+"""Called after each epoch with (epochs done, epochs total)."""
+
+LossFn = Callable[[list[torch.Tensor], torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""(batch inputs, model logits, labels or None) -> scalar loss."""
+
+
+def model_inputs(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> list[torch.Tensor]:
+    names = spec.signature.input_names
+    return [torch.from_numpy(np.ascontiguousarray(inputs[name])) for name in names]
+
+
+def first_output(result: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    return result if isinstance(result, torch.Tensor) else result[0]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, spec: ModelSpec, split: Split, batch_size: int = 256) -> np.ndarray:
+    """First output of ``model`` on every row of ``split``, in eval mode."""
+    model.eval()
+    chunks = []
+    for offset in range(0, len(split), batch_size):
+        batch = model_inputs(spec, split.take(batch_size, offset))
+        chunks.append(first_output(model(*batch)).float().numpy())
+    return np.concatenate(chunks)
+
+
+def _batches(
+    split: Split, spec: ModelSpec, batch_size: int, generator: torch.Generator
+) -> list[tuple[list[torch.Tensor], torch.Tensor | None]]:
+    order = torch.randperm(len(split), generator=generator)
+    tensors = {name: torch.from_numpy(array) for name, array in split.inputs.items()}
+    labels = None if split.labels is None else torch.from_numpy(split.labels).long()
+    batches = []
+    for start in range(0, len(split), batch_size):
+        rows = order[start : start + batch_size]
+        inputs = [tensors[name][rows] for name in spec.signature.input_names]
+        batches.append((inputs, None if labels is None else labels[rows]))
+    return batches
+
+
+def _train(
+    model: nn.Module,
+    spec: ModelSpec,
+    split: Split,
+    config: TrainingConfig,
+    epochs: int,
+    learning_rate: float,
+    loss_fn: LossFn,
+    on_epoch: EpochCallback | None,
+) -> nn.Module:
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    augment = import_object(config.augment, "augmentation") if config.augment else None
+    steps_per_epoch = math.ceil(len(split) / config.batch_size)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=learning_rate, weight_decay=config.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=epochs * steps_per_epoch
+    )
+    for epoch in range(epochs):
+        model.train()
+        for inputs, labels in _batches(split, spec, config.batch_size, generator):
+            if augment is not None:
+                inputs = [augment(inputs[0], generator), *inputs[1:]]
+            logits = first_output(model(*inputs))
+            loss = loss_fn(inputs, logits, labels)
+            if not torch.isfinite(loss):
+                raise CompressionError(
+                    f"model '{spec.name}': training diverged (loss {loss.item()}) in epoch "
+                    f"{epoch + 1}; lower the learning rate"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs)
+    model.eval()
+    return model
+
+
+def fit(
+    model: nn.Module,
+    spec: ModelSpec,
+    split: Split,
+    config: TrainingConfig,
+    epochs: int | None = None,
+    learning_rate: float | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> nn.Module:
+    """Supervised training on the hard labels (cross-entropy)."""
+
+    def loss_fn(
+        _: list[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        assert labels is not None  # ModelSpec.load_data guarantees labels for classification
+        return F.cross_entropy(logits, labels)
+
+    return _train(
+        model,
+        spec,
+        split,
+        config,
+        epochs or config.epochs,
+        learning_rate or config.learning_rate,
+        loss_fn,
+        on_epoch,
+    )
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    spec: ModelSpec,
+    split: Split,
+    config: TrainingConfig,
+    epochs: int,
+    temperature: float,
+    soft_weight: float,
+    on_epoch: EpochCallback | None = None,
+) -> nn.Module:
+    """Knowledge distillation (Hinton et al.): softened teacher targets plus the hard labels.
+
+    The teacher sees the same (augmented) batch as the student, so its targets are computed
+    per batch rather than once up front.
+    """
+    teacher.eval()
+
+    def loss_fn(
+        inputs: list[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = first_output(teacher(*inputs))
+        soft = F.kl_div(
+            F.log_softmax(logits / temperature, dim=-1),
+            F.softmax(teacher_logits / temperature, dim=-1),
+            reduction="batchmean",
+        ) * (temperature**2)
+        if labels is None:
+            return soft
+        return soft_weight * soft + (1.0 - soft_weight) * F.cross_entropy(logits, labels)
+
+    _train(student, spec, split, config, epochs, config.learning_rate, loss_fn, on_epoch)
+    return student.eval()

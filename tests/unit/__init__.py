@@ -1,0 +1,1 @@
+"""Unit tests: no Ray, tiny models, tiny data, real torch / ONNX Runtime / files."""

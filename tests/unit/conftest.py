@@ -1,0 +1,15 @@
+"""Unit tests must never start Ray: any ``ray.init`` call fails the test that makes it."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+
+def _refuse_ray(*args, **kwargs):
+    raise AssertionError("unit tests must not start Ray")
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    monkeypatch.setattr(ray, "init", _refuse_ray)

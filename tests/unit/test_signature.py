@@ -1,0 +1,126 @@
+import json
+
+import numpy as np
+import pytest
+
+from gearbox.compression import InvalidArgumentError, Signature, TensorSpec
+from gearbox.compression.errors import ErrorCode
+
+IMAGES = TensorSpec("images", "FP32", (-1, 1, 8, 8))
+LOGITS = TensorSpec("logits", "FP32", (-1, 10))
+SIGNATURE = Signature(inputs=(IMAGES,), outputs=(LOGITS,))
+
+
+def test_tensor_spec_rejects_unknown_datatype_naming_it_and_the_tensor():
+    with pytest.raises(InvalidArgumentError) as caught:
+        TensorSpec("images", "FLOAT32", (-1, 8))
+    message = caught.value.message
+    assert "images" in message
+    assert "unknown datatype 'FLOAT32'" in message
+    assert "FP32" in message  # the known datatypes are listed
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (-2, 8), (4, -5)])
+def test_tensor_spec_rejects_zero_or_negative_sizes(shape):
+    with pytest.raises(InvalidArgumentError, match="may hold only positive sizes or -1"):
+        TensorSpec("x", "FP32", shape)
+
+
+def test_tensor_spec_rejects_empty_name():
+    with pytest.raises(InvalidArgumentError, match="must not be empty"):
+        TensorSpec("", "FP32", (1,))
+
+
+def test_tensor_spec_normalises_shape_to_a_tuple_of_ints():
+    spec = TensorSpec("x", "INT64", [np.int64(-1), 3])
+    assert spec.shape == (-1, 3)
+    assert all(type(d) is int for d in spec.shape)
+    assert spec.numpy_dtype == np.dtype(np.int64)
+
+
+def test_tensor_spec_accepts_dynamic_dimensions_only():
+    assert IMAGES.accepts((1, 1, 8, 8))
+    assert IMAGES.accepts((37, 1, 8, 8))
+    assert not IMAGES.accepts((37, 1, 8, 4))
+    assert not IMAGES.accepts((37, 64))
+
+
+def test_signature_rejects_duplicate_names_across_inputs_and_outputs():
+    with pytest.raises(InvalidArgumentError, match="repeats tensor names: images"):
+        Signature(inputs=(IMAGES,), outputs=(TensorSpec("images", "FP32", (-1, 10)),))
+
+
+def test_signature_rejects_duplicate_input_names():
+    with pytest.raises(InvalidArgumentError, match="repeats tensor names: images"):
+        Signature(inputs=(IMAGES, IMAGES), outputs=(LOGITS,))
+
+
+def test_signature_needs_inputs_and_outputs():
+    with pytest.raises(InvalidArgumentError, match="at least one input and one output"):
+        Signature(inputs=(), outputs=(LOGITS,))
+    with pytest.raises(InvalidArgumentError, match="at least one input and one output"):
+        Signature(inputs=(IMAGES,), outputs=())
+
+
+def test_check_inputs_accepts_a_matching_batch():
+    SIGNATURE.check_inputs({"images": np.zeros((5, 1, 8, 8), np.float32)}, "request")
+
+
+def test_check_inputs_reports_missing_input():
+    with pytest.raises(InvalidArgumentError) as caught:
+        SIGNATURE.check_inputs({}, "request 7")
+    assert caught.value.message == "request 7: missing input(s) images"
+
+
+def test_check_inputs_reports_extra_input():
+    inputs = {"images": np.zeros((1, 1, 8, 8), np.float32), "mask": np.zeros(1, np.float32)}
+    with pytest.raises(InvalidArgumentError) as caught:
+        SIGNATURE.check_inputs(inputs, "request")
+    assert caught.value.message == "request: unexpected input(s) mask"
+
+
+def test_check_inputs_reports_wrong_dtype():
+    with pytest.raises(InvalidArgumentError) as caught:
+        SIGNATURE.check_inputs({"images": np.zeros((2, 1, 8, 8), np.float64)}, "request")
+    assert caught.value.message == (
+        "request: input 'images' has dtype float64, signature says FP32"
+    )
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 4, 4), (2, 64), (2, 1, 8, 8, 1)])
+def test_check_inputs_reports_wrong_shape(shape):
+    with pytest.raises(InvalidArgumentError) as caught:
+        SIGNATURE.check_inputs({"images": np.zeros(shape, np.float32)}, "request")
+    assert caught.value.message == (
+        f"request: input 'images' has shape {list(shape)}, signature says [-1, 1, 8, 8]"
+    )
+
+
+def test_signature_json_round_trip():
+    signature = Signature(
+        inputs=(IMAGES, TensorSpec("mask", "BOOL", (-1, 8))),
+        outputs=(LOGITS, TensorSpec("ids", "INT64", (-1,))),
+    )
+    data = signature.to_json()
+    assert data == {
+        "inputs": [
+            {"name": "images", "datatype": "FP32", "shape": [-1, 1, 8, 8]},
+            {"name": "mask", "datatype": "BOOL", "shape": [-1, 8]},
+        ],
+        "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, 10]},
+            {"name": "ids", "datatype": "INT64", "shape": [-1]},
+        ],
+    }
+    restored = Signature.from_json(json.loads(json.dumps(data)))
+    assert restored == signature
+    assert restored.input_names == ["images", "mask"]
+    assert restored.output_names == ["logits", "ids"]
+
+
+def test_signature_from_json_validates_its_tensors():
+    data = SIGNATURE.to_json()
+    data["inputs"][0]["datatype"] = "FLOAT"
+    with pytest.raises(InvalidArgumentError, match="unknown datatype 'FLOAT'"):
+        Signature.from_json(data)

@@ -1,0 +1,201 @@
+import re
+
+import numpy as np
+import pytest
+
+from gearbox.compression import (
+    DataSplits,
+    InvalidArgumentError,
+    ModelSpec,
+    Split,
+    TrainingConfig,
+    load_spec,
+)
+from gearbox.compression.spec import import_object
+from tests.unit import tiny_model
+from tests.unit.tiny_model import CONV_SIGNATURE, MODULE, conv_spec
+
+
+def test_helper_module_has_the_import_path_specs_use():
+    assert MODULE == "tests.unit.tiny_model"
+    assert import_object(f"{MODULE}:TinyConvNet", "model factory") is tiny_model.TinyConvNet
+
+
+def test_import_object_resolves_dotted_attributes():
+    forward = import_object(f"{MODULE}:TinyConvNet.forward", "model factory")
+    assert forward is tiny_model.TinyConvNet.forward
+
+
+@pytest.mark.parametrize("path", ["tests.unit.tiny_model", ":TinyConvNet", "tests.unit:"])
+def test_import_object_requires_module_colon_attribute(path):
+    with pytest.raises(InvalidArgumentError) as caught:
+        import_object(path, "model factory")
+    assert caught.value.message == (
+        f"model factory '{path}' is not an import path of the form package.module:attribute"
+    )
+
+
+def test_import_object_reports_missing_module():
+    with pytest.raises(InvalidArgumentError) as caught:
+        import_object("no_such_module_xyz:factory", "data provider")
+    message = caught.value.message
+    assert message.startswith("cannot import data provider 'no_such_module_xyz:factory': ")
+    assert "No module named 'no_such_module_xyz'" in message
+
+
+def test_import_object_reports_missing_attribute():
+    with pytest.raises(InvalidArgumentError) as caught:
+        import_object(f"{MODULE}:NoSuchNet", "model factory")
+    assert caught.value.message == (
+        f"cannot import model factory '{MODULE}:NoSuchNet': "
+        f"module '{MODULE}' has no attribute 'NoSuchNet'"
+    )
+
+
+def test_load_spec_calls_a_function_and_records_its_source():
+    spec = load_spec(f"{MODULE}:conv_spec")
+    assert isinstance(spec, ModelSpec)
+    assert spec.name == "tiny-conv"
+    assert spec.source == f"{MODULE}:conv_spec"
+
+
+def test_load_spec_accepts_a_spec_object():
+    spec = load_spec(f"{MODULE}:CONV_SPEC")
+    assert spec == conv_spec()
+
+
+def test_load_spec_rejects_something_that_is_not_a_model_spec():
+    with pytest.raises(InvalidArgumentError) as caught:
+        load_spec(f"{MODULE}:not_a_spec")
+    assert caught.value.message == (
+        f"model spec '{MODULE}:not_a_spec' gave str, not a gearbox ModelSpec"
+    )
+
+
+def test_load_spec_reports_a_failing_spec_function():
+    with pytest.raises(InvalidArgumentError) as caught:
+        load_spec(f"{MODULE}:spec_that_fails")
+    assert caught.value.message == (
+        f"model spec '{MODULE}:spec_that_fails' failed: spec factory exploded"
+    )
+
+
+def test_load_spec_reports_a_missing_module():
+    with pytest.raises(InvalidArgumentError, match="cannot import model spec 'nowhere:spec'"):
+        load_spec("nowhere:spec")
+
+
+def _spec(name="tiny", task="classification"):
+    return ModelSpec(
+        name=name,
+        model_factory=f"{MODULE}:TinyConvNet",
+        signature=CONV_SIGNATURE,
+        data_provider=f"{MODULE}:tiny_splits",
+        task=task,
+    )
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-conv_2.0", "A1"])
+def test_model_spec_accepts_valid_names(name):
+    assert _spec(name).name == name
+
+
+@pytest.mark.parametrize("name", ["", "has space", "a/b", "../up", "ünïcode?", "x:y"])
+def test_model_spec_rejects_invalid_names(name):
+    with pytest.raises(InvalidArgumentError, match="must be non-empty letters, digits"):
+        _spec(name)
+
+
+def test_model_spec_rejects_hidden_names():
+    with pytest.raises(InvalidArgumentError, match=re.escape("must not start with '.'")):
+        _spec(".hidden")
+
+
+def test_model_spec_rejects_unknown_task():
+    with pytest.raises(InvalidArgumentError, match="unknown task 'regression'"):
+        _spec(task="regression")
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"epochs": 0}, {"batch_size": 0}, {"learning_rate": 0.0}, {"learning_rate": -1}]
+)
+def test_training_config_rejects_nonsense(kwargs):
+    with pytest.raises(InvalidArgumentError, match="training needs epochs >= 1"):
+        TrainingConfig(**kwargs)
+
+
+def test_build_model_and_student_use_the_factories():
+    spec = conv_spec()
+    assert isinstance(spec.build_model(), tiny_model.TinyConvNet)
+    assert isinstance(spec.build_student(), tiny_model.TinyConvStudent)
+    assert _spec().build_student() is None
+
+
+def test_split_take_and_len():
+    split = Split({"x": np.arange(10)}, np.arange(10))
+    assert len(split) == 10
+    assert split.take(3, offset=8)["x"].tolist() == [8, 9]
+
+
+def test_load_data_returns_valid_splits():
+    data = conv_spec().load_data()
+    assert isinstance(data, DataSplits)
+    assert len(data.train) == tiny_model.TRAIN_ROWS
+    assert data.calibration.labels is None  # calibration needs no labels
+
+
+def _load(provider):
+    return conv_spec(data_provider=provider).load_data()
+
+
+def test_load_data_requires_training_labels_for_classification():
+    with pytest.raises(InvalidArgumentError) as caught:
+        _load("splits_without_train_labels")
+    assert caught.value.message == "model 'tiny-conv', train split needs one label per row"
+
+
+def test_load_data_requires_one_label_per_row():
+    with pytest.raises(InvalidArgumentError) as caught:
+        _load("splits_with_short_heldout_labels")
+    assert caught.value.message == "model 'tiny-conv', heldout split needs one label per row"
+
+
+def test_load_data_rejects_inputs_of_the_wrong_shape():
+    with pytest.raises(InvalidArgumentError) as caught:
+        _load("splits_with_wrong_shape")
+    assert caught.value.message == (
+        "model 'tiny-conv', calibration split: input 'images' has shape [64, 1, 4, 4], "
+        "signature says [-1, 1, 8, 8]"
+    )
+
+
+def test_load_data_rejects_inputs_of_the_wrong_dtype():
+    with pytest.raises(InvalidArgumentError, match="train split: input 'images' has dtype float64"):
+        _load("splits_with_wrong_dtype")
+
+
+def test_load_data_rejects_an_empty_split():
+    with pytest.raises(InvalidArgumentError) as caught:
+        _load("splits_with_empty_heldout")
+    assert caught.value.message == "model 'tiny-conv', heldout split is empty"
+
+
+def test_load_data_rejects_a_provider_returning_something_else():
+    with pytest.raises(InvalidArgumentError) as caught:
+        _load("provider_returning_dict")
+    assert caught.value.message == (
+        f"data provider '{MODULE}:provider_returning_dict' returned dict, not DataSplits"
+    )
+
+
+def test_load_data_reports_a_failing_provider():
+    with pytest.raises(InvalidArgumentError) as caught:
+        _load("provider_that_fails")
+    assert caught.value.message == (
+        f"data provider '{MODULE}:provider_that_fails' failed: the data disk is on fire"
+    )
+
+
+def test_load_data_reports_a_provider_that_cannot_be_imported():
+    with pytest.raises(InvalidArgumentError, match="cannot import data provider"):
+        _load("no_such_provider")

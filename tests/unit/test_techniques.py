@@ -1,0 +1,231 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from gearbox.compression import (
+    ALL_RECIPES,
+    CORE_RECIPES,
+    DistilledConfig,
+    Fp32Config,
+    Int8Config,
+    InvalidArgumentError,
+    PrunedConfig,
+    TechniqueConfig,
+    apply_technique,
+    resolve_recipes,
+)
+from gearbox.compression.surgery import count_parameters
+from gearbox.compression.techniques import TechniqueInput, registered_config_types
+from gearbox.compression.training import fit
+from tests.unit.tiny_model import conv_spec, mlp_spec
+
+ROUND_TRIP_CONFIGS = [Fp32Config(), Int8Config(), PrunedConfig(), DistilledConfig()]
+
+
+class TrainedCase:
+    """A spec, its data and its trained reference model; techniques applied once each."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.data = spec.load_data()
+        torch.manual_seed(0)  # the factory's initial weights come from the global generator
+        self.model = spec.build_model()
+        fit(self.model, spec, self.data.train, spec.training)
+        self._results = {}
+        self.progress = {}
+
+    def inputs(self, config):
+        parent = self.apply(Fp32Config()) if config.parent == "fp32" else None
+        stages = self.progress.setdefault(config.name, [])
+        return TechniqueInput(
+            spec=self.spec,
+            data=self.data,
+            reference_model=self.model,
+            parent_artifact=None if parent is None else parent.onnx,
+            parent_param_count=None if parent is None else parent.param_count,
+            report=lambda stage, fraction: stages.append((stage, fraction)),
+        )
+
+    def apply(self, config):
+        if config not in self._results:
+            self._results[config] = apply_technique(config, self.inputs(config))
+        return self._results[config]
+
+
+@pytest.fixture(scope="session")
+def conv_case():
+    return TrainedCase(conv_spec())
+
+
+@pytest.fixture(scope="session")
+def mlp_case():
+    return TrainedCase(mlp_spec())
+
+
+def op_types(artifact):
+    return {node.op_type for node in onnx.load_from_string(artifact).graph.node}
+
+
+def test_round_trip_covers_every_registered_technique():
+    assert {type(config) for config in ROUND_TRIP_CONFIGS} == set(registered_config_types())
+
+
+@pytest.mark.parametrize("config", ROUND_TRIP_CONFIGS, ids=lambda c: c.name)
+def test_technique_produces_a_runnable_onnx_artifact(conv_case, config):
+    result = conv_case.apply(config)
+    signature = conv_case.spec.signature
+
+    onnx.checker.check_model(onnx.load_from_string(result.onnx))
+    session = ort.InferenceSession(result.onnx, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == signature.input_names
+    assert [o.name for o in session.get_outputs()] == signature.output_names
+    batch = conv_case.data.heldout.take(3)
+    [logits] = session.run(None, batch)
+    assert logits.shape == (3, 10)
+    assert signature.outputs[0].accepts(logits.shape)
+    assert logits.dtype == signature.outputs[0].numpy_dtype
+    assert np.all(np.isfinite(logits))
+    assert result.param_count > 0
+
+    fractions = [fraction for _, fraction in conv_case.progress[config.name]]
+    assert fractions, "the technique reported no progress"
+    assert all(0.0 <= f <= 1.0 for f in fractions)
+    assert fractions == sorted(fractions)
+
+
+def test_fp32_counts_the_reference_models_parameters(conv_case):
+    fp32 = conv_case.apply(Fp32Config())
+    assert fp32.param_count == count_parameters(conv_case.model)
+    assert fp32.params["verified"] is True
+
+
+def test_int8_of_a_conv_model_is_static_qdq_and_smaller(conv_case):
+    fp32 = conv_case.apply(Fp32Config())
+    int8 = conv_case.apply(Int8Config())
+    assert int8.params["mode"] == "static"
+    assert int8.params["format"] == "QDQ"
+    assert int8.params["calibration_samples"] == len(conv_case.data.calibration)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= op_types(int8.onnx)
+    assert len(int8.onnx) < len(fp32.onnx)
+    assert int8.param_count == fp32.param_count
+
+
+def test_int8_of_a_linear_only_model_is_dynamic_and_smaller(mlp_case):
+    fp32 = mlp_case.apply(Fp32Config())
+    assert "Conv" not in op_types(fp32.onnx)
+    int8 = mlp_case.apply(Int8Config())
+    assert int8.params["mode"] == "dynamic"
+    assert "DynamicQuantizeLinear" in op_types(int8.onnx)
+    assert len(int8.onnx) < len(fp32.onnx)
+    session = ort.InferenceSession(int8.onnx, providers=["CPUExecutionProvider"])
+    [logits] = session.run(None, mlp_case.data.heldout.take(3))
+    assert logits.shape == (3, 10)
+
+
+def test_int8_mode_can_be_forced(mlp_case):
+    int8 = apply_technique(
+        Int8Config(name="int8-static", mode="static"), mlp_case.inputs(Int8Config())
+    )
+    assert int8.params["mode"] == "static"
+    assert "QuantizeLinear" in op_types(int8.onnx)
+
+
+def test_int8_without_its_parent_artifact_is_refused(conv_case):
+    inputs = TechniqueInput(
+        spec=conv_case.spec, data=conv_case.data, reference_model=conv_case.model
+    )
+    with pytest.raises(InvalidArgumentError) as caught:
+        apply_technique(Int8Config(), inputs)
+    assert caught.value.message == (
+        "variant 'int8' transforms variant 'fp32', whose artifact is missing"
+    )
+
+
+def test_pruned_has_fewer_parameters_than_fp32(conv_case):
+    fp32 = conv_case.apply(Fp32Config())
+    pruned = conv_case.apply(PrunedConfig())
+    assert pruned.param_count < fp32.param_count
+    assert pruned.params["params_before"] == fp32.param_count
+    assert pruned.params["pruned_layers"] == 2
+    assert pruned.params["finetune_epochs"] == 1
+
+
+def test_distilled_has_fewer_parameters_than_fp32(conv_case):
+    fp32 = conv_case.apply(Fp32Config())
+    distilled = conv_case.apply(DistilledConfig())
+    assert distilled.param_count < fp32.param_count
+    assert distilled.params["student"] == "tests.unit.tiny_model:TinyConvStudent"
+    assert distilled.params["teacher_params"] == fp32.param_count
+    assert distilled.params["epochs"] == 1
+
+
+def test_distilled_without_a_student_factory_shrinks_the_teacher(mlp_case):
+    fp32 = mlp_case.apply(Fp32Config())
+    distilled = mlp_case.apply(DistilledConfig())
+    assert distilled.params["student"] == "teacher architecture at width 0.25"
+    assert distilled.param_count < fp32.param_count
+
+
+class UnregisteredConfig(TechniqueConfig):
+    pass
+
+
+def test_a_config_without_a_handler_is_refused(conv_case):
+    with pytest.raises(InvalidArgumentError, match="no technique is registered for"):
+        apply_technique(UnregisteredConfig(name="mystery"), conv_case.inputs(Fp32Config()))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: PrunedConfig(amount=0.0),
+        lambda: PrunedConfig(amount=1.0),
+        lambda: Int8Config(mode="fast"),
+        lambda: Int8Config(calibration_method="magic"),
+        lambda: DistilledConfig(temperature=0.0),
+        lambda: DistilledConfig(soft_weight=1.5),
+        lambda: DistilledConfig(width=1.0),
+    ],
+)
+def test_configs_validate_their_parameters(make):
+    with pytest.raises(InvalidArgumentError):
+        make()
+
+
+def names(recipes):
+    return [recipe.name for recipe in recipes]
+
+
+def test_resolve_recipes_defaults_to_the_core_list():
+    assert resolve_recipes(None) == CORE_RECIPES
+    assert resolve_recipes("") == CORE_RECIPES
+    assert resolve_recipes("  ") == CORE_RECIPES
+    assert names(CORE_RECIPES) == ["fp32", "int8", "pruned", "distilled"]
+
+
+def test_resolve_recipes_all():
+    assert resolve_recipes("all") == ALL_RECIPES
+    assert resolve_recipes(" all ") == ALL_RECIPES
+    assert set(names(ALL_RECIPES)) >= set(names(CORE_RECIPES))
+
+
+def test_resolve_recipes_rejects_unknown_names_listing_the_known_ones():
+    with pytest.raises(InvalidArgumentError) as caught:
+        resolve_recipes("fp32,nope,int4")
+    message = caught.value.message
+    assert message.startswith("unknown variant 'nope', 'int4' (known: ")
+    for known in names(ALL_RECIPES):
+        assert known in message
+    assert "'all'" in message
+
+
+def test_resolve_recipes_brings_in_the_parent_of_int8():
+    assert names(resolve_recipes("int8")) == ["fp32", "int8"]
+
+
+def test_resolve_recipes_always_builds_the_reference_first():
+    assert names(resolve_recipes("pruned")) == ["fp32", "pruned"]
+    assert names(resolve_recipes(" distilled , int8 ")) == ["fp32", "int8", "distilled"]
+    assert names(resolve_recipes("fp32,fp32")) == ["fp32"]

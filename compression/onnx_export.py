@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import warnings
 
@@ -20,6 +21,21 @@ from gearbox.compression.training import model_inputs, predict
 # Differences seen from operator fusion (Conv+BatchNorm folding) are around 1e-5.
 VERIFY_RTOL = 1e-3
 VERIFY_ATOL = 1e-4
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+_MAX_REASON_CHARS = 300
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost exception's first line: the exporter wraps the real reason in advice."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in _ANSI_ESCAPE.sub("", str(error)).splitlines()]
+    reason = next((line for line in lines if line), type(error).__name__)
+    if len(reason) > _MAX_REASON_CHARS:
+        reason = reason[: _MAX_REASON_CHARS - 1] + "…"
+    return f"{type(error).__name__}: {reason}"
 
 
 def export_onnx(model: nn.Module, spec: ModelSpec, sample: Split) -> bytes:
@@ -48,8 +64,9 @@ def export_onnx(model: nn.Module, spec: ModelSpec, sample: Split) -> bytes:
                 verbose=False,
             )
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompressionError(f"model '{spec.name}': ONNX export failed: {reason}") from exc
+        raise CompressionError(
+            f"model '{spec.name}': ONNX export failed: {_root_cause(exc)}"
+        ) from exc
     finally:
         onnx_logger.setLevel(previous_level)
     if program is None:

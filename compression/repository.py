@@ -168,7 +168,7 @@ class VariantManifest:
                 created_at=data.get("created_at", ""),
                 build=data.get("build", {}),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RepositoryError(f"malformed variant manifest: {exc!r}") from exc
 
 
@@ -283,6 +283,8 @@ class ModelRepository:
             raise NotFoundError(f"model '{name}' not found in repository {self.root}") from None
         except KeyError as exc:
             raise RepositoryError(f"malformed {name}/{MODEL_FILE}: missing {exc}") from exc
+        except (TypeError, ValueError, InvalidArgumentError) as exc:
+            raise RepositoryError(f"malformed {name}/{MODEL_FILE}: {exc}") from exc
 
     def variants(self, model: str) -> list[VariantManifest]:
         """Every published variant of ``model``, ready and rejected, sorted by name."""
@@ -295,6 +297,7 @@ class ModelRepository:
         ]
 
     def manifest(self, model: str, variant: str) -> VariantManifest:
+        _check_name(model, "model")
         _check_name(variant, "variant")
         try:
             data = _read_json(self.root / model / variant / MANIFEST_FILE)
@@ -304,6 +307,8 @@ class ModelRepository:
 
     def read_artifact(self, manifest: VariantManifest) -> bytes:
         """The variant's ONNX bytes, verified against the manifest's sha256."""
+        _check_name(manifest.model, "model")
+        _check_name(manifest.variant, "variant")
         path = self.root / manifest.model / manifest.variant / ARTIFACT_FILE
         try:
             data = path.read_bytes()

@@ -1,0 +1,104 @@
+"""One real Ray cluster for the whole integration session: two nodes on this machine.
+
+Both nodes are started with ``ray start --block`` so that terminating those two processes
+stops exactly this cluster and nothing else running Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+NODE_OBJECT_STORE_BYTES = 300 * 1024 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_node(*args: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            RAY,
+            "start",
+            "--block",
+            "--num-cpus=1",
+            "--node-ip-address=127.0.0.1",
+            f"--object-store-memory={NODE_OBJECT_STORE_BYTES}",
+            "--disable-usage-stats",
+            *args,
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """GCS address of a two-node, one-CPU-per-node local cluster this test process joins."""
+    logs = tmp_path_factory.mktemp("ray-logs")
+    address = f"127.0.0.1:{_free_port()}"
+    head = _start_node(
+        "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false", log=logs / "head"
+    )
+    worker = None
+    try:
+        deadline = time.monotonic() + 120
+        worker = _start_node(f"--address={address}", log=logs / "worker")
+        while True:
+            try:
+                ray.init(
+                    address=address,
+                    log_to_driver=False,
+                    runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+                )
+                break
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"second Ray node did not join; logs in {logs}")
+            time.sleep(0.5)
+        yield address
+    finally:
+        ray.shutdown()
+        if worker is not None:
+            _stop(worker)
+        _stop(head)
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def run_gearbox(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The real console script, as a user runs it."""
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("gearbox")), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,159 @@
+"""Compression end to end on a real two-node Ray cluster, through the API and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import onnxruntime as ort
+import pytest
+
+from gearbox.compression import (
+    CORE_RECIPES,
+    ModelRepository,
+    compress,
+    load_spec,
+    resolve_recipes,
+)
+from tests.integration.conftest import run_gearbox
+
+MANIFEST_KEYS = {
+    "model",
+    "variant",
+    "technique",
+    "params",
+    "parent",
+    "status",
+    "reason",
+    "sha256",
+    "size_bytes",
+    "param_count",
+    "quality",
+    "latency_ms",
+    "created_at",
+}
+
+
+def _assert_complete(repo: ModelRepository, model: str, variant: str) -> dict:
+    raw = json.loads((repo.root / model / variant / "variant.json").read_text())
+    assert raw.keys() >= MANIFEST_KEYS
+    assert set(raw["quality"]) == {"metric", "value", "reference", "agreement"}
+    assert set(raw["latency_ms"]["cpu"]) == {"1", "8"}
+    for figures in raw["latency_ms"]["cpu"].values():
+        assert 0 < figures["p50"] <= figures["p95"]
+    manifest = repo.manifest(model, variant)
+    artifact = repo.read_artifact(manifest)  # verifies sha256
+    assert len(artifact) == raw["size_bytes"]
+    session = ort.InferenceSession(artifact, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    return raw
+
+
+def test_compress_builds_evaluates_and_publishes_core_variants(ray_address, tmp_path):
+    repo = ModelRepository(tmp_path / "repo")
+    spec = load_spec("tests.fixtures.specs:tiny_digits")
+
+    report = compress(spec, repo, CORE_RECIPES, max_accuracy_drop=1.0)
+
+    assert report.failed == {}
+    assert [m.variant for m in report.published] == ["fp32", "int8", "pruned", "distilled"]
+    model = json.loads((repo.root / "tiny-digits" / "model.json").read_text())
+    assert model["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert model["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+    assert model["reference_variant"] == "fp32"
+    assert model["metric"] == "accuracy"
+
+    manifests = {
+        v: _assert_complete(repo, "tiny-digits", v) for v in ("fp32", "int8", "pruned", "distilled")
+    }
+    fp32 = manifests["fp32"]
+    assert fp32["status"] == "ready" and fp32["parent"] is None
+    assert fp32["quality"]["agreement"] == 1.0
+    assert fp32["quality"]["value"] == fp32["quality"]["reference"]
+    assert manifests["int8"]["parent"] == "fp32"
+    assert manifests["int8"]["params"]["mode"] == "static"
+    assert manifests["int8"]["size_bytes"] < fp32["size_bytes"]
+    assert manifests["pruned"]["param_count"] < fp32["param_count"]
+    assert manifests["distilled"]["param_count"] < fp32["param_count"]
+    # Variants ran in parallel tasks spread over both one-CPU nodes of the cluster.
+    assert len({m["build"]["node"] for m in manifests.values()}) == 2
+
+
+def test_accuracy_gate_publishes_a_losing_variant_as_rejected(ray_address, tmp_path):
+    repo = ModelRepository(tmp_path / "repo")
+    spec = load_spec("tests.fixtures.specs:blind_student_digits")
+
+    report = compress(spec, repo, resolve_recipes("distilled"), max_accuracy_drop=0.02)
+
+    by_name = {m.variant: m for m in report.published}
+    assert by_name["fp32"].status == "ready"
+    distilled = repo.manifest("blind-student", "distilled")
+    assert distilled.status == "rejected"
+    assert distilled.quality.value < distilled.quality.reference - 0.02
+    assert "below the reference" in distilled.reason and "0.0200" in distilled.reason
+
+
+def test_cli_compresses_on_a_running_cluster_and_lists_variants(ray_address, tmp_path):
+    repo = tmp_path / "repo"
+    result = run_gearbox(
+        "compress",
+        "--spec",
+        "tests.fixtures.specs:tiny_digits",
+        "--repo",
+        str(repo),
+        "--variants",
+        "int8",
+        "--max-accuracy-drop",
+        "1",
+        "--address",
+        ray_address,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "published 2 variant(s) of 'tiny-digits'" in result.stdout
+    assert sorted(p.name for p in (repo / "tiny-digits").iterdir()) == [
+        "fp32",
+        "int8",
+        "model.json",
+    ]
+
+    listed = run_gearbox("variants", "--repo", str(repo))
+    assert listed.returncode == 0, listed.stderr
+    rows = [line for line in listed.stdout.splitlines() if line.startswith("│")]
+    assert [row.split("│")[1].strip() for row in rows] == ["fp32", "int8"]
+
+
+def test_cli_export_failure_is_one_error_line_and_writes_nothing(ray_address, tmp_path):
+    repo = tmp_path / "repo"
+    result = run_gearbox(
+        "compress",
+        "--spec",
+        "tests.fixtures.specs:unexportable",
+        "--repo",
+        str(repo),
+        "--address",
+        ray_address,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("gearbox:")]
+    assert len(errors) == 1
+    assert "reference variant 'fp32' failed" in errors[0]
+    assert "ONNX export failed" in errors[0]
+    assert list(repo.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_digits_example_reaches_its_quality_and_every_variant_passes_the_gate(
+    ray_address, tmp_path
+):
+    repo = tmp_path / "repo"
+    result = run_gearbox(
+        "compress", "--example", "digits", "--repo", str(repo), "--address", ray_address
+    )
+    assert result.returncode == 0, result.stderr
+    repository = ModelRepository(repo)
+    manifests = {m.variant: m for m in repository.variants("digits")}
+    assert sorted(manifests) == ["distilled", "fp32", "int8", "pruned"]
+    assert all(m.status == "ready" for m in manifests.values())
+    assert manifests["fp32"].quality.value >= 0.97
+    assert manifests["int8"].params["mode"] == "static"
+    for variant in ("pruned", "distilled"):
+        assert manifests[variant].param_count < manifests["fp32"].param_count

@@ -328,7 +328,10 @@ def compress(
                             ray.cancel(other, force=True)
                         pending = []
                     continue
-                summary = "trained" if job == TRAINING_JOB else "built"
+                if job == TRAINING_JOB:
+                    summary = f"trained: held-out {spec.metric} {results[job][1]:.4f}"
+                else:
+                    summary = f"built: held-out {spec.metric} {results[job].evaluation.quality:.4f}"
                 progress.finished(job, True, summary)
     except KeyboardInterrupt:
         for ref in pending:

@@ -12,6 +12,8 @@ def test_ray_init_is_refused():
 
 
 def test_ray_session_would_fail_loudly_instead_of_starting_ray():
-    assert not ray.is_initialized()
+    if ray.is_initialized():
+        # ray_session reuses a connected Ray, so the guard cannot be observed here.
+        pytest.skip("an integration session already joined Ray in this process")
     with pytest.raises(AssertionError, match="unit tests must not start Ray"), ray_session(None):
         pass

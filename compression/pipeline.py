@@ -170,7 +170,9 @@ def ray_session(address: str | None) -> Iterator[None]:
     python_path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
     try:
         ray.init(
-            address=address,
+            # "local" always starts a new local Ray; None would join whatever cluster
+            # /tmp/ray last recorded, even one that has since stopped.
+            address=address or "local",
             include_dashboard=False,
             log_to_driver=False,
             logging_level="ERROR",

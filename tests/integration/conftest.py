@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,15 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def _forget_cluster(address: str) -> None:
+    """Remove Ray's record of this cluster as the machine's current one, as `ray stop` would,
+    so that a later plain `ray.init()` elsewhere does not try to join the stopped cluster."""
+    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    port = address.rsplit(":", 1)[1]
+    if record.is_file() and record.read_text().strip().endswith(f":{port}"):
+        record.unlink()
+
+
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """GCS address of a two-node, one-CPU-per-node local cluster this test process joins."""
@@ -91,6 +101,7 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             _stop(worker)
         _stop(head)
         shutil.rmtree(logs, ignore_errors=True)
+        _forget_cluster(address)
 
 
 def run_gearbox(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:

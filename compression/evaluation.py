@@ -27,13 +27,15 @@ class LatencyBudget:
     max_seconds: float = 3.0
 
 
+LatencyProfile = dict[str, dict[str, dict[str, float]]]
+"""``{device_class: {batch_size: {"p50": ms, "p95": ms}}}``, batch sizes as strings (JSON)."""
+
+
 @dataclass(frozen=True)
 class Evaluation:
     quality: float
     outputs: np.ndarray
     """First output on the held-out split, for agreement with the reference variant."""
-    latency_ms: dict[str, dict[str, dict[str, float]]]
-    """``{device_class: {batch_size: {"p50": ms, "p95": ms}}}``, batch sizes as strings (JSON)."""
 
 
 def _batch(split: Split, size: int) -> dict[str, np.ndarray]:
@@ -74,19 +76,23 @@ def measure_latency(
     return profile
 
 
-def evaluate(
+def evaluate_quality(model_bytes: bytes, spec: ModelSpec, data: DataSplits) -> Evaluation:
+    """The spec's quality metric on the held-out split, and the outputs it was computed from."""
+    outputs = run_onnx(model_bytes, spec, data.heldout)
+    return Evaluation(
+        quality=get_metric(spec.metric).score(outputs, data.heldout.labels), outputs=outputs
+    )
+
+
+def profile_latency(
     model_bytes: bytes,
-    spec: ModelSpec,
-    data: DataSplits,
+    split: Split,
     device_classes: Sequence[DeviceClass],
     budget: LatencyBudget = LatencyBudget(),
-) -> Evaluation:
-    """Quality on the held-out split, and latency on every device class present here."""
-    outputs = run_onnx(model_bytes, spec, data.heldout)
-    quality = get_metric(spec.metric).score(outputs, data.heldout.labels)
-    latency = {
-        device.name: measure_latency(model_bytes, device, data.heldout, budget=budget)
+) -> LatencyProfile:
+    """Latency on every device class whose execution provider is present on this node."""
+    return {
+        device.name: measure_latency(model_bytes, device, split, budget=budget)
         for device in device_classes
         if device.is_available()
     }
-    return Evaluation(quality=quality, outputs=outputs, latency_ms=latency)

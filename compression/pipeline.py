@@ -22,7 +22,13 @@ from ray.exceptions import RayError, RayTaskError
 
 from gearbox.compression.devices import DEFAULT_DEVICE_CLASSES, DeviceClass
 from gearbox.compression.errors import CompressionError, GearboxError, InvalidArgumentError
-from gearbox.compression.evaluation import Evaluation, LatencyBudget, evaluate
+from gearbox.compression.evaluation import (
+    Evaluation,
+    LatencyBudget,
+    LatencyProfile,
+    evaluate_quality,
+    profile_latency,
+)
 from gearbox.compression.progress import ProgressBoard, ProgressListener, SilentProgress
 from gearbox.compression.quality import get_metric
 from gearbox.compression.repository import (
@@ -119,8 +125,6 @@ def _build_variant(
     data: DataSplits,
     weights: tuple[Weights, float] | None,
     parent: VariantBuild | None,
-    device_classes: Sequence[DeviceClass],
-    latency_budget: LatencyBudget,
     board: Any,
     num_cpus: float,
 ) -> VariantBuild:
@@ -142,9 +146,8 @@ def _build_variant(
             report=report,
         ),
     )
-    report("evaluating quality and latency", 0.92)
-    evaluation = evaluate(compressed.onnx, spec, data, device_classes, latency_budget)
-    report("done", 1.0)
+    report("evaluating held-out quality", 0.9)
+    evaluation = evaluate_quality(compressed.onnx, spec, data)
     return VariantBuild(
         config=config,
         compressed=compressed,
@@ -152,6 +155,16 @@ def _build_variant(
         node=f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}",
         seconds=time.perf_counter() - started,
     )
+
+
+@ray.remote
+def _profile_variant(
+    build: VariantBuild,
+    data: DataSplits,
+    device_classes: Sequence[DeviceClass],
+    budget: LatencyBudget,
+) -> LatencyProfile:
+    return profile_latency(build.compressed.onnx, data.heldout, device_classes, budget)
 
 
 # --- driver ---------------------------------------------------------------------------------
@@ -211,6 +224,7 @@ def _cause(error: BaseException) -> str:
 
 def _gate(
     build: VariantBuild,
+    latency_ms: LatencyProfile,
     reference: VariantBuild,
     spec: ModelSpec,
     max_accuracy_drop: float,
@@ -247,7 +261,7 @@ def _gate(
             reference=round(reference_value, 6),
             agreement=round(agreement, 6),
         ),
-        latency_ms=build.evaluation.latency_ms,
+        latency_ms=latency_ms,
         build={"node": build.node, "seconds": round(build.seconds, 2)},
     )
 
@@ -300,8 +314,6 @@ def compress(
             data_ref,
             weights_ref,
             parent_ref,
-            device_classes,
-            latency_budget or LatencyBudget(),
             board,
             cpus_per_variant,
         )
@@ -323,7 +335,7 @@ def compress(
                     results[job] = ray.get(ref)
                 except RayError as exc:
                     failed[job] = _cause(exc)
-                    progress.finished(job, False, failed[job])
+                    progress.finished(job, False, f"failed: {failed[job]}")
                     if job in (TRAINING_JOB, REFERENCE_VARIANT):
                         # Nothing can be published without the reference: stop the rest now.
                         for other in pending:
@@ -332,9 +344,9 @@ def compress(
                     continue
                 if job == TRAINING_JOB:
                     summary = f"trained: held-out {spec.metric} {results[job][1]:.4f}"
+                    progress.finished(job, True, summary)
                 else:
-                    summary = f"built: held-out {spec.metric} {results[job].evaluation.quality:.4f}"
-                progress.finished(job, True, summary)
+                    progress.update(job, "built; waiting to profile latency", 0.95)
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref, force=True)
@@ -362,16 +374,32 @@ def compress(
             description=spec.description,
         )
     )
+    # Latency is profiled one variant at a time once every build is done, so that no
+    # variant is timed while another one trains on the same cores.
+    budget = latency_budget or LatencyBudget()
     published: list[VariantManifest] = []
     nodes: dict[str, str] = {}
     for name in names:
-        build = results.get(name)
-        if build is None:
+        if name not in results:
             continue
-        manifest = _gate(build, reference, spec, max_accuracy_drop)
+        progress.update(name, "profiling latency", 0.97)
+        build: VariantBuild = results[name]
+        try:
+            latency = ray.get(
+                _profile_variant.options(num_cpus=cpus_per_variant).remote(
+                    jobs[name], data_ref, device_classes, budget
+                )
+            )
+        except RayError as exc:
+            failed[name] = _cause(exc)
+            progress.finished(name, False, f"failed: {failed[name]}")
+            continue
+        manifest = _gate(build, latency, reference, spec, max_accuracy_drop)
         repository.publish_variant(manifest, build.compressed.onnx)
         published.append(manifest)
         nodes[name] = build.node
+        summary = f"{manifest.status}: held-out {spec.metric} {manifest.quality.value:.4f}"
+        progress.finished(name, manifest.is_ready, summary)
     return CompressionReport(
         model=spec.name,
         published=published,

@@ -40,7 +40,7 @@ class RichProgress:
         self._progress.update(self._tasks[job], description=stage, completed=fraction)
 
     def finished(self, job: str, ok: bool, summary: str) -> None:
-        description = summary if ok else f"[red]failed: {summary}"
+        description = summary if ok else f"[red]{summary}"
         self._progress.update(
             self._tasks[job], description=description, completed=1.0 if ok else None
         )

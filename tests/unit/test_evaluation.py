@@ -1,7 +1,12 @@
 import numpy as np
 
 from gearbox.compression import CPU, DeviceClass
-from gearbox.compression.evaluation import LatencyBudget, evaluate, measure_latency
+from gearbox.compression.evaluation import (
+    LatencyBudget,
+    evaluate_quality,
+    measure_latency,
+    profile_latency,
+)
 from gearbox.compression.onnx_export import run_onnx
 from gearbox.compression.quality import get_metric
 from tests.unit.tiny_model import conv_spec, linear_onnx, tiny_splits
@@ -24,16 +29,20 @@ def test_measure_latency_honours_batch_sizes():
     assert list(profile) == ["3"]
 
 
-def test_evaluate_scores_quality_and_skips_unavailable_device_classes():
+def test_evaluate_quality_scores_the_held_out_split():
     spec = conv_spec()
     data = tiny_splits()
     artifact = linear_onnx()
-    missing = DeviceClass("imaginary", execution_provider="NoSuchExecutionProvider")
-    evaluation = evaluate(artifact, spec, data, [CPU, missing], budget=QUICK)
+    evaluation = evaluate_quality(artifact, spec, data)
 
     expected = run_onnx(artifact, spec, data.heldout)
     np.testing.assert_array_equal(evaluation.outputs, expected)
     assert evaluation.outputs.shape == (len(data.heldout), 10)
     assert evaluation.quality == get_metric("accuracy").score(expected, data.heldout.labels)
-    assert list(evaluation.latency_ms) == ["cpu"]
-    assert set(evaluation.latency_ms["cpu"]) == {"1", "8"}
+
+
+def test_profile_latency_skips_unavailable_device_classes():
+    missing = DeviceClass("imaginary", execution_provider="NoSuchExecutionProvider")
+    profile = profile_latency(linear_onnx(), tiny_splits().heldout, [CPU, missing], budget=QUICK)
+    assert list(profile) == ["cpu"]
+    assert set(profile["cpu"]) == {"1", "8"}

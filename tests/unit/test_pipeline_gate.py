@@ -27,7 +27,7 @@ def build(config, quality, outputs=REFERENCE_OUTPUTS, artifact=None, param_count
         compressed=CompressedModel(
             onnx=artifact, param_count=param_count, params={"technique_param": 1}
         ),
-        evaluation=Evaluation(quality=quality, outputs=outputs, latency_ms=LATENCY),
+        evaluation=Evaluation(quality=quality, outputs=outputs),
         node="host-a/0123456789ab",
         seconds=12.3456,
     )
@@ -37,7 +37,7 @@ REFERENCE = build(Fp32Config(), quality=0.9)
 
 
 def test_reference_passes_its_own_gate_and_has_no_parent():
-    manifest = _gate(REFERENCE, REFERENCE, SPEC, max_accuracy_drop=0.02)
+    manifest = _gate(REFERENCE, LATENCY, REFERENCE, SPEC, max_accuracy_drop=0.02)
     assert manifest.status == "ready"
     assert manifest.reason is None
     assert manifest.parent is None
@@ -49,7 +49,7 @@ def test_reference_passes_its_own_gate_and_has_no_parent():
 
 def test_a_variant_losing_more_than_the_gate_allows_is_rejected():
     int8 = build(Int8Config(), quality=0.85)
-    manifest = _gate(int8, REFERENCE, SPEC, max_accuracy_drop=0.02)
+    manifest = _gate(int8, LATENCY, REFERENCE, SPEC, max_accuracy_drop=0.02)
     assert manifest.status == "rejected"
     assert not manifest.is_ready
     assert manifest.reason == (
@@ -59,7 +59,9 @@ def test_a_variant_losing_more_than_the_gate_allows_is_rejected():
 
 @pytest.mark.parametrize("quality", [0.89, 0.9, 0.95])
 def test_a_variant_within_the_gate_is_ready(quality):
-    manifest = _gate(build(PrunedConfig(), quality), REFERENCE, SPEC, max_accuracy_drop=0.02)
+    manifest = _gate(
+        build(PrunedConfig(), quality), LATENCY, REFERENCE, SPEC, max_accuracy_drop=0.02
+    )
     assert manifest.status == "ready"
     assert manifest.reason is None
     assert manifest.quality.value == quality
@@ -67,14 +69,14 @@ def test_a_variant_within_the_gate_is_ready(quality):
 
 
 def test_a_wider_gate_accepts_a_larger_drop():
-    manifest = _gate(build(Int8Config(), 0.85), REFERENCE, SPEC, max_accuracy_drop=0.1)
+    manifest = _gate(build(Int8Config(), 0.85), LATENCY, REFERENCE, SPEC, max_accuracy_drop=0.1)
     assert manifest.status == "ready"
 
 
 def test_agreement_is_computed_against_the_reference_outputs():
     outputs = REFERENCE_OUTPUTS.copy()
     outputs[[1, 6]] = np.eye(4, dtype=np.float32)[3]  # two of eight rows change their top-1
-    manifest = _gate(build(DistilledConfig(), 0.9, outputs), REFERENCE, SPEC, 0.02)
+    manifest = _gate(build(DistilledConfig(), 0.9, outputs), LATENCY, REFERENCE, SPEC, 0.02)
     assert manifest.quality.agreement == 0.75
     assert manifest.quality.metric == "accuracy"
 
@@ -84,7 +86,7 @@ def test_agreement_is_computed_against_the_reference_outputs():
     [(Int8Config(), "quantize"), (PrunedConfig(), "prune"), (DistilledConfig(), "distill")],
 )
 def test_non_reference_variants_name_fp32_as_parent(config, technique):
-    manifest = _gate(build(config, 0.9), REFERENCE, SPEC, 0.02)
+    manifest = _gate(build(config, 0.9), LATENCY, REFERENCE, SPEC, 0.02)
     assert manifest.parent == "fp32"
     assert manifest.variant == config.name
     assert manifest.technique == technique
@@ -93,7 +95,7 @@ def test_non_reference_variants_name_fp32_as_parent(config, technique):
 def test_manifest_describes_the_artifact_and_build():
     artifact = b"\x08\x07 some onnx bytes"
     variant = build(PrunedConfig(), 0.88, artifact=artifact, param_count=42)
-    manifest = _gate(variant, REFERENCE, SPEC, 0.05)
+    manifest = _gate(variant, LATENCY, REFERENCE, SPEC, 0.05)
     assert manifest.model == SPEC.name
     assert manifest.sha256 == sha256_hex(artifact)
     assert manifest.size_bytes == len(artifact)
@@ -115,7 +117,7 @@ def test_gated_manifests_can_be_published(tmp_path):
         )
     )
     for variant in (REFERENCE, build(Int8Config(), 0.5)):
-        manifest = _gate(variant, REFERENCE, SPEC, 0.02)
+        manifest = _gate(variant, LATENCY, REFERENCE, SPEC, 0.02)
         repository.publish_variant(manifest, variant.compressed.onnx)
     statuses = {m.variant: m.status for m in repository.variants(SPEC.name)}
     assert statuses == {"fp32": "ready", "int8": "rejected"}

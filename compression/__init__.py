@@ -17,6 +17,7 @@ from gearbox.compression.errors import (
     InvalidArgumentError,
     NotFoundError,
     RepositoryError,
+    UnavailableError,
 )
 from gearbox.compression.pipeline import CompressionReport, compress, ray_session
 from gearbox.compression.repository import ModelRecord, ModelRepository, VariantManifest
@@ -64,6 +65,7 @@ __all__ = [
     "TechniqueConfig",
     "TensorSpec",
     "TrainingConfig",
+    "UnavailableError",
     "VariantManifest",
     "apply_technique",
     "compress",

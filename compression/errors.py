@@ -44,6 +44,12 @@ class NotFoundError(GearboxError):
     code = ErrorCode.NOT_FOUND
 
 
+class UnavailableError(GearboxError):
+    """A service Gearbox needs (a Ray cluster, a replica) cannot be reached or is not ready."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
 class RepositoryError(GearboxError):
     """The model repository cannot be read or written as asked."""
 

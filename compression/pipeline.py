@@ -21,7 +21,12 @@ import torch
 from ray.exceptions import RayError, RayTaskError
 
 from gearbox.compression.devices import DEFAULT_DEVICE_CLASSES, DeviceClass
-from gearbox.compression.errors import CompressionError, GearboxError, InvalidArgumentError
+from gearbox.compression.errors import (
+    CompressionError,
+    GearboxError,
+    InvalidArgumentError,
+    UnavailableError,
+)
 from gearbox.compression.evaluation import (
     Evaluation,
     LatencyBudget,
@@ -198,7 +203,7 @@ def ray_session(address: str | None) -> Iterator[None]:
             hint = (
                 " (a cluster started with `ray start` uses token auth: export RAY_AUTH_MODE=token)"
             )
-        raise GearboxError(f"cannot start or reach Ray {where}: {exc}{hint}") from exc
+        raise UnavailableError(f"cannot start or reach Ray {where}: {exc}{hint}") from exc
     try:
         yield
     finally:

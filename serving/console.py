@@ -70,7 +70,8 @@ def variant_table(model: str, manifests: Sequence[VariantManifest]) -> Table:
     for device in device_classes:
         for batch in batch_sizes:
             table.add_column(f"{device} b{batch} ms\np50/p95", justify="right")
-    for m in manifests:
+    # The reference variant (the only one without a parent) first, the rest by name.
+    for m in sorted(manifests, key=lambda m: (m.parent is not None, m.variant)):
         status = "ready" if m.is_ready else "[red]rejected[/red]"
         row = [
             m.variant,

@@ -367,18 +367,7 @@ def compress(
         )
 
     reference: VariantBuild = results[REFERENCE_VARIANT]
-    repository.register_model(
-        ModelRecord(
-            name=spec.name,
-            signature=spec.signature,
-            task=spec.task,
-            metric=spec.metric,
-            reference_variant=REFERENCE_VARIANT,
-            spec=spec.source,
-            model_factory=spec.model_factory,
-            description=spec.description,
-        )
-    )
+    repository.register_model(ModelRecord.for_spec(spec, reference_variant=REFERENCE_VARIANT))
     # Latency is profiled one variant at a time once every build is done, so that no
     # variant is timed while another one trains on the same cores.
     budget = latency_budget or LatencyBudget()

@@ -25,6 +25,7 @@ from gearbox.compression.errors import (
     RepositoryError,
 )
 from gearbox.compression.signature import Signature
+from gearbox.compression.spec import ModelSpec
 
 MODEL_FILE = "model.json"
 MANIFEST_FILE = "variant.json"
@@ -59,6 +60,19 @@ class ModelRecord:
     model_factory: str | None = None
     description: str = ""
     created_at: str = field(default_factory=utc_now)
+
+    @classmethod
+    def for_spec(cls, spec: ModelSpec, reference_variant: str) -> ModelRecord:
+        return cls(
+            name=spec.name,
+            signature=spec.signature,
+            task=spec.task,
+            metric=spec.metric,
+            reference_variant=reference_variant,
+            spec=spec.source,
+            model_factory=spec.model_factory,
+            description=spec.description,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {

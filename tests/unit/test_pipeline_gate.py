@@ -107,15 +107,7 @@ def test_manifest_describes_the_artifact_and_build():
 
 def test_gated_manifests_can_be_published(tmp_path):
     repository = ModelRepository(tmp_path)
-    repository.register_model(
-        ModelRecord(
-            name=SPEC.name,
-            signature=SPEC.signature,
-            task=SPEC.task,
-            metric=SPEC.metric,
-            reference_variant="fp32",
-        )
-    )
+    repository.register_model(ModelRecord.for_spec(SPEC, reference_variant="fp32"))
     for variant in (REFERENCE, build(Int8Config(), 0.5)):
         manifest = _gate(variant, LATENCY, REFERENCE, SPEC, 0.02)
         repository.publish_variant(manifest, variant.compressed.onnx)

@@ -60,6 +60,14 @@ Weights = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
+class TrainedReference:
+    """What the training task sends back: the reference weights and their held-out quality."""
+
+    weights: Weights
+    heldout_quality: float
+
+
+@dataclass(frozen=True)
 class VariantBuild:
     """What a variant task sends back to the driver."""
 
@@ -76,16 +84,16 @@ class CompressionReport:
     published: list[VariantManifest]
     failed: dict[str, str]
     """Variant -> why it failed."""
-    nodes: dict[str, str]
-    """Variant -> node that built it."""
     seconds: float
 
 
 # --- Ray tasks ------------------------------------------------------------------------------
 
 
-def _use_cpus(num_cpus: float) -> None:
-    torch.set_num_threads(max(1, int(num_cpus)))
+def _use_assigned_cpus() -> None:
+    """Give torch as many threads as the CPUs Ray assigned to this task, and no more."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(max(1, int(cpus)))
 
 
 def _reference_model(spec: ModelSpec, weights: Weights | None) -> torch.nn.Module:
@@ -101,10 +109,8 @@ def _reference_model(spec: ModelSpec, weights: Weights | None) -> torch.nn.Modul
 
 
 @ray.remote
-def _train_reference(
-    spec: ModelSpec, data: DataSplits, board: Any, num_cpus: float
-) -> tuple[Weights, float]:
-    _use_cpus(num_cpus)
+def _train_reference(spec: ModelSpec, data: DataSplits, board: Any) -> TrainedReference:
+    _use_assigned_cpus()
     assert spec.training is not None
     model = _reference_model(spec, None)
     board.update.remote(TRAINING_JOB, "training", 0.0)
@@ -119,8 +125,10 @@ def _train_reference(
     )
     heldout_outputs = predict(model, spec, data.heldout)
     accuracy = get_metric(spec.metric).score(heldout_outputs, data.heldout.labels)
-    weights = {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
-    return weights, accuracy
+    return TrainedReference(
+        weights={name: t.detach().cpu().numpy() for name, t in model.state_dict().items()},
+        heldout_quality=accuracy,
+    )
 
 
 @ray.remote
@@ -128,12 +136,11 @@ def _build_variant(
     spec: ModelSpec,
     config: TechniqueConfig,
     data: DataSplits,
-    weights: tuple[Weights, float] | None,
+    trained: TrainedReference | None,
     parent: VariantBuild | None,
     board: Any,
-    num_cpus: float,
 ) -> VariantBuild:
-    _use_cpus(num_cpus)
+    _use_assigned_cpus()
     started = time.perf_counter()
 
     def report(stage: str, fraction: float) -> None:
@@ -145,7 +152,7 @@ def _build_variant(
         TechniqueInput(
             spec=spec,
             data=data,
-            reference_model=_reference_model(spec, None if weights is None else weights[0]),
+            reference_model=_reference_model(spec, None if trained is None else trained.weights),
             parent_artifact=None if parent is None else parent.compressed.onnx,
             parent_param_count=None if parent is None else parent.compressed.param_count,
             report=report,
@@ -301,27 +308,19 @@ def compress(
     board = ProgressBoard.remote()
     data_ref = ray.put(data)
     jobs: dict[str, ray.ObjectRef] = {}
-    weights_ref = None
+    trained_ref = None
     if spec.training is not None:
         # Asking for more CPUs than any node has would leave the task pending forever.
         train_cpus = min(spec.training.num_cpus, _largest_node_cpus())
-        weights_ref = _train_reference.options(
+        trained_ref = _train_reference.options(
             num_cpus=train_cpus, name=f"gearbox-train:{spec.name}"
-        ).remote(spec, data_ref, board, train_cpus)
-        jobs[TRAINING_JOB] = weights_ref
+        ).remote(spec, data_ref, board)
+        jobs[TRAINING_JOB] = trained_ref
     for recipe in recipes:
         parent_ref = jobs.get(recipe.parent) if recipe.parent else None
         jobs[recipe.name] = _build_variant.options(
             num_cpus=cpus_per_variant, name=f"gearbox-variant:{spec.name}/{recipe.name}"
-        ).remote(
-            spec,
-            recipe,
-            data_ref,
-            weights_ref,
-            parent_ref,
-            board,
-            cpus_per_variant,
-        )
+        ).remote(spec, recipe, data_ref, trained_ref, parent_ref, board)
 
     progress.started(list(jobs))
     results: dict[str, Any] = {}
@@ -348,7 +347,7 @@ def compress(
                         pending = []
                     continue
                 if job == TRAINING_JOB:
-                    summary = f"trained: held-out {spec.metric} {results[job][1]:.4f}"
+                    summary = f"trained: held-out {spec.metric} {results[job].heldout_quality:.4f}"
                     progress.finished(job, True, summary)
                 else:
                     progress.update(job, "built; waiting to profile latency", 0.95)
@@ -372,7 +371,6 @@ def compress(
     # variant is timed while another one trains on the same cores.
     budget = latency_budget or LatencyBudget()
     published: list[VariantManifest] = []
-    nodes: dict[str, str] = {}
     for name in names:
         if name not in results:
             continue
@@ -391,13 +389,11 @@ def compress(
         manifest = _gate(build, latency, reference, spec, max_accuracy_drop)
         repository.publish_variant(manifest, build.compressed.onnx)
         published.append(manifest)
-        nodes[name] = build.node
         summary = f"{manifest.status}: held-out {spec.metric} {manifest.quality.value:.4f}"
         progress.finished(name, manifest.is_ready, summary)
     return CompressionReport(
         model=spec.name,
         published=published,
         failed={name: reason for name, reason in failed.items() if name != TRAINING_JOB},
-        nodes=nodes,
         seconds=time.perf_counter() - started,
     )

@@ -43,7 +43,7 @@ def sha256_hex(data: bytes) -> str:
 
 
 def _check_name(name: str, what: str) -> None:
-    if not name or name.startswith(".") or "/" in name or "\\" in name or name in ("..",):
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
         raise InvalidArgumentError(f"invalid {what} name '{name}'")
 
 

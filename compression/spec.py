@@ -7,6 +7,7 @@ re-resolved there.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -168,6 +169,4 @@ def load_spec(path: str) -> ModelSpec:
         raise InvalidArgumentError(
             f"model spec '{path}' gave {type(spec).__name__}, not a gearbox ModelSpec"
         )
-    if spec.source is None:
-        object.__setattr__(spec, "source", path)
-    return spec
+    return spec if spec.source is not None else dataclasses.replace(spec, source=path)

@@ -77,7 +77,7 @@ def _compress(args: argparse.Namespace, out: Console, err: Console) -> int:
     recipes = resolve_recipes(args.variants)
     spec = load_spec(EXAMPLES[args.example] if args.example else args.spec)
     repository = ModelRepository(args.repo)
-    repository.ensure_writable()
+    repository.ensure_writable()  # fail in a second, before Ray starts (compress checks again)
     with ray_session(args.address), RichProgress(err) as progress:
         report = compress(
             spec,

@@ -31,10 +31,7 @@ format: $(INSTALLED)
 
 # Regenerates the Python stubs of every .proto under protos/ (committed; a test checks freshness).
 generate: $(INSTALLED)
-	@protos="$$(find protos -name '*.proto' 2>/dev/null)"; \
-	if [ -z "$$protos" ]; then echo "no .proto files under protos/"; exit 0; fi; \
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos/generated \
-		--grpc_python_out=protos/generated --pyi_out=protos/generated $$protos
+	$(BIN)/python protos/generate.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_REPO) .pytest_cache .ruff_cache

@@ -8,32 +8,64 @@ Public entry points:
 - :class:`ModelRepository` — the published variants and their manifests.
 """
 
-from gearbox.compression.devices import CPU, DEFAULT_DEVICE_CLASSES, DeviceClass
-from gearbox.compression.errors import (
-    CompressionError,
-    ErrorCode,
-    GearboxError,
-    IntegrityError,
-    InvalidArgumentError,
-    NotFoundError,
-    RepositoryError,
-    UnavailableError,
-)
-from gearbox.compression.pipeline import CompressionReport, compress, ray_session
-from gearbox.compression.repository import ModelRecord, ModelRepository, VariantManifest
-from gearbox.compression.signature import Signature, TensorSpec
-from gearbox.compression.spec import DataSplits, ModelSpec, Split, TrainingConfig, load_spec
-from gearbox.compression.techniques import (
-    ALL_RECIPES,
-    CORE_RECIPES,
-    DistilledConfig,
-    Fp32Config,
-    Int8Config,
-    PrunedConfig,
-    TechniqueConfig,
-    apply_technique,
-    resolve_recipes,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Names resolve lazily (PEP 562) so that the serving replicas, which need only the repository,
+# signatures and device classes, never import torch and the training stack.
+_EXPORTS: dict[str, str] = {
+    "CPU": "devices",
+    "DEFAULT_DEVICE_CLASSES": "devices",
+    "DeviceClass": "devices",
+    "load_device_classes": "devices",
+    "CompressionError": "errors",
+    "ErrorCode": "errors",
+    "GearboxError": "errors",
+    "IntegrityError": "errors",
+    "InvalidArgumentError": "errors",
+    "NotFoundError": "errors",
+    "RepositoryError": "errors",
+    "ResourceExhaustedError": "errors",
+    "UnavailableError": "errors",
+    "CompressionReport": "pipeline",
+    "compress": "pipeline",
+    "ray_session": "pipeline",
+    "ModelRecord": "repository",
+    "ModelRepository": "repository",
+    "VariantManifest": "repository",
+    "Signature": "signature",
+    "TensorSpec": "signature",
+    "DataSplits": "spec",
+    "ModelSpec": "spec",
+    "Split": "spec",
+    "TrainingConfig": "spec",
+    "load_spec": "spec",
+    "ALL_RECIPES": "techniques",
+    "CORE_RECIPES": "techniques",
+    "DistilledConfig": "techniques",
+    "Fp32Config": "techniques",
+    "Int8Config": "techniques",
+    "PrunedConfig": "techniques",
+    "TechniqueConfig": "techniques",
+    "apply_technique": "techniques",
+    "resolve_recipes": "techniques",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gearbox.compression' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"gearbox.compression.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 EXAMPLES = {"digits": "gearbox.compression.examples.digits:spec"}
 
@@ -60,6 +92,7 @@ __all__ = [
     "NotFoundError",
     "PrunedConfig",
     "RepositoryError",
+    "ResourceExhaustedError",
     "Signature",
     "Split",
     "TechniqueConfig",
@@ -69,6 +102,7 @@ __all__ = [
     "VariantManifest",
     "apply_technique",
     "compress",
+    "load_device_classes",
     "load_spec",
     "ray_session",
     "resolve_recipes",

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
+import yaml
 
 from gearbox.compression.errors import InvalidArgumentError
 
@@ -24,6 +26,16 @@ class DeviceClass:
     ray_resources: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise InvalidArgumentError(
+                f"device class name {self.name!r} must be letters, digits, '-' or '_'"
+            )
+        for resource, amount in self.ray_resources.items():
+            if isinstance(amount, bool) or not isinstance(amount, int | float) or amount < 0:
+                raise InvalidArgumentError(
+                    f"device class '{self.name}': ray resource {resource} must be a "
+                    f"non-negative number, got {amount!r}"
+                )
         if self.intra_op_threads < 1:
             raise InvalidArgumentError(
                 f"device class '{self.name}': intra_op_threads must be at least 1"
@@ -56,8 +68,68 @@ class DeviceClass:
             "ray_resources": dict(self.ray_resources),
         }
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DeviceClass:
+        if not isinstance(data, Mapping) or "name" not in data:
+            raise InvalidArgumentError(f"a device class needs at least a name, got {data!r}")
+        unknown = sorted(set(data) - _DEVICE_CLASS_KEYS)
+        if unknown:
+            raise InvalidArgumentError(
+                f"device class '{data['name']}': unknown key(s) {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(_DEVICE_CLASS_KEYS))})"
+            )
+        threads = data.get("intra_op_threads", 1)
+        if isinstance(threads, bool) or not isinstance(threads, int):
+            raise InvalidArgumentError(
+                f"device class '{data['name']}': intra_op_threads must be an integer"
+            )
+        resources = data.get("ray_resources", {})
+        if not isinstance(resources, Mapping):
+            raise InvalidArgumentError(
+                f"device class '{data['name']}': ray_resources must be a mapping"
+            )
+        return cls(
+            name=str(data["name"]),
+            execution_provider=str(data.get("execution_provider", "CPUExecutionProvider")),
+            intra_op_threads=threads,
+            ray_resources=dict(resources),
+        )
 
-CPU = DeviceClass("cpu")
+
+_DEVICE_CLASS_KEYS = {"name", "execution_provider", "intra_op_threads", "ray_resources"}
+
+
+# One intra-op thread on one reserved core: the figures the manifests record.
+CPU = DeviceClass("cpu", ray_resources={"CPU": 1})
 GPU = DeviceClass("gpu", execution_provider="CUDAExecutionProvider", ray_resources={"GPU": 1})
 
 DEFAULT_DEVICE_CLASSES: tuple[DeviceClass, ...] = (CPU, GPU)
+
+
+def load_device_classes(path: str | Path) -> tuple[DeviceClass, ...]:
+    """Device classes from a YAML file (``device_classes: [{name, execution_provider, ...}]``).
+
+    ``cpu`` always exists: a file that does not define it gets the built-in one first.
+    """
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"device class file {path} does not exist") from None
+    except (OSError, yaml.YAMLError) as error:
+        raise InvalidArgumentError(f"device class file {path} cannot be read: {error}") from None
+    entries = document.get("device_classes") if isinstance(document, Mapping) else None
+    if not isinstance(entries, list) or not entries:
+        raise InvalidArgumentError(
+            f"device class file {path} must hold a non-empty list under 'device_classes'"
+        )
+    classes = [DeviceClass.from_json(entry) for entry in entries]
+    names = [device.name for device in classes]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidArgumentError(
+            f"device class file {path} defines {', '.join(repeated)} more than once"
+        )
+    if "cpu" not in names:
+        classes.insert(0, CPU)
+    return tuple(classes)

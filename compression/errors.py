@@ -64,3 +64,9 @@ class CompressionError(GearboxError):
     """A technique could not produce a valid variant (export, verification, training)."""
 
     code = ErrorCode.FAILED_PRECONDITION
+
+
+class ResourceExhaustedError(GearboxError):
+    """Gearbox is at capacity (a full queue); the caller should back off and retry."""
+
+    code = ErrorCode.RESOURCE_EXHAUSTED

@@ -183,11 +183,12 @@ def _profile_variant(
 
 
 @contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
+def ray_session(address: str | None, metrics_port: int | None = None) -> Iterator[None]:
     """Use the Ray already initialised in this process, or connect/start one for the block.
 
-    ``address=None`` starts a local Ray; ``"auto"`` joins the cluster on this machine; anything
-    else is a Ray address. Modules in the current directory stay importable on the workers.
+    ``address=None`` starts a local Ray (exporting Prometheus metrics on ``metrics_port``);
+    ``"auto"`` joins the cluster on this machine; anything else is a Ray address, whose nodes
+    keep their own metrics ports. Modules in the current directory stay importable on workers.
     """
     if ray.is_initialized():
         yield
@@ -202,6 +203,7 @@ def ray_session(address: str | None) -> Iterator[None]:
             log_to_driver=False,
             logging_level="ERROR",
             runtime_env={"env_vars": {"PYTHONPATH": python_path}},
+            **({"_metrics_export_port": metrics_port} if metrics_port and not address else {}),
         )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"at {address}" if address else "locally"

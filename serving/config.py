@@ -1,0 +1,74 @@
+"""How a Gearbox gateway is configured: repository, device classes, batching, replicas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gearbox.compression.devices import CPU, DeviceClass, load_device_classes
+from gearbox.compression.errors import InvalidArgumentError
+
+HTTP_PORT = 8000
+GRPC_PORT = 9000
+METRICS_PORT = 8080
+APP_NAME = "gearbox"
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Dynamic batching per variant x device class, and the queue bound behind backpressure."""
+
+    max_batch_size: int = 8
+    """Rows run together in one ONNX Runtime call."""
+    max_wait_ms: float = 0.0
+    """How long a batch may wait for more requests once the first has arrived. Zero batches
+    only what queued while the previous batch ran, so an idle gateway adds no delay."""
+    max_queue: int = 64
+    """Requests admitted per variant x device class (running or waiting); beyond it callers get
+    429 / RESOURCE_EXHAUSTED instead of an ever longer queue."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise InvalidArgumentError("max_batch_size must be at least 1")
+        if self.max_wait_ms < 0:
+            raise InvalidArgumentError("max_wait_ms must not be negative")
+        if self.max_queue < 1:
+            raise InvalidArgumentError("max_queue must be at least 1")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    repository: str
+    device_classes: tuple[DeviceClass, ...] = (CPU,)
+    """The first class is hosted inside the gateway replicas themselves (the common path, no
+    second hop); every other class gets replicas of its own, reached through a handle."""
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    replicas: int = 1
+    shadow_fraction: float = 0.05
+    """Share of requests served by a non-reference variant that are also run, off the response
+    path, on the reference variant to measure live agreement."""
+    max_ongoing_requests: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.device_classes:
+            raise InvalidArgumentError("at least one device class is needed")
+        if self.replicas < 1:
+            raise InvalidArgumentError("replicas must be at least 1")
+        if not 0.0 <= self.shadow_fraction <= 1.0:
+            raise InvalidArgumentError("shadow_fraction must lie in [0, 1]")
+
+    @property
+    def gateway_device_class(self) -> DeviceClass:
+        return self.device_classes[0]
+
+    @classmethod
+    def create(
+        cls,
+        repository: str | Path,
+        device_classes_file: str | Path | None = None,
+        **options: object,
+    ) -> GatewayConfig:
+        classes = load_device_classes(device_classes_file) if device_classes_file else (CPU,)
+        # The gateway hosts cpu itself: it is the class every deployment has.
+        ordered = tuple(sorted(classes, key=lambda device: device.name != "cpu"))
+        return cls(repository=str(Path(repository).resolve()), device_classes=ordered, **options)

@@ -1,0 +1,249 @@
+"""gRPC adapter of the Open Inference Protocol v2: where a gRPC request enters.
+
+Ray Serve's gRPC proxy hands each ``inference.GRPCInferenceService`` call to the gateway method
+of the same name; each method here is convert -> call the data plane -> convert. Typed tensor
+contents and ``raw_input_contents`` are both accepted. Error codes map to gRPC statuses here,
+once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from gearbox.compression.errors import ErrorCode, GearboxError, InvalidArgumentError
+from gearbox.serving.dataplane import DataPlane
+from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
+from gearbox.serving.inference import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ParameterValue,
+    RequestedOutput,
+    Tensor,
+    tensor_from_bytes,
+    tensor_from_values,
+    tensor_to_bytes,
+)
+
+logger = logging.getLogger(__name__)
+
+GRPC_STATUS: Mapping[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+# OIP datatype -> the typed field of InferTensorContents. FP16 has none: raw bytes only.
+CONTENTS_FIELD: Mapping[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+class StatusContext(Protocol):
+    """What the adapter needs of a gRPC context (Ray Serve's RayServegRPCContext has it)."""
+
+    def set_code(self, code: grpc.StatusCode) -> None: ...
+
+    def set_details(self, details: str) -> None: ...
+
+
+Reply = TypeVar("Reply")
+
+
+class GrpcAdapter:
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+
+    async def server_live(
+        self, request: pb.ServerLiveRequest, context: StatusContext
+    ) -> pb.ServerLiveResponse:
+        return await _answer(
+            context,
+            pb.ServerLiveResponse,
+            lambda: _now(pb.ServerLiveResponse(live=self._plane.live())),
+        )
+
+    async def server_ready(
+        self, request: pb.ServerReadyRequest, context: StatusContext
+    ) -> pb.ServerReadyResponse:
+        return await _answer(
+            context,
+            pb.ServerReadyResponse,
+            lambda: _now(pb.ServerReadyResponse(ready=self._plane.ready())),
+        )
+
+    async def model_ready(
+        self, request: pb.ModelReadyRequest, context: StatusContext
+    ) -> pb.ModelReadyResponse:
+        return await _answer(
+            context,
+            pb.ModelReadyResponse,
+            lambda: _now(
+                pb.ModelReadyResponse(ready=self._plane.model_ready(request.name, request.version))
+            ),
+        )
+
+    async def server_metadata(
+        self, request: pb.ServerMetadataRequest, context: StatusContext
+    ) -> pb.ServerMetadataResponse:
+        def convert() -> pb.ServerMetadataResponse:
+            meta = self._plane.server_metadata()
+            return pb.ServerMetadataResponse(
+                name=meta.name, version=meta.version, extensions=list(meta.extensions)
+            )
+
+        return await _answer(context, pb.ServerMetadataResponse, lambda: _now(convert()))
+
+    async def model_metadata(
+        self, request: pb.ModelMetadataRequest, context: StatusContext
+    ) -> pb.ModelMetadataResponse:
+        return await _answer(
+            context,
+            pb.ModelMetadataResponse,
+            lambda: _now(
+                metadata_to_proto(self._plane.model_metadata(request.name, request.version))
+            ),
+        )
+
+    async def model_infer(
+        self, request: pb.ModelInferRequest, context: StatusContext
+    ) -> pb.ModelInferResponse:
+        async def call() -> pb.ModelInferResponse:
+            response = await self._plane.infer(request_from_proto(request))
+            return response_to_proto(response, raw=bool(request.raw_input_contents))
+
+        return await _answer(context, pb.ModelInferResponse, call)
+
+
+async def _now(value: Reply) -> Reply:
+    return value
+
+
+async def _answer(
+    context: StatusContext, empty: Callable[[], Reply], call: Callable[[], Awaitable[Reply]]
+) -> Reply:
+    try:
+        return await call()
+    except GearboxError as error:
+        context.set_code(GRPC_STATUS[error.code])
+        context.set_details(error.message)
+    except Exception:
+        # A bug must cost one request, never the replica.
+        logger.exception("internal error serving a gRPC call")
+        context.set_code(grpc.StatusCode.INTERNAL)
+        context.set_details("internal error")
+    return empty()
+
+
+def metadata_to_proto(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+    def tensors(items: tuple[Any, ...]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+        return [
+            pb.ModelMetadataResponse.TensorMetadata(
+                name=t.name, datatype=t.datatype, shape=list(t.shape)
+            )
+            for t in items
+        ]
+
+    return pb.ModelMetadataResponse(
+        name=meta.name,
+        versions=list(meta.versions),
+        platform=meta.platform,
+        inputs=tensors(meta.inputs),
+        outputs=tensors(meta.outputs),
+    )
+
+
+def parameters_from_proto(parameters: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
+    values: dict[str, ParameterValue] = {}
+    for key, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        if choice is None:
+            raise InvalidArgumentError(f"parameter '{key}' has no value")
+        values[key] = getattr(parameter, choice)
+    return values
+
+
+def parameter_to_proto(value: ParameterValue) -> pb.InferParameter:
+    if isinstance(value, bool):
+        return pb.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        return pb.InferParameter(int64_param=value)
+    if isinstance(value, float):
+        return pb.InferParameter(double_param=value)
+    return pb.InferParameter(string_param=str(value))
+
+
+def request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgumentError(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
+        )
+    inputs = []
+    for position, item in enumerate(request.inputs):
+        name = item.name or f"inputs[{position}]"
+        if raw:
+            if item.HasField("contents"):
+                raise InvalidArgumentError(
+                    f"input '{name}': give raw_input_contents or typed contents, not both"
+                )
+            inputs.append(tensor_from_bytes(name, item.datatype, list(item.shape), raw[position]))
+            continue
+        field = CONTENTS_FIELD.get(item.datatype)
+        if field is None:
+            raise InvalidArgumentError(
+                f"input '{name}': datatype '{item.datatype}' has no typed contents; "
+                "send it in raw_input_contents"
+            )
+        values = getattr(item.contents, field)
+        inputs.append(tensor_from_values(name, item.datatype, list(item.shape), list(values)))
+    outputs = tuple(RequestedOutput(o.name) for o in request.outputs)
+    return InferRequest(
+        model=request.model_name,
+        version=request.model_version,
+        id=request.id,
+        inputs=tuple(inputs),
+        outputs=outputs,
+        parameters=parameters_from_proto(request.parameters),
+        protocol="grpc",
+    )
+
+
+def response_to_proto(response: InferResponse, raw: bool) -> pb.ModelInferResponse:
+    # Raw contents must cover every output or none; FP16 has no typed field, so it forces raw.
+    raw = raw or any(t.datatype not in CONTENTS_FIELD for t in response.outputs)
+    message = pb.ModelInferResponse(
+        model_name=response.model, model_version=response.version, id=response.id
+    )
+    for key, value in response.parameters.items():
+        message.parameters[key].CopyFrom(parameter_to_proto(value))
+    for tensor in response.outputs:
+        output = message.outputs.add(
+            name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape)
+        )
+        if raw:
+            message.raw_output_contents.append(tensor_to_bytes(tensor))
+        else:
+            getattr(output.contents, CONTENTS_FIELD[tensor.datatype]).extend(_typed_values(tensor))
+    return message
+
+
+def _typed_values(tensor: Tensor) -> list[Any]:
+    return tensor.data.ravel().tolist()

@@ -1,0 +1,290 @@
+"""HTTP/REST adapter of the Open Inference Protocol v2: where an HTTP request enters.
+
+Each endpoint is convert -> call the data plane -> convert. JSON tensors and the binary-data
+extension (``Inference-Header-Content-Length``) are both understood, so unmodified
+``tritonclient.http`` and KServe clients work. Error codes map to HTTP statuses here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gearbox.compression.errors import ErrorCode, GearboxError, InvalidArgumentError
+from gearbox.serving.dataplane import DataPlane
+from gearbox.serving.inference import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ParameterValue,
+    RequestedOutput,
+    Tensor,
+    tensor_from_bytes,
+    tensor_from_values,
+    tensor_to_bytes,
+)
+
+logger = logging.getLogger(__name__)
+
+HTTP_STATUS: Mapping[ErrorCode, int] = {
+    ErrorCode.INVALID_ARGUMENT: 400,
+    ErrorCode.FAILED_PRECONDITION: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.RESOURCE_EXHAUSTED: 429,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.INTERNAL: 500,
+}
+
+HEADER_LENGTH = "inference-header-content-length"
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=lambda: {"content-type": JSON_TYPE})
+
+
+def json_response(status: int, payload: Mapping[str, Any]) -> HttpResponse:
+    return HttpResponse(status, json.dumps(payload, separators=(",", ":")).encode())
+
+
+def error_response(code: ErrorCode, message: str) -> HttpResponse:
+    return json_response(HTTP_STATUS[code], {"error": message})
+
+
+class HttpAdapter:
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+
+    async def handle(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> HttpResponse:
+        try:
+            return await self._dispatch(method.upper(), path, headers, body)
+        except GearboxError as error:
+            return error_response(error.code, error.message)
+        except Exception:
+            # A bug must cost one request, never the replica.
+            logger.exception("internal error on %s %s", method, path)
+            return error_response(ErrorCode.INTERNAL, f"internal error serving {method} {path}")
+
+    async def _dispatch(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> HttpResponse:
+        parts = [p for p in path.split("/") if p]
+        if not parts or parts[0] != "v2":
+            return _unknown(method, path)
+        rest = parts[1:]
+        if rest == [] and method == "GET":
+            meta = self._plane.server_metadata()
+            return json_response(
+                200,
+                {"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)},
+            )
+        if rest == ["health", "live"] and method == "GET":
+            live = self._plane.live()
+            return json_response(200 if live else 503, {"live": live})
+        if rest == ["health", "ready"] and method == "GET":
+            ready = self._plane.ready()
+            return json_response(200 if ready else 503, {"ready": ready})
+        if len(rest) < 2 or rest[0] != "models":
+            return _unknown(method, path)
+
+        model, tail = rest[1], rest[2:]
+        version = ""
+        if len(tail) >= 2 and tail[0] == "versions":
+            version, tail = tail[1], tail[2:]
+        if tail == [] and method == "GET":
+            return json_response(200, _metadata_json(self._plane.model_metadata(model, version)))
+        if tail == ["ready"] and method == "GET":
+            ready = self._plane.model_ready(model, version)
+            return json_response(200 if ready else 503, {"name": model, "ready": ready})
+        if tail == ["infer"] and method == "POST":
+            request = decode_infer_request(model, version, headers, body)
+            return encode_infer_response(await self._plane.infer(request))
+        if tail == ["variants"] and method == "GET" and not version:
+            return json_response(200, self._plane.variants(model))
+        return _unknown(method, path)
+
+
+def _unknown(method: str, path: str) -> HttpResponse:
+    return error_response(ErrorCode.NOT_FOUND, f"no endpoint {method} {path}")
+
+
+def _metadata_json(meta: ModelMetadata) -> dict[str, Any]:
+    return {
+        "name": meta.name,
+        "versions": list(meta.versions),
+        "platform": meta.platform,
+        "inputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.inputs
+        ],
+        "outputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.outputs
+        ],
+        "parameters": dict(meta.parameters),
+    }
+
+
+def decode_infer_request(
+    model: str, version: str, headers: Mapping[str, str], body: bytes
+) -> InferRequest:
+    header_length = _header_length(headers, len(body))
+    document = _json_object(body[:header_length] if header_length is not None else body)
+    binary = memoryview(body)[header_length:] if header_length is not None else memoryview(b"")
+
+    parameters = _parameters(document.get("parameters"), "request parameters")
+    raw_inputs = document.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidArgumentError("request needs a non-empty 'inputs' list")
+    offset = 0
+    inputs = []
+    for position, item in enumerate(raw_inputs):
+        if not isinstance(item, dict):
+            raise InvalidArgumentError(f"inputs[{position}] must be an object")
+        name = item.get("name")
+        datatype = item.get("datatype")
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"inputs[{position}] needs a 'name' string")
+        if not isinstance(datatype, str):
+            raise InvalidArgumentError(f"input '{name}' needs a 'datatype' string")
+        if "shape" not in item:
+            raise InvalidArgumentError(f"input '{name}' needs a 'shape'")
+        input_parameters = _parameters(item.get("parameters"), f"input '{name}' parameters")
+        size = input_parameters.get("binary_data_size")
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise InvalidArgumentError(f"input '{name}': binary_data_size must be an integer")
+            if offset + size > len(binary):
+                raise InvalidArgumentError(
+                    f"input '{name}': binary_data_size {size} runs past the end of the body"
+                )
+            raw = bytes(binary[offset : offset + size])
+            offset += size
+            inputs.append(tensor_from_bytes(name, datatype, item["shape"], raw))
+        else:
+            if "data" not in item:
+                raise InvalidArgumentError(f"input '{name}' needs 'data' (or binary_data_size)")
+            inputs.append(tensor_from_values(name, datatype, item["shape"], item["data"]))
+    if offset != len(binary):
+        raise InvalidArgumentError(
+            f"the body holds {len(binary) - offset} bytes of binary data no input claims"
+        )
+
+    all_binary = parameters.get("binary_data_output") is True
+    outputs = []
+    raw_outputs = document.get("outputs", [])
+    if not isinstance(raw_outputs, list):
+        raise InvalidArgumentError("'outputs' must be a list")
+    for position, item in enumerate(raw_outputs):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidArgumentError(f"outputs[{position}] must be an object with a 'name'")
+        output_parameters = _parameters(item.get("parameters"), f"output '{item['name']}'")
+        outputs.append(
+            RequestedOutput(item["name"], output_parameters.get("binary_data", all_binary) is True)
+        )
+    request_id = document.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidArgumentError("'id' must be a string")
+    return InferRequest(
+        model=model,
+        version=version,
+        id=request_id,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        parameters=parameters,
+        protocol="http",
+        all_outputs_binary=all_binary,
+    )
+
+
+def _header_length(headers: Mapping[str, str], body_length: int) -> int | None:
+    value = headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    try:
+        length = int(value)
+    except ValueError:
+        raise InvalidArgumentError(f"header Inference-Header-Content-Length is {value!r}") from None
+    if not 0 <= length <= body_length:
+        raise InvalidArgumentError(
+            f"Inference-Header-Content-Length {length} exceeds the body ({body_length} bytes)"
+        )
+    return length
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidArgumentError(f"request body is not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise InvalidArgumentError("request body must be a JSON object")
+    return document
+
+
+def _parameters(value: object, where: str) -> dict[str, ParameterValue]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"{where} must be an object")
+    for key, item in value.items():
+        if not isinstance(item, bool | int | float | str):
+            raise InvalidArgumentError(
+                f"{where}: '{key}' must be a boolean, number or string, got {type(item).__name__}"
+            )
+    return value
+
+
+def encode_infer_response(response: InferResponse) -> HttpResponse:
+    outputs = []
+    blobs: list[bytes] = []
+    for tensor in response.outputs:
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+        }
+        if _wants_binary(response, tensor):
+            blob = tensor_to_bytes(tensor)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = tensor.data.ravel().tolist()
+        outputs.append(entry)
+    header = json.dumps(
+        {
+            "model_name": response.model,
+            "model_version": response.version,
+            "id": response.id,
+            "parameters": dict(response.parameters),
+            "outputs": outputs,
+        },
+        separators=(",", ":"),
+    ).encode()
+    if not blobs:
+        return HttpResponse(200, header)
+    return HttpResponse(
+        200,
+        b"".join([header, *blobs]),
+        {"content-type": BINARY_TYPE, HEADER_LENGTH: str(len(header))},
+    )
+
+
+def _wants_binary(response: InferResponse, tensor: Tensor) -> bool:
+    return response.all_outputs_binary or tensor.name in response.binary_outputs
+
+
+__all__: Sequence[str] = [
+    "HTTP_STATUS",
+    "HttpAdapter",
+    "HttpResponse",
+    "decode_infer_request",
+    "encode_infer_response",
+]

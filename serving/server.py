@@ -1,0 +1,159 @@
+"""Starting, waiting on and stopping a Gearbox gateway on a Ray cluster (``gearbox serve``)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import ray
+from ray import serve
+from ray.serve.config import HTTPOptions, ProxyLocation, gRPCOptions
+
+from gearbox.compression.errors import InvalidArgumentError, UnavailableError
+from gearbox.compression.repository import ModelRepository
+from gearbox.serving.app import GRPC_SERVICER, build_app, servable_device_classes
+from gearbox.serving.config import APP_NAME, GatewayConfig
+
+LOOPBACK = "127.0.0.1"
+READY_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    http: str
+    grpc: str
+    metrics: tuple[str, ...]
+    device_classes: tuple[str, ...]
+    skipped_device_classes: dict[str, str]
+
+    @property
+    def ready_url(self) -> str:
+        return f"{self.http}/v2/health/ready"
+
+
+def check_port_free(port: int, what: str) -> None:
+    """Fail with a clear line now rather than with a proxy that never becomes healthy."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError:
+            raise InvalidArgumentError(
+                f"{what} port {port} is already in use (choose another with --{what}-port)"
+            ) from None
+
+
+def check_repository(path: str) -> list[str]:
+    models = ModelRepository(path).models()
+    if not models:
+        raise InvalidArgumentError(
+            f"repository {path} holds no models; publish some with `gearbox compress` first"
+        )
+    return models
+
+
+def metrics_urls() -> tuple[str, ...]:
+    """Every live node's Prometheus export endpoint (what Ray's service discovery lists)."""
+    local_ips = _this_machine_ips()
+    urls = []
+    for node in ray.nodes():
+        if not node.get("Alive") or not node.get("MetricsExportPort"):
+            continue
+        host = node["NodeManagerAddress"]
+        # On one machine the design promises loopback; Ray reports the node's own address.
+        host = LOOPBACK if host in local_ips else host
+        urls.append(f"http://{host}:{node['MetricsExportPort']}/metrics")
+    return tuple(sorted(set(urls)))
+
+
+def _this_machine_ips() -> set[str]:
+    ips = {LOOPBACK, "localhost"}
+    with contextlib.suppress(OSError):
+        ips.update(info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None))
+    with contextlib.suppress(Exception):
+        ips.add(ray.util.get_node_ip_address())
+    return ips
+
+
+def _proxy_location() -> ProxyLocation:
+    hosts = {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+    # Several nodes on one machine would fight over the same proxy ports.
+    return ProxyLocation.HeadOnly if len(hosts) <= 1 else ProxyLocation.EveryNode
+
+
+def start_gateway(config: GatewayConfig, http_port: int, grpc_port: int) -> Endpoints:
+    """Deploys the gateway on the Ray this process is connected to; returns once ready."""
+    served, skipped = servable_device_classes(config, ray.cluster_resources())
+    serve.start(
+        proxy_location=_proxy_location(),
+        http_options=HTTPOptions(host=LOOPBACK, port=http_port),
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
+    )
+    serve.run(build_app(config, served[1:]), name=APP_NAME, route_prefix="/", blocking=False)
+    endpoints = Endpoints(
+        http=f"http://{LOOPBACK}:{http_port}",
+        grpc=f"{LOOPBACK}:{grpc_port}",
+        metrics=metrics_urls(),
+        device_classes=tuple(device.name for device in served),
+        skipped_device_classes=skipped,
+    )
+    wait_ready(endpoints.ready_url)
+    return endpoints
+
+
+def wait_ready(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+                last = f"HTTP {response.status}"
+        except urllib.error.HTTPError as error:
+            last = f"HTTP {error.code}"
+        except (urllib.error.URLError, OSError) as error:
+            last = str(error)
+        time.sleep(0.5)
+    raise UnavailableError(f"gateway not ready after {timeout_s:.0f} s ({url}: {last})")
+
+
+def stop_gateway(started_serve: bool) -> None:
+    """Drains the gateway's replicas; stops Serve too if this process started it."""
+    with contextlib.suppress(Exception):
+        if started_serve:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+
+
+def serve_was_running() -> bool:
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def until_stopped() -> Iterator[threading.Event]:
+    """An event set by Ctrl-C or SIGTERM while the block runs."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

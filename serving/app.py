@@ -13,6 +13,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
@@ -25,7 +26,7 @@ from gearbox.serving.config import GatewayConfig
 from gearbox.serving.dataplane import Catalog, DataPlane
 from gearbox.serving.grpc.adapter import GrpcAdapter
 from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
-from gearbox.serving.hosting import Arrays, Backend, LocalBackend, RemoteBackend
+from gearbox.serving.hosting import Arrays, Backend, LocalBackend, RemoteBackend, ReplicaLoad
 from gearbox.serving.metrics import RayServeMetrics
 from gearbox.serving.rest.adapter import HttpAdapter
 
@@ -38,7 +39,7 @@ GRPC_SERVICER = (
 
 
 def _local_backend(
-    config: GatewayConfig, device: DeviceClass, metrics: RayServeMetrics
+    config: GatewayConfig, device: DeviceClass, metrics: RayServeMetrics, load: ReplicaLoad
 ) -> LocalBackend:
     repository = ModelRepository(config.repository)
     return LocalBackend(
@@ -49,6 +50,7 @@ def _local_backend(
         on_batch=lambda model, variant, rows: metrics.batch_formed(
             model, variant, device.name, rows
         ),
+        load=load,
     )
 
 
@@ -58,10 +60,12 @@ class DeviceClassHost:
 
     def __init__(self, config: GatewayConfig, device_class: str) -> None:
         device = next(d for d in config.device_classes if d.name == device_class)
-        self._backend = _local_backend(config, device, RayServeMetrics())
+        self._load = ReplicaLoad()
+        self._backend = _local_backend(config, device, RayServeMetrics(), self._load)
 
     async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
-        return await self._backend.infer(model, variant, inputs)
+        with self._load.request():
+            return await self._backend.infer(model, variant, inputs)
 
 
 @serve.deployment
@@ -72,7 +76,10 @@ class Gateway:
         metrics = RayServeMetrics()
         repository = ModelRepository(config.repository)
         catalog = Catalog.load(repository)
-        backends: list[Backend] = [_local_backend(config, config.gateway_device_class, metrics)]
+        self._load = ReplicaLoad()
+        backends: list[Backend] = [
+            _local_backend(config, config.gateway_device_class, metrics, self._load)
+        ]
         backends += [RemoteBackend(name, handle) for name, handle in remote.items()]
         plane = DataPlane(
             catalog,
@@ -85,29 +92,36 @@ class Gateway:
         self._grpc = GrpcAdapter(plane)
 
     async def __call__(self, request: Request) -> Response:
-        reply = await self._http.handle(
-            request.method, request.url.path, request.headers, await request.body()
-        )
+        with self._load.request():
+            reply = await self._http.handle(
+                request.method, request.url.path, request.headers, await request.body()
+            )
         return Response(reply.body, status_code=reply.status, headers=dict(reply.headers))
 
     # gRPC: Ray Serve's proxy calls the method named after the RPC, passing its context.
     async def ServerLive(self, request: pb.ServerLiveRequest, grpc_context: Any) -> Any:
-        return await self._grpc.server_live(request, grpc_context)
+        with self._load.request():
+            return await self._grpc.server_live(request, grpc_context)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, grpc_context: Any) -> Any:
-        return await self._grpc.server_ready(request, grpc_context)
+        with self._load.request():
+            return await self._grpc.server_ready(request, grpc_context)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, grpc_context: Any) -> Any:
-        return await self._grpc.model_ready(request, grpc_context)
+        with self._load.request():
+            return await self._grpc.model_ready(request, grpc_context)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, grpc_context: Any) -> Any:
-        return await self._grpc.server_metadata(request, grpc_context)
+        with self._load.request():
+            return await self._grpc.server_metadata(request, grpc_context)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, grpc_context: Any) -> Any:
-        return await self._grpc.model_metadata(request, grpc_context)
+        with self._load.request():
+            return await self._grpc.model_metadata(request, grpc_context)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context: Any) -> Any:
-        return await self._grpc.model_infer(request, grpc_context)
+        with self._load.request():
+            return await self._grpc.model_infer(request, grpc_context)
 
 
 def _actor_options(device: DeviceClass) -> dict[str, Any]:
@@ -167,4 +181,11 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     """
     options = {k: v for k, v in args.items() if k in {"replicas", "shadow_fraction"}}
     config = GatewayConfig.create(args["repository"], args.get("device_classes_file"), **options)
-    return build_app(config)
+    # Serve builds the app inside the cluster: a class it cannot host (no GPU) is left out
+    # rather than leaving the application waiting forever for resources.
+    if not ray.is_initialized():
+        return build_app(config)
+    served, skipped = servable_device_classes(config, ray.cluster_resources())
+    for name, reason in skipped.items():
+        logger.warning("device class %s is not served: %s", name, reason)
+    return build_app(config, served[1:])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rich.console import Console
 
@@ -20,7 +21,24 @@ from gearbox.compression import (
     resolve_recipes,
 )
 from gearbox.compression.pipeline import DEFAULT_MAX_ACCURACY_DROP
+from gearbox.serving.config import (
+    GRPC_PORT,
+    HTTP_PORT,
+    METRICS_PORT,
+    BatchingConfig,
+    GatewayConfig,
+)
 from gearbox.serving.console import RichProgress, rejected_reasons, variant_table
+from gearbox.serving.demo import report_table, run_workload
+from gearbox.serving.server import (
+    Endpoints,
+    check_port_free,
+    check_repository,
+    serve_was_running,
+    start_gateway,
+    stop_gateway,
+    until_stopped,
+)
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -34,6 +52,83 @@ def _fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
     return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True) -> None:
+    command.add_argument("--http-port", type=_port, default=HTTP_PORT, metavar="PORT")
+    command.add_argument("--grpc-port", type=_port, default=GRPC_PORT, metavar="PORT")
+    command.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=METRICS_PORT,
+        metavar="PORT",
+        help="Prometheus export port of the local Ray this starts (a joined cluster keeps "
+        "its own: the ports are printed)",
+    )
+    if address:
+        command.add_argument(
+            "--address",
+            metavar="RAY",
+            help="Ray cluster to join ('auto': the one on this machine; default: start one)",
+        )
+    command.add_argument(
+        "--device-classes", metavar="FILE", help="YAML file of device classes (default: cpu)"
+    )
+    command.add_argument(
+        "--replicas", type=_positive_int, default=1, metavar="N", help="gateway replicas"
+    )
+    command.add_argument(
+        "--max-batch-size", type=_positive_int, default=BatchingConfig.max_batch_size,
+        metavar="ROWS", help="rows per dynamic batch",
+    )  # fmt: skip
+    command.add_argument(
+        "--max-batch-wait-ms", type=_non_negative, default=BatchingConfig.max_wait_ms,
+        metavar="MS", help="how long a batch may wait for more requests (default 0)",
+    )  # fmt: skip
+    command.add_argument(
+        "--max-queue", type=_positive_int, default=BatchingConfig.max_queue, metavar="N",
+        help="requests admitted per variant and device class before 429 / RESOURCE_EXHAUSTED",
+    )  # fmt: skip
+
+
+def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    return GatewayConfig.create(
+        args.repo,
+        args.device_classes,
+        replicas=args.replicas,
+        batching=BatchingConfig(
+            max_batch_size=args.max_batch_size,
+            max_wait_ms=args.max_batch_wait_ms,
+            max_queue=args.max_queue,
+        ),
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +161,29 @@ def _parser() -> argparse.ArgumentParser:
     compress_cmd.add_argument(
         "--address", metavar="RAY", help="Ray cluster to use ('auto': the one on this machine)"
     )
+
+    serve_cmd = commands.add_parser(
+        "serve", help="serve a repository over OIP v2 (HTTP and gRPC) until Ctrl-C"
+    )
+    serve_cmd.add_argument("--repo", required=True, metavar="DIR", help="model repository")
+    _add_gateway_options(serve_cmd)
+
+    demo_cmd = commands.add_parser(
+        "demo", help="compress the digits example, serve it, drive a mixed-budget workload"
+    )
+    demo_cmd.add_argument(
+        "--repo", default="demo-repo", metavar="DIR", help="repository (default: demo-repo)"
+    )
+    demo_cmd.add_argument("--exit", action="store_true", help="stop after the report")
+    demo_cmd.add_argument(
+        "--reuse",
+        action="store_true",
+        help="serve what the repository already holds instead of compressing again",
+    )
+    demo_cmd.add_argument(
+        "--requests", type=_positive_int, default=60, metavar="N", help="requests per budget"
+    )
+    _add_gateway_options(demo_cmd, address=False)
 
     variants_cmd = commands.add_parser("variants", help="show a repository's variants")
     variants_cmd.add_argument("--repo", required=True, metavar="DIR", help="model repository")
@@ -101,6 +219,101 @@ def _compress(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
+def _check_ports(args: argparse.Namespace, address: str | None) -> None:
+    check_port_free(args.http_port, "http")
+    check_port_free(args.grpc_port, "grpc")
+    if address is None:
+        check_port_free(args.metrics_port, "metrics")
+
+
+def _print_endpoints(out: Console, endpoints: Endpoints, models: list[str]) -> None:
+    out.print(
+        f"gearbox: serving {', '.join(models)} on device class(es) "
+        f"{', '.join(endpoints.device_classes)}",
+        highlight=False,
+    )
+    for name, reason in endpoints.skipped_device_classes.items():
+        out.print(f"  device class {name} is not served: {reason}", highlight=False)
+    out.print(f"  HTTP     {endpoints.http}  (OIP v2, e.g. POST /v2/models/{models[0]}/infer)")
+    out.print(f"  gRPC     {endpoints.grpc}  (inference.GRPCInferenceService)")
+    for url in endpoints.metrics or ("(the Ray nodes export no metrics port)",):
+        out.print(f"  metrics  {url}")
+
+
+def _serve_until_stopped(
+    out: Console, stop: threading.Event, started_serve: bool, on_ready: Callable[[], None]
+) -> None:
+    """Runs ``on_ready`` then blocks until Ctrl-C or SIGTERM; always drains what it started."""
+    try:
+        on_ready()
+        if not stop.is_set():
+            out.print("ready; Ctrl-C or SIGTERM stops", highlight=False)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        out.print("gearbox: draining and stopping", highlight=False)
+        stop_gateway(started_serve)
+
+
+def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
+    models = check_repository(args.repo)
+    config = _gateway_config(args)
+    _check_ports(args, args.address)
+    with ray_session(args.address, metrics_port=args.metrics_port), until_stopped() as stop:
+        started_serve = not serve_was_running()
+
+        def start() -> None:
+            endpoints = start_gateway(config, args.http_port, args.grpc_port)
+            _print_endpoints(out, endpoints, models)
+
+        _serve_until_stopped(out, stop, started_serve, start)
+    return 0
+
+
+def _demo(args: argparse.Namespace, out: Console, err: Console) -> int:
+    _check_ports(args, None)
+    spec = load_spec(EXAMPLES["digits"])
+    repository = ModelRepository(args.repo)
+    repository.ensure_writable()
+    with ray_session(None, metrics_port=args.metrics_port):
+        if args.reuse and spec.name in repository.models():
+            manifests = repository.variants(spec.name)
+        else:
+            with RichProgress(err) as progress:
+                report = compress(spec, repository, resolve_recipes(None), progress=progress)
+            manifests = report.published
+        out.print(variant_table(spec.name, manifests))
+        for line in rejected_reasons(manifests):
+            out.print(line, highlight=False)
+        with until_stopped() as stop:
+            if args.exit:
+                stop.set()  # the report is the whole job
+            _serve_until_stopped(out, stop, True, lambda: _demo_report(args, out, spec.name))
+    return 0
+
+
+def _demo_report(args: argparse.Namespace, out: Console, model: str) -> None:
+    from gearbox.compression.examples.digits import load_splits
+
+    endpoints = start_gateway(_gateway_config(args), args.http_port, args.grpc_port)
+    _print_endpoints(out, endpoints, [model])
+    heldout = load_splits().heldout
+    assert heldout.labels is not None
+    reports = run_workload(
+        endpoints.http,
+        endpoints.grpc,
+        heldout.inputs["images"],
+        heldout.labels,
+        requests_per_budget=args.requests,
+    )
+    out.print(report_table(reports))
+    out.print(
+        "Budgets are checked against the time inside the gateway replica; "
+        f"metrics of every replica: {', '.join(endpoints.metrics)}",
+        highlight=False,
+    )
+
+
 def _variants(args: argparse.Namespace, out: Console, err: Console) -> int:
     repository = ModelRepository(args.repo)
     models = [args.model] if args.model else repository.models()
@@ -114,7 +327,7 @@ def _variants(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
-COMMANDS = {"compress": _compress, "variants": _variants}
+COMMANDS = {"compress": _compress, "serve": _serve, "demo": _demo, "variants": _variants}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

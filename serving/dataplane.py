@@ -46,6 +46,7 @@ from gearbox.serving.router import (
 )
 
 PLATFORM = "onnxruntime_onnx"
+OVERHEAD_SMOOTHING = 0.1
 EXTENSIONS = ("binary_tensor_data", "parameters", "gearbox_routing", "gearbox_variants")
 
 
@@ -142,6 +143,7 @@ class DataPlane:
         self._estimator = estimator or LatencyEstimator()
         self._shadow_fraction = shadow_fraction
         self._shadow_credit = 0.0
+        self._overhead_ms = 0.0
         self._background: set[asyncio.Task[None]] = set()
         self._models: dict[str, _ServedModel] = {}
         for name, entry in catalog.models.items():
@@ -171,6 +173,7 @@ class DataPlane:
                 list(self._backends),
                 _ModelEstimator(self._estimator, name),
                 lambda _variant, device: self._backends[device].depth(),
+                lambda: self._overhead_ms,
             )
         return _ServedModel(entry, router, agreement)
 
@@ -251,8 +254,11 @@ class DataPlane:
             route = router.choose(routing, request.version)
             variant, device = route.variant, route.device_class
             self._metrics.variant_selected(request.model, variant, route.reason)
-            outputs = await self._run(request.model, route, inputs)
+            outputs, service_ms = await self._run(request.model, route, inputs)
             observed_ms = (time.perf_counter() - started) * 1000
+            self._overhead_ms += OVERHEAD_SMOOTHING * (
+                max(observed_ms - service_ms, 0.0) - self._overhead_ms
+            )
             budget = routing.latency_budget_ms
             met = budget is None or observed_ms <= budget
             if budget is not None:
@@ -285,7 +291,10 @@ class DataPlane:
                 time.perf_counter() - started,
             )  # fmt: skip
 
-    async def _run(self, model: str, route: Route, inputs: dict[str, np.ndarray]) -> dict:
+    async def _run(
+        self, model: str, route: Route, inputs: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """The variant's outputs and the time spent waiting for and running it, in ms."""
         backend = self._backends[route.device_class]
         self._metrics.inflight(model, route.device_class, 1)
         started = time.perf_counter()
@@ -293,10 +302,14 @@ class DataPlane:
             result = await backend.infer(model, route.variant, inputs)
         finally:
             self._metrics.inflight(model, route.device_class, -1)
-        # Queue time is left out: the prediction multiplies by the queue depth instead.
-        service_ms = (time.perf_counter() - started - result.queue_s) * 1000
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        # The estimate tracks the run itself, like the manifest figures that seed it: queueing
+        # enters the prediction through the queue depth, the gateway's overhead separately.
+        # A remote device class also pays the hop, so it is charged its whole round trip.
+        local = route.device_class == next(iter(self._backends))
+        service_ms = result.service_s * 1000 if local else elapsed_ms - result.queue_s * 1000
         self._estimator.observe(variant_key(model, route.variant), route.device_class, service_ms)
-        return result.outputs
+        return result.outputs, elapsed_ms
 
     def _maybe_shadow(
         self,

@@ -7,7 +7,8 @@ the replicas of another device class (a GPU pool, say) through a Ray Serve handl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,6 +63,25 @@ def load_session(
     return device.create_session(repository.read_artifact(manifest))
 
 
+class ReplicaLoad:
+    """Requests inside this replica, counted from the moment its adapter first sees them."""
+
+    def __init__(self) -> None:
+        self.active = 0
+
+    def idle(self) -> bool:
+        """True when the request asking is the only one in flight."""
+        return self.active <= 1
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
 class LocalBackend:
     """Every ready variant of the given models, in sessions on this process's device class."""
 
@@ -72,6 +92,7 @@ class LocalBackend:
         device: DeviceClass,
         batching: BatchingConfig,
         on_batch: Callable[[str, str, int], None] | None = None,
+        load: ReplicaLoad | None = None,
     ) -> None:
         self.device_class = device.name
         self._batchers: dict[tuple[str, str], DynamicBatcher] = {}
@@ -84,6 +105,7 @@ class LocalBackend:
                 runner,
                 batching,
                 on_batch=_bind(on_batch, manifest.model, manifest.variant),
+                replica_idle=load.idle if load is not None else None,
             )
 
     @property

@@ -6,6 +6,7 @@ wire format into them and back, so both protocols share one validated code path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -125,7 +126,9 @@ def checked_shape(name: str, shape: object) -> tuple[int, ...]:
 
 
 def _element_count(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    # Python integers: a hostile shape must fail the size check, not overflow int64 (to an
+    # OverflowError, or to a wrapped count that an empty payload matches).
+    return math.prod(shape)
 
 
 def tensor_from_values(name: str, datatype: str, shape: object, values: object) -> Tensor:

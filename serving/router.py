@@ -5,7 +5,8 @@ Per request: candidates are the ready variants on the allowed device classes tha
 fits wins; if none fits, the fastest answers and ``budget_met`` turns false. Without a budget the
 reference variant answers. A ``routing_key`` turns the choice among the fitting candidates into a
 sticky A/B assignment. Predicted latency = live service-time estimate x (1 + requests queued
-ahead), per variant x device class, seeded from the manifest's profile.
+ahead), per variant x device class, seeded from the manifest's profile, plus the gateway's own
+measured per-request overhead (the same for every variant, so it never changes the order).
 
 The router runs inside the gateway replica, so choosing costs no extra Ray Serve hop.
 """
@@ -161,6 +162,7 @@ class Router:
         device_classes: Sequence[str],
         estimator: LatencyEstimator,
         queue_depth: QueueDepth,
+        overhead_ms: Callable[[], float] = lambda: 0.0,
     ) -> None:
         if not variants:
             raise InvalidArgumentError(f"model '{model}' has no ready variant to route to")
@@ -169,6 +171,7 @@ class Router:
         self._device_classes = tuple(device_classes)
         self._estimator = estimator
         self._queue_depth = queue_depth
+        self._overhead_ms = overhead_ms
 
     @property
     def device_classes(self) -> tuple[str, ...]:
@@ -176,7 +179,8 @@ class Router:
 
     def predicted_ms(self, variant: str, device_class: str) -> float:
         waiting = self._queue_depth(variant, device_class)
-        return self._estimator.service_ms(variant, device_class) * (1 + waiting)
+        service = self._estimator.service_ms(variant, device_class)
+        return self._overhead_ms() + service * (1 + waiting)
 
     def choose(self, routing: RoutingRequest, pinned: str = "") -> Route:
         devices = self._allowed_devices(routing)

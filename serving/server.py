@@ -41,6 +41,9 @@ class Endpoints:
 def check_port_free(port: int, what: str) -> None:
     """Fail with a clear line now rather than with a proxy that never becomes healthy."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As the servers themselves do: a port whose last connections linger in TIME_WAIT
+        # after a previous run is free to listen on.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((LOOPBACK, port))
         except OSError:

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import ray
 
+from gearbox.compression import ModelRepository
+
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 NODE_OBJECT_STORE_BYTES = 300 * 1024 * 1024
@@ -113,3 +115,16 @@ def run_gearbox(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subproces
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def digits_repository(
+    ray_address: str, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ModelRepository, subprocess.CompletedProcess]:
+    """The full built-in example, compressed once through the CLI on the cluster (~80 s):
+    checked by the compression tests, served by the serving tests."""
+    repo = tmp_path_factory.mktemp("digits") / "repo"
+    result = run_gearbox(
+        "compress", "--example", "digits", "--repo", str(repo), "--address", ray_address
+    )
+    return ModelRepository(repo), result

@@ -142,14 +142,10 @@ def test_cli_export_failure_is_one_error_line_and_writes_nothing(ray_address, tm
 
 @pytest.mark.slow
 def test_digits_example_reaches_its_quality_and_every_variant_passes_the_gate(
-    ray_address, tmp_path
+    digits_repository,
 ):
-    repo = tmp_path / "repo"
-    result = run_gearbox(
-        "compress", "--example", "digits", "--repo", str(repo), "--address", ray_address
-    )
+    repository, result = digits_repository
     assert result.returncode == 0, result.stderr
-    repository = ModelRepository(repo)
     manifests = {m.variant: m for m in repository.variants("digits")}
     assert sorted(manifests) == ["distilled", "fp32", "int8", "pruned"]
     assert all(m.status == "ready" for m in manifests.values())

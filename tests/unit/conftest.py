@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import ray
 
+# The serving tests' tiny repository and data plane (see serving_fixtures.py).
+from tests.unit.serving_fixtures import served, tiny_repository  # noqa: F401
+
 
 def _refuse_ray(*args, **kwargs):
     raise AssertionError("unit tests must not start Ray")

@@ -1,0 +1,414 @@
+"""`gearbox serve` on the two-node cluster, driven by real HTTP and gRPC clients.
+
+The gateway runs as the real console script; clients are `requests` and the unmodified
+`tritonclient.http` / `tritonclient.grpc` (no Ray-specific headers or metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import requests
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from gearbox.compression import CORE_RECIPES, ModelRepository, compress, load_spec
+from gearbox.compression.examples.digits import load_splits
+from tests.integration.conftest import ROOT, _free_port
+
+MODEL = "digits"
+GATED = "blind-student"  # its distilled variant is rejected by the accuracy gate
+
+
+@dataclass(frozen=True)
+class Gateway:
+    http: str
+    grpc: str
+    repository: ModelRepository
+    process: subprocess.Popen
+
+
+@pytest.fixture(scope="module")
+def repository(digits_repository) -> ModelRepository:
+    """The full digits example (variants far apart in latency) plus a gated model."""
+    repo, result = digits_repository
+    assert result.returncode == 0, result.stderr
+    compress(load_spec("tests.fixtures.specs:blind_student_digits"), repo, CORE_RECIPES)
+    assert not repo.manifest(GATED, "distilled").is_ready
+    return repo
+
+
+@pytest.fixture(scope="module")
+def gateway(ray_address, repository, tmp_path_factory) -> Iterator[Gateway]:
+    classes = tmp_path_factory.mktemp("config") / "device_classes.yaml"
+    classes.write_text(
+        "device_classes:\n"
+        "  - {name: cpu, ray_resources: {CPU: 0.5}}\n"
+        "  - {name: cpu-remote, ray_resources: {CPU: 0.25}}\n"
+        "  - {name: gpu, execution_provider: CUDAExecutionProvider, ray_resources: {GPU: 1}}\n"
+    )
+    http_port, grpc_port = _free_port(), _free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("gearbox")),
+            "serve",
+            "--repo",
+            str(repository.root),
+            "--address",
+            ray_address,
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(grpc_port),
+            "--device-classes",
+            str(classes),
+            "--max-queue",
+            "2",
+        ],
+        cwd=ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    gateway = Gateway(
+        f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", repository, process
+    )
+    try:
+        _wait_ready(gateway, log)
+        yield gateway
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+        output = log.read_text()
+        assert code == 0, output
+        assert "draining and stopping" in output
+
+
+def _wait_ready(gateway: Gateway, log: Path) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if gateway.process.poll() is not None:
+            pytest.fail(f"gearbox serve exited early:\n{log.read_text()}")
+        try:
+            if requests.get(f"{gateway.http}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    pytest.fail(f"gateway never became ready:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    heldout = load_splits().heldout
+    return heldout.inputs["images"][:64], heldout.labels[:64]
+
+
+def _body(image: np.ndarray, **parameters: object) -> dict:
+    return {
+        "inputs": [
+            {"name": "images", "datatype": "FP32", "shape": list(image.shape),
+             "data": image.ravel().tolist()}
+        ],
+        "parameters": parameters,
+    }  # fmt: skip
+
+
+def _infer(gateway: Gateway, image: np.ndarray, version: str = "", model: str = MODEL, **params):
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+    return requests.post(gateway.http + path, json=_body(image, **params), timeout=30)
+
+
+def test_startup_prints_endpoints_and_skips_the_gpu_class(gateway):
+    assert gateway.process.poll() is None
+
+
+def test_every_http_endpoint(gateway, digits):
+    get = lambda path: requests.get(gateway.http + path, timeout=10)  # noqa: E731
+    assert get("/v2/health/live").json() == {"live": True}
+    assert get("/v2/health/ready").json() == {"ready": True}
+    server = get("/v2").json()
+    assert server["name"] == "gearbox" and "binary_tensor_data" in server["extensions"]
+
+    metadata = get(f"/v2/models/{MODEL}").json()
+    assert metadata["versions"] == ["distilled", "fp32", "int8", "pruned"]
+    assert metadata["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    gated_ready = sorted(_ready_manifests(gateway, GATED))
+    assert get(f"/v2/models/{GATED}").json()["versions"] == gated_ready
+    assert get(f"/v2/models/{MODEL}/ready").json() == {"name": MODEL, "ready": True}
+
+    version = get(f"/v2/models/{MODEL}/versions/int8").json()
+    assert version["versions"] == ["int8"]
+    assert version["parameters"]["technique"] == "quantize"
+    assert (
+        version["parameters"]["size_bytes"] == gateway.repository.manifest(MODEL, "int8").size_bytes
+    )
+    assert get(f"/v2/models/{MODEL}/versions/int8/ready").status_code == 200
+    rejected = get(f"/v2/models/{GATED}/versions/distilled/ready")
+    assert rejected.status_code == 503 and rejected.json()["ready"] is False
+
+    variants = get(f"/v2/models/{GATED}/variants").json()["variants"]
+    assert {v["variant"]: v["served"] for v in variants} == {
+        m.variant: m.is_ready for m in gateway.repository.variants(GATED)
+    }
+    assert variants[0]["variant"] == "distilled" and variants[0]["served"] is False
+
+    images, _labels = digits
+    answer = _infer(gateway, images[:4])
+    assert answer.status_code == 200, answer.text
+    payload = answer.json()
+    logits = np.asarray(payload["outputs"][0]["data"]).reshape(payload["outputs"][0]["shape"])
+    assert logits.shape == (4, 10)
+    assert payload["model_version"] == payload["parameters"]["variant"]
+    pinned = requests.post(
+        f"{gateway.http}/v2/models/{MODEL}/versions/pruned/infer",
+        json=_body(images[:1]),
+        timeout=10,
+    )
+    assert pinned.json()["model_version"] == "pruned"
+
+
+def test_unmodified_triton_http_client(gateway, digits):
+    images, labels = digits
+    client = httpclient.InferenceServerClient(url=gateway.http.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "int8")
+    assert not client.is_model_ready(GATED, "distilled")
+    assert client.get_model_metadata(MODEL)["platform"] == "onnxruntime_onnx"
+
+    tensor = httpclient.InferInput("images", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images, binary_data=True)
+    result = client.infer(MODEL, [tensor], model_version="fp32")
+    logits = result.as_numpy("logits")
+    assert logits.shape == (len(images), 10)
+    assert (logits.argmax(axis=1) == labels).mean() > 0.8
+    assert result.get_response()["model_version"] == "fp32"
+
+    routed = client.infer(MODEL, [tensor], parameters={"latency_budget_ms": 10000})
+    assert routed.get_response()["parameters"]["budget_met"] is True
+
+
+def test_unmodified_triton_grpc_client(gateway, digits):
+    images, labels = digits
+    client = grpcclient.InferenceServerClient(url=gateway.grpc)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL) and not client.is_model_ready(GATED, "distilled")
+    assert client.get_server_metadata().name == "gearbox"
+    metadata = client.get_model_metadata(MODEL)
+    assert list(metadata.versions) == ["distilled", "fp32", "int8", "pruned"]
+
+    tensor = grpcclient.InferInput("images", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)  # raw_input_contents
+    result = client.infer(MODEL, [tensor], model_version="int8")
+    assert result.get_response().model_version == "int8"
+    assert (result.as_numpy("logits").argmax(axis=1) == labels).mean() > 0.8
+
+    http_logits = np.asarray(
+        _infer(gateway, images, version="int8").json()["outputs"][0]["data"]
+    ).reshape(len(images), 10)
+    np.testing.assert_allclose(result.as_numpy("logits"), http_logits, rtol=1e-5, atol=1e-5)
+
+    routed = client.infer(
+        MODEL, [tensor], parameters={"latency_budget_ms": 10000.0, "routing_key": "user-7"}
+    )
+    parameters = routed.get_response().parameters
+    assert parameters["variant"].string_param == routed.get_response().model_version
+    assert parameters["budget_met"].bool_param is True
+
+
+def _ready_manifests(gateway: Gateway, model: str = MODEL) -> dict:
+    return {m.variant: m for m in gateway.repository.variants(model) if m.is_ready}
+
+
+def test_generous_budget_is_answered_by_the_highest_quality_variant(gateway, digits):
+    manifests = _ready_manifests(gateway)
+    best = max(m.quality.value for m in manifests.values())
+    for _ in range(5):
+        payload = _infer(gateway, digits[0][:1], latency_budget_ms=60_000).json()
+        assert manifests[payload["parameters"]["variant"]].quality.value == best
+        assert payload["parameters"]["budget_met"] is True
+
+
+def test_no_budget_is_answered_by_the_reference_variant(gateway, digits):
+    payload = _infer(gateway, digits[0][:1]).json()
+    assert payload["parameters"]["variant"] == "fp32"
+
+
+def test_tight_budget_is_answered_by_a_faster_variant_and_reported_missed(gateway, digits):
+    manifests = _ready_manifests(gateway)
+    reference_p50 = manifests["fp32"].latency_ms["cpu"]["1"]["p50"]
+    for _ in range(5):
+        payload = _infer(gateway, digits[0][:1], latency_budget_ms=1e-6).json()
+        parameters = payload["parameters"]
+        chosen = manifests[parameters["variant"]]
+        assert chosen.latency_ms["cpu"]["1"]["p50"] < reference_p50
+        assert parameters["budget_met"] is False
+        assert parameters["latency_ms"] > 1e-6
+
+
+def test_budget_met_is_the_truth_about_the_observed_latency(gateway, digits):
+    for budget in (0.05, 0.5, 2.0, 20.0):
+        parameters = _infer(gateway, digits[0][:1], latency_budget_ms=budget).json()["parameters"]
+        assert parameters["budget_met"] == (parameters["latency_ms"] <= budget)
+
+
+def test_a_pinned_version_serves_that_variant_whatever_the_budget(gateway, digits):
+    for variant in ("fp32", "int8", "pruned", "distilled"):
+        payload = _infer(gateway, digits[0][:1], version=variant, latency_budget_ms=1e-6).json()
+        assert payload["model_version"] == variant
+        assert payload["parameters"]["variant"] == variant
+
+
+def test_unknown_model_and_variant_are_not_found(gateway, digits):
+    image = digits[0][:1]
+    assert _infer(gateway, image, model="nope").status_code == 404
+    missing = _infer(gateway, image, version="nope")
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]
+    rejected = _infer(gateway, image, version="distilled", model=GATED)
+    assert rejected.status_code == 404 and "rejected" in rejected.json()["error"]
+    assert requests.get(f"{gateway.http}/v2/models/nope", timeout=10).status_code == 404
+
+    client = grpcclient.InferenceServerClient(url=gateway.grpc)
+    tensor = grpcclient.InferInput("images", [1, 1, 8, 8], "FP32")
+    tensor.set_data_from_numpy(image)
+    for model, version in (("nope", ""), (MODEL, "nope"), (GATED, "distilled")):
+        with pytest.raises(InferenceServerException) as error:
+            client.infer(model, [tensor], model_version=version)
+        assert "NOT_FOUND" in str(error.value.status())
+
+
+MALFORMED_HTTP = [
+    ("wrong datatype", {"inputs": [{"name": "images", "datatype": "INT32", "shape": [1, 1, 8, 8],
+                                    "data": [0] * 64}]}, "INT32"),
+    ("shape/data mismatch", {"inputs": [{"name": "images", "datatype": "FP32",
+                                         "shape": [1, 1, 8, 8], "data": [0.0] * 63}]}, "63"),
+    ("missing input", {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 8, 8],
+                                   "data": [0.0] * 64}]}, "images"),
+    ("non-numeric budget", {**_body(np.zeros((1, 1, 8, 8), np.float32)),
+                            "parameters": {"latency_budget_ms": "soon"}}, "latency_budget_ms"),
+    ("unknown device class", {**_body(np.zeros((1, 1, 8, 8), np.float32)),
+                              "parameters": {"device_class": "tpu"}}, "tpu"),
+    ("not json", b"{inputs: nope", "JSON"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "named"), MALFORMED_HTTP, ids=[c[0] for c in MALFORMED_HTTP]
+)
+def test_malformed_http_request_is_400_and_the_gateway_keeps_serving(
+    gateway, digits, case, body, named
+):
+    url = f"{gateway.http}/v2/models/{MODEL}/infer"
+    if isinstance(body, bytes):
+        answer = requests.post(url, data=body, timeout=10)
+    else:
+        answer = requests.post(url, json=body, timeout=10)
+    assert answer.status_code == 400, answer.text
+    assert named in answer.json()["error"]
+    assert _infer(gateway, digits[0][:1]).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("datatype", "shape", "parameters", "named"),
+    [
+        ("INT32", [1, 1, 8, 8], {}, "INT32"),
+        ("FP32", [1, 1, 8, 9], {}, "shape"),
+        ("FP32", [1, 1, 8, 8], {"latency_budget_ms": "soon"}, "latency_budget_ms"),
+        ("FP32", [1, 1, 8, 8], {"device_class": "tpu"}, "tpu"),
+    ],
+)
+def test_malformed_grpc_request_is_invalid_argument_and_the_gateway_keeps_serving(
+    gateway, digits, datatype, shape, parameters, named
+):
+    client = grpcclient.InferenceServerClient(url=gateway.grpc)
+    data = np.zeros(shape, dtype=np.int32 if datatype == "INT32" else np.float32)
+    tensor = grpcclient.InferInput("images", shape, datatype)
+    tensor.set_data_from_numpy(data)
+    with pytest.raises(InferenceServerException) as error:
+        client.infer(MODEL, [tensor], parameters=parameters)
+    assert "INVALID_ARGUMENT" in str(error.value.status())
+    assert named in error.value.message()
+    good = grpcclient.InferInput("images", [1, 1, 8, 8], "FP32")
+    good.set_data_from_numpy(digits[0][:1])
+    assert client.infer(MODEL, [good]).as_numpy("logits").shape == (1, 10)
+
+
+def test_device_classes_route_to_their_own_replicas(gateway, digits):
+    remote = _infer(gateway, digits[0][:2], device_class="cpu-remote").json()
+    assert remote["parameters"]["device_class"] == "cpu-remote"
+    local = _infer(gateway, digits[0][:2], version=remote["model_version"], device_class="cpu")
+    np.testing.assert_allclose(
+        remote["outputs"][0]["data"], local.json()["outputs"][0]["data"], rtol=1e-5, atol=1e-6
+    )
+    unserved = _infer(gateway, digits[0][:1], device_class="gpu")
+    assert unserved.status_code == 503 and "gpu" in unserved.json()["error"]
+
+
+def test_overload_is_429_not_an_unbounded_queue(gateway, digits):
+    images = digits[0]
+    with ThreadPoolExecutor(24) as pool:
+        codes = list(
+            pool.map(lambda _: _infer(gateway, images, version="fp32").status_code, range(96))
+        )
+    assert set(codes) <= {200, 429}
+    assert 429 in codes and 200 in codes
+    assert _infer(gateway, images[:1]).status_code == 200
+
+
+def _scrape(pattern: str) -> float:
+    total = 0.0
+    for node in ray.nodes():
+        if not node["Alive"] or not node.get("MetricsExportPort"):
+            continue
+        url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        for line in text.splitlines():
+            if re.match(pattern, line):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_count_requests_per_variant_over_http(gateway, digits):
+    # Only this test sends successful requests to the gated model, so its counts start at 0.
+    def counted(variant: str) -> str:
+        labels = f'[^}}]*code="ok"[^}}]*model="{GATED}"[^}}]*variant="{variant}"'
+        return r"ray_gearbox_requests_total\{" + labels
+
+    sent = {"fp32": 7, "int8": 4}
+    for variant, count in sent.items():
+        for _ in range(count):
+            assert _infer(gateway, digits[0][:1], version=variant, model=GATED).status_code == 200
+    deadline = time.monotonic() + 60
+    while True:
+        seen = {v: _scrape(counted(v)) for v in sent}
+        if all(seen[v] >= sent[v] for v in sent):
+            break
+        assert time.monotonic() < deadline, f"metrics did not arrive: {seen}"
+        time.sleep(2)
+    assert seen == sent
+    assert _scrape(rf'ray_gearbox_variant_quality\{{[^}}]*model="{MODEL}"') > 0
+    assert _scrape(r"ray_gearbox_variant_selected_total\{") > 0
+    assert _scrape(r"ray_gearbox_request_latency_seconds_count\{") > 0
+
+
+def test_variants_extension_reports_live_predictions(gateway):
+    rows = requests.get(f"{gateway.http}/v2/models/{MODEL}/variants", timeout=10).json()
+    served = [row for row in rows["variants"] if row["served"]]
+    assert {row["variant"] for row in served} == {"fp32", "int8", "pruned", "distilled"}
+    for row in served:
+        assert set(row["predicted_latency_ms"]) == {"cpu", "cpu-remote"}
+        assert json.dumps(row)  # plain JSON all the way down

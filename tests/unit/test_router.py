@@ -1,0 +1,370 @@
+"""The routing rule of DESIGN.md §6: parameters, candidates, budget, queue, stickiness."""
+
+from __future__ import annotations
+
+import pytest
+
+from gearbox.compression.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from gearbox.serving.router import (
+    LatencyEstimator,
+    Reason,
+    Router,
+    RoutingRequest,
+    VariantChoice,
+)
+
+KNOWN = ("cpu", "gpu")
+
+# quality, is_reference, cpu service ms
+FP32 = VariantChoice("fp32", 0.90, is_reference=True)
+INT8 = VariantChoice("int8", 0.88)
+SMALL = VariantChoice("small", 0.80)
+SEEDS = {"fp32": 4.0, "int8": 1.0, "small": 0.25}
+
+
+class Depths:
+    """A queue-depth function the test sets by hand."""
+
+    def __init__(self) -> None:
+        self.depths: dict[tuple[str, str], int] = {}
+
+    def __call__(self, variant: str, device_class: str) -> int:
+        return self.depths.get((variant, device_class), 0)
+
+
+def make_router(
+    variants=(FP32, INT8, SMALL),
+    seeds=None,
+    device_classes=("cpu",),
+    depths=None,
+):
+    estimator = LatencyEstimator()
+    for device, by_variant in (seeds or {"cpu": SEEDS}).items():
+        for variant, ms in by_variant.items():
+            estimator.seed(variant, device, ms)
+    return Router("tiny", list(variants), list(device_classes), estimator, depths or Depths())
+
+
+def budget(ms, **extra):
+    return RoutingRequest.from_parameters({"latency_budget_ms": ms, **extra}, KNOWN)
+
+
+# --- RoutingRequest.from_parameters ---------------------------------------------------------
+
+
+def test_no_parameters_mean_no_constraint():
+    routing = RoutingRequest.from_parameters({}, KNOWN)
+    assert routing == RoutingRequest(None, None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(5, 5.0), (2.5, 2.5), ("2.5", 2.5), ("10", 10.0), (" 3 ", 3.0)]
+)
+def test_budget_accepts_numbers_and_numeric_strings(value, expected):
+    routing = RoutingRequest.from_parameters({"latency_budget_ms": value}, KNOWN)
+    assert routing.latency_budget_ms == expected
+    assert isinstance(routing.latency_budget_ms, float)
+
+
+@pytest.mark.parametrize("value", ["fast", "", "1ms", "nan", "inf"])
+def test_non_numeric_budget_names_the_parameter(value):
+    with pytest.raises(InvalidArgumentError, match="latency_budget_ms"):
+        RoutingRequest.from_parameters({"latency_budget_ms": value}, KNOWN)
+
+
+@pytest.mark.parametrize("value", [0, -1, -0.5, "0", "-3"])
+def test_budget_must_be_positive(value):
+    with pytest.raises(InvalidArgumentError, match="latency_budget_ms must be positive"):
+        RoutingRequest.from_parameters({"latency_budget_ms": value}, KNOWN)
+
+
+@pytest.mark.parametrize("name", ["latency_budget_ms", "min_quality"])
+@pytest.mark.parametrize("value", [True, False])
+def test_booleans_are_not_numbers(name, value):
+    with pytest.raises(InvalidArgumentError, match=name):
+        RoutingRequest.from_parameters({name: value}, KNOWN)
+
+
+def test_min_quality_is_read_as_a_number():
+    assert RoutingRequest.from_parameters({"min_quality": "0.85"}, KNOWN).min_quality == 0.85
+    with pytest.raises(InvalidArgumentError, match="min_quality"):
+        RoutingRequest.from_parameters({"min_quality": "high"}, KNOWN)
+
+
+def test_device_class_lists_are_split_trimmed_and_deduplicated():
+    routing = RoutingRequest.from_parameters({"device_class": " gpu, cpu,gpu,"}, KNOWN)
+    assert routing.device_classes == ("gpu", "cpu")
+    assert RoutingRequest.from_parameters({"device_class": "cpu"}, KNOWN).device_classes == ("cpu",)
+    assert RoutingRequest.from_parameters({"device_class": ""}, KNOWN).device_classes is None
+
+
+def test_unknown_device_class_lists_the_known_ones():
+    with pytest.raises(InvalidArgumentError) as caught:
+        RoutingRequest.from_parameters({"device_class": "cpu,tpu"}, KNOWN)
+    message = str(caught.value)
+    assert "'tpu'" in message
+    assert "known: cpu, gpu" in message
+
+
+@pytest.mark.parametrize("value", [",", 3, True])
+def test_device_class_must_name_something(value):
+    with pytest.raises(InvalidArgumentError, match=r"device.class"):
+        RoutingRequest.from_parameters({"device_class": value}, KNOWN)
+
+
+def test_routing_key_is_a_string():
+    assert RoutingRequest.from_parameters({"routing_key": "user-7"}, KNOWN).routing_key == "user-7"
+    assert RoutingRequest.from_parameters({"routing_key": 42}, KNOWN).routing_key == "42"
+    assert RoutingRequest.from_parameters({"routing_key": ""}, KNOWN).routing_key is None
+    for bad in (True, 1.5):
+        with pytest.raises(InvalidArgumentError, match="routing_key"):
+            RoutingRequest.from_parameters({"routing_key": bad}, KNOWN)
+
+
+# --- Router.choose -------------------------------------------------------------------------
+
+
+def test_generous_budget_gets_the_highest_quality():
+    route = make_router().choose(budget(1000))
+    assert (route.variant, route.device_class, route.reason) == ("fp32", "cpu", "within_budget")
+    assert route.predicted_ms == 4.0
+
+
+def test_quality_tie_goes_to_the_reference_then_to_the_faster():
+    twin = VariantChoice("fp32-twin", 0.90)
+    faster_twin = VariantChoice("fast-twin", 0.90)
+    seeds = {"cpu": {"fp32": 4.0, "fp32-twin": 0.5, "fast-twin": 0.4}}
+    router = make_router([twin, FP32, faster_twin], seeds)
+    assert router.choose(budget(1000)).variant == "fp32"
+
+    no_reference = make_router([twin, faster_twin], seeds)
+    assert no_reference.choose(budget(1000)).variant == "fast-twin"
+
+
+def test_tight_budget_gets_the_fastest_over_budget():
+    route = make_router().choose(budget(0.01))
+    assert (route.variant, route.reason) == ("small", Reason.FASTEST_OVER_BUDGET)
+    assert route.predicted_ms == 0.25
+
+
+@pytest.mark.parametrize(
+    ("ms", "variant"), [(4.0, "fp32"), (3.99, "int8"), (1.0, "int8"), (0.5, "small")]
+)
+def test_middle_budget_gets_the_best_that_fits(ms, variant):
+    route = make_router().choose(budget(ms))
+    assert (route.variant, route.reason) == (variant, Reason.WITHIN_BUDGET)
+
+
+def test_no_budget_gets_the_reference():
+    route = make_router().choose(RoutingRequest())
+    assert (route.variant, route.reason) == ("fp32", "reference")
+
+
+def test_no_budget_and_no_reference_gets_the_best_quality():
+    route = make_router([INT8, SMALL]).choose(RoutingRequest())
+    assert (route.variant, route.reason) == ("int8", Reason.REFERENCE)
+
+
+def test_pinned_variant_is_served_whatever_the_budget():
+    route = make_router().choose(budget(0.01), pinned="int8")
+    assert (route.variant, route.reason) == ("int8", Reason.PINNED)
+    assert make_router().choose(RoutingRequest(), pinned="small").variant == "small"
+
+
+def test_unknown_pinned_variant_is_not_found():
+    with pytest.raises(NotFoundError, match="'pruned'"):
+        make_router().choose(RoutingRequest(), pinned="pruned")
+
+
+def test_min_quality_filters_the_candidates():
+    router = make_router()
+    floor = RoutingRequest.from_parameters({"latency_budget_ms": 0.01, "min_quality": 0.85}, KNOWN)
+    route = router.choose(floor)
+    assert (route.variant, route.reason) == ("int8", Reason.FASTEST_OVER_BUDGET)
+    within = RoutingRequest.from_parameters({"latency_budget_ms": 2, "min_quality": 0.8}, KNOWN)
+    assert router.choose(within).variant == "int8"
+    # Without a budget the reference answers when it qualifies...
+    assert router.choose(RoutingRequest(min_quality=0.85)).variant == "fp32"
+    # ... and the best qualifying variant when it does not.
+    no_reference = make_router([INT8, SMALL])
+    assert no_reference.choose(RoutingRequest(min_quality=0.5)).variant == "int8"
+
+
+def test_unreachable_min_quality_is_invalid_and_says_the_best():
+    with pytest.raises(InvalidArgumentError, match=r"min_quality 0\.99 \(best: 0\.9000\)"):
+        make_router().choose(RoutingRequest(min_quality=0.99))
+
+
+def test_queue_depth_raises_the_prediction_until_a_loaded_variant_no_longer_fits():
+    depths = Depths()
+    router = make_router(depths=depths)
+    assert router.choose(budget(5)).variant == "fp32"
+
+    depths.depths[("fp32", "cpu")] = 1  # one ahead: 4 ms x 2
+    assert router.predicted_ms("fp32", "cpu") == 8.0
+    route = router.choose(budget(5))
+    assert (route.variant, route.predicted_ms) == ("int8", 1.0)
+
+    depths.depths[("int8", "cpu")] = 9  # 1 ms x 10
+    assert router.choose(budget(5)).variant == "small"
+
+    depths.depths.clear()
+    assert router.choose(budget(5)).variant == "fp32"
+
+
+def test_queue_depth_also_decides_the_fastest_over_budget():
+    depths = Depths()
+    depths.depths[("small", "cpu")] = 7  # 0.25 ms x 8 = 2 ms, slower than int8
+    route = make_router(depths=depths).choose(budget(0.01))
+    assert (route.variant, route.predicted_ms) == ("int8", 1.0)
+
+
+# --- sticky routing ------------------------------------------------------------------------
+
+
+def test_routing_key_is_sticky():
+    router = make_router()
+    keyed = {
+        key: router.choose(RoutingRequest(latency_budget_ms=1000, routing_key=key))
+        for key in (f"user-{i}" for i in range(60))
+    }
+    for key, route in keyed.items():
+        assert route.reason == Reason.ROUTING_KEY
+        again = router.choose(RoutingRequest(latency_budget_ms=1000, routing_key=key))
+        assert again.variant == route.variant
+    # An A/B split, not everyone on one variant.
+    assert len({route.variant for route in keyed.values()}) > 1
+
+
+def test_routing_key_only_picks_among_variants_that_fit():
+    router = make_router()
+    for i in range(30):
+        route = router.choose(RoutingRequest(latency_budget_ms=2, routing_key=f"user-{i}"))
+        assert route.variant in {"int8", "small"}
+
+
+def test_routing_key_without_budget_chooses_among_all_variants():
+    router = make_router()
+    chosen = {router.choose(RoutingRequest(routing_key=f"k{i}")).variant for i in range(60)}
+    assert chosen == {"fp32", "int8", "small"}
+
+
+def test_removing_a_variant_that_was_not_chosen_keeps_the_assignment():
+    full = make_router()
+    for i in range(40):
+        key = f"user-{i}"
+        routing = RoutingRequest(latency_budget_ms=1000, routing_key=key)
+        chosen = full.choose(routing).variant
+        others = [v for v in (FP32, INT8, SMALL) if v.variant != chosen]
+        for removed in others:
+            remaining = [v for v in (FP32, INT8, SMALL) if v is not removed]
+            assert make_router(remaining).choose(routing).variant == chosen
+
+
+# --- device classes ------------------------------------------------------------------------
+
+
+def test_configured_but_not_served_device_class_is_unavailable():
+    routing = RoutingRequest.from_parameters({"device_class": "gpu"}, KNOWN)
+    with pytest.raises(UnavailableError, match="gpu"):
+        make_router().choose(routing)
+    with pytest.raises(UnavailableError):
+        make_router().choose(routing, pinned="fp32")
+
+
+def test_the_faster_device_class_answers_for_a_variant():
+    seeds = {"cpu": SEEDS, "gpu": {"fp32": 0.5, "int8": 2.0, "small": 0.1}}
+    router = make_router(seeds=seeds, device_classes=("cpu", "gpu"))
+    route = router.choose(RoutingRequest())
+    assert (route.variant, route.device_class, route.predicted_ms) == ("fp32", "gpu", 0.5)
+    assert router.choose(RoutingRequest(), pinned="int8").device_class == "cpu"
+    # A budget only fp32-on-gpu and small meet: the higher quality wins, on the class that fits.
+    route = router.choose(budget(0.6))
+    assert (route.variant, route.device_class) == ("fp32", "gpu")
+
+
+def test_device_class_parameter_restricts_the_classes():
+    seeds = {"cpu": SEEDS, "gpu": {"fp32": 0.5, "int8": 2.0, "small": 0.1}}
+    router = make_router(seeds=seeds, device_classes=("cpu", "gpu"))
+    cpu_only = RoutingRequest.from_parameters({"device_class": "cpu"}, KNOWN)
+    assert router.choose(cpu_only).device_class == "cpu"
+    route = router.choose(
+        RoutingRequest.from_parameters({"device_class": "cpu", "latency_budget_ms": 0.6}, KNOWN)
+    )
+    assert (route.variant, route.device_class) == ("small", "cpu")
+
+
+def test_a_queue_on_one_device_class_moves_the_variant_to_the_other():
+    depths = Depths()
+    seeds = {"cpu": SEEDS, "gpu": {"fp32": 1.0, "int8": 1.0, "small": 1.0}}
+    router = make_router(seeds=seeds, device_classes=("cpu", "gpu"), depths=depths)
+    assert router.choose(RoutingRequest(), pinned="small").device_class == "cpu"
+    depths.depths[("small", "cpu")] = 10
+    assert router.choose(RoutingRequest(), pinned="small").device_class == "gpu"
+
+
+def test_a_router_needs_a_variant():
+    with pytest.raises(InvalidArgumentError, match="no ready variant"):
+        make_router(variants=())
+
+
+# --- LatencyEstimator ----------------------------------------------------------------------
+
+
+def test_estimator_is_zero_before_anything_is_known():
+    assert LatencyEstimator().service_ms("fp32", "cpu") == 0.0
+
+
+def test_estimator_takes_the_first_observation_as_is():
+    estimator = LatencyEstimator(smoothing=0.2)
+    estimator.observe("fp32", "cpu", 3.0)
+    assert estimator.service_ms("fp32", "cpu") == 3.0
+
+
+def test_estimator_moves_from_the_seed_by_the_smoothing_factor():
+    estimator = LatencyEstimator(smoothing=0.25)
+    estimator.seed("fp32", "cpu", 4.0)
+    estimator.observe("fp32", "cpu", 8.0)
+    assert estimator.service_ms("fp32", "cpu") == pytest.approx(5.0)
+    estimator.observe("fp32", "cpu", 1.0)
+    assert estimator.service_ms("fp32", "cpu") == pytest.approx(4.0)
+    # Other keys are untouched.
+    assert estimator.service_ms("fp32", "gpu") == 0.0
+
+
+def test_estimator_converges_on_a_steady_service_time():
+    estimator = LatencyEstimator()
+    estimator.seed("int8", "cpu", 100.0)
+    for _ in range(100):
+        estimator.observe("int8", "cpu", 2.0)
+    assert estimator.service_ms("int8", "cpu") == pytest.approx(2.0, abs=1e-6)
+
+
+def test_estimator_smoothing_one_follows_the_last_observation():
+    estimator = LatencyEstimator(smoothing=1.0)
+    estimator.seed("fp32", "cpu", 4.0)
+    estimator.observe("fp32", "cpu", 7.5)
+    assert estimator.service_ms("fp32", "cpu") == 7.5
+
+
+def test_estimator_seed_replaces_and_clamps_negative():
+    estimator = LatencyEstimator()
+    estimator.observe("fp32", "cpu", 3.0)
+    estimator.seed("fp32", "cpu", -1.0)
+    assert estimator.service_ms("fp32", "cpu") == 0.0
+
+
+@pytest.mark.parametrize("smoothing", [0, -0.1, 1.5])
+def test_estimator_smoothing_must_lie_in_the_unit_interval(smoothing):
+    with pytest.raises(InvalidArgumentError, match="smoothing"):
+        LatencyEstimator(smoothing=smoothing)
+
+
+def test_live_observations_change_the_route():
+    estimator = LatencyEstimator(smoothing=1.0)
+    for variant, ms in SEEDS.items():
+        estimator.seed(variant, "cpu", ms)
+    router = Router("tiny", [FP32, INT8, SMALL], ["cpu"], estimator, Depths())
+    assert router.choose(budget(2)).variant == "int8"
+    estimator.observe("fp32", "cpu", 1.5)  # the reference turned out faster than profiled
+    assert router.choose(budget(2)).variant == "fp32"

@@ -14,9 +14,9 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
+# Compresses, serves and reports; keeps serving until Ctrl-C (DEMO_ARGS=--exit stops after it).
 demo: $(INSTALLED)
-	$(BIN)/gearbox compress --example digits --repo $(DEMO_REPO)
-	$(BIN)/gearbox variants --repo $(DEMO_REPO)
+	$(BIN)/gearbox demo --repo $(DEMO_REPO) $(DEMO_ARGS)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

@@ -25,6 +25,7 @@ BUDGET_PARAMETER = "latency_budget_ms"
 DEVICE_CLASS_PARAMETER = "device_class"
 MIN_QUALITY_PARAMETER = "min_quality"
 ROUTING_KEY_PARAMETER = "routing_key"
+OUTLIER_FACTOR = 2.0
 
 
 class Reason:
@@ -139,11 +140,14 @@ class LatencyEstimator:
     def observe(self, variant: str, device_class: str, milliseconds: float) -> None:
         key = (variant, device_class)
         previous = self._estimates.get(key)
-        self._estimates[key] = (
-            milliseconds
-            if previous is None
-            else previous + self._smoothing * (milliseconds - previous)
-        )
+        if previous is None or previous <= 0:
+            self._estimates[key] = milliseconds
+            return
+        # One stall (a GC pause, a noisy neighbour) may at most double a sample's weight:
+        # an inflated estimate would keep the router away from the variant, and so from the
+        # very measurements that would correct it. A lasting slowdown still gets through.
+        sample = min(milliseconds, OUTLIER_FACTOR * previous)
+        self._estimates[key] = previous + self._smoothing * (sample - previous)
 
     def service_ms(self, variant: str, device_class: str) -> float:
         return self._estimates.get((variant, device_class), 0.0)

@@ -368,3 +368,13 @@ def test_live_observations_change_the_route():
     assert router.choose(budget(2)).variant == "int8"
     estimator.observe("fp32", "cpu", 1.5)  # the reference turned out faster than profiled
     assert router.choose(budget(2)).variant == "fp32"
+
+
+def test_one_stall_cannot_inflate_an_estimate_beyond_double_the_sample_weight():
+    estimator = LatencyEstimator(smoothing=0.5)
+    estimator.seed("v", "cpu", 1.0)
+    estimator.observe("v", "cpu", 100.0)  # a stall
+    assert estimator.service_ms("v", "cpu") == pytest.approx(1.5)  # 1 + 0.5 * (2 - 1)
+    for _ in range(20):  # a lasting slowdown still gets through
+        estimator.observe("v", "cpu", 10.0)
+    assert estimator.service_ms("v", "cpu") == pytest.approx(10.0, rel=0.01)

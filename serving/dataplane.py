@@ -138,6 +138,8 @@ class DataPlane:
         if not backends:
             raise InvalidArgumentError("a data plane needs at least one device-class backend")
         self._backends = {backend.device_class: backend for backend in backends}
+        # The first backend is the gateway's own device class: no hop to reach it.
+        self._local = backends[0]
         self._configured = tuple(configured_device_classes)
         self._metrics = metrics
         self._estimator = estimator or LatencyEstimator()
@@ -306,7 +308,7 @@ class DataPlane:
         # The estimate tracks the run itself, like the manifest figures that seed it: queueing
         # enters the prediction through the queue depth, the gateway's overhead separately.
         # A remote device class also pays the hop, so it is charged its whole round trip.
-        local = route.device_class == next(iter(self._backends))
+        local = backend is self._local
         service_ms = result.service_s * 1000 if local else elapsed_ms - result.queue_s * 1000
         self._estimator.observe(variant_key(model, route.variant), route.device_class, service_ms)
         return result.outputs, elapsed_ms
@@ -339,10 +341,8 @@ class DataPlane:
         outputs: dict[str, np.ndarray],
     ) -> None:
         record = served.entry.record
-        # The gateway's own device class: a shadow run never costs a hop.
-        backend = next(iter(self._backends.values()))
-        try:
-            reference = await backend.infer(record.name, record.reference_variant, inputs)
+        try:  # on the gateway's own device class: a shadow run never costs a hop
+            reference = await self._local.infer(record.name, record.reference_variant, inputs)
         except (ResourceExhaustedError, UnavailableError):
             return  # Under load the comparison waits for a quieter moment.
         name = record.signature.outputs[0].name

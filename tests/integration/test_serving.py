@@ -40,6 +40,7 @@ class Gateway:
     grpc: str
     repository: ModelRepository
     process: subprocess.Popen
+    log: Path
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def gateway(ray_address, repository, tmp_path_factory) -> Iterator[Gateway]:
         stderr=subprocess.STDOUT,
     )
     gateway = Gateway(
-        f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", repository, process
+        f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", repository, process, log
     )
     try:
         _wait_ready(gateway, log)
@@ -134,7 +135,14 @@ def _infer(gateway: Gateway, image: np.ndarray, version: str = "", model: str = 
 
 
 def test_startup_prints_endpoints_and_skips_the_gpu_class(gateway):
-    assert gateway.process.poll() is None
+    deadline = time.monotonic() + 30
+    while "ready; Ctrl-C or SIGTERM stops" not in gateway.log.read_text():
+        assert time.monotonic() < deadline, gateway.log.read_text()
+        time.sleep(0.5)
+    printed = gateway.log.read_text()
+    assert f"HTTP     {gateway.http}" in printed and f"gRPC     {gateway.grpc}" in printed
+    assert "device class gpu is not served" in printed
+    assert re.search(r"metrics  http://127\.0\.0\.1:\d+/metrics", printed)
 
 
 def test_every_http_endpoint(gateway, digits):

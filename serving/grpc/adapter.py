@@ -8,6 +8,7 @@ once.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
@@ -75,9 +76,7 @@ class GrpcAdapter:
         self, request: pb.ServerLiveRequest, context: StatusContext
     ) -> pb.ServerLiveResponse:
         return await _answer(
-            context,
-            pb.ServerLiveResponse,
-            lambda: _now(pb.ServerLiveResponse(live=self._plane.live())),
+            context, pb.ServerLiveResponse, lambda: pb.ServerLiveResponse(live=self._plane.live())
         )
 
     async def server_ready(
@@ -86,7 +85,7 @@ class GrpcAdapter:
         return await _answer(
             context,
             pb.ServerReadyResponse,
-            lambda: _now(pb.ServerReadyResponse(ready=self._plane.ready())),
+            lambda: pb.ServerReadyResponse(ready=self._plane.ready()),
         )
 
     async def model_ready(
@@ -95,8 +94,8 @@ class GrpcAdapter:
         return await _answer(
             context,
             pb.ModelReadyResponse,
-            lambda: _now(
-                pb.ModelReadyResponse(ready=self._plane.model_ready(request.name, request.version))
+            lambda: pb.ModelReadyResponse(
+                ready=self._plane.model_ready(request.name, request.version)
             ),
         )
 
@@ -109,7 +108,7 @@ class GrpcAdapter:
                 name=meta.name, version=meta.version, extensions=list(meta.extensions)
             )
 
-        return await _answer(context, pb.ServerMetadataResponse, lambda: _now(convert()))
+        return await _answer(context, pb.ServerMetadataResponse, convert)
 
     async def model_metadata(
         self, request: pb.ModelMetadataRequest, context: StatusContext
@@ -117,9 +116,7 @@ class GrpcAdapter:
         return await _answer(
             context,
             pb.ModelMetadataResponse,
-            lambda: _now(
-                metadata_to_proto(self._plane.model_metadata(request.name, request.version))
-            ),
+            lambda: metadata_to_proto(self._plane.model_metadata(request.name, request.version)),
         )
 
     async def model_infer(
@@ -132,15 +129,15 @@ class GrpcAdapter:
         return await _answer(context, pb.ModelInferResponse, call)
 
 
-async def _now(value: Reply) -> Reply:
-    return value
-
-
 async def _answer(
-    context: StatusContext, empty: Callable[[], Reply], call: Callable[[], Awaitable[Reply]]
+    context: StatusContext,
+    empty: Callable[[], Reply],
+    call: Callable[[], Reply | Awaitable[Reply]],
 ) -> Reply:
+    """``call``'s reply, or ``empty()`` with the error's status set on ``context``."""
     try:
-        return await call()
+        reply = call()
+        return await reply if inspect.isawaitable(reply) else reply
     except GearboxError as error:
         context.set_code(GRPC_STATUS[error.code])
         context.set_details(error.message)

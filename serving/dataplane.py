@@ -123,6 +123,8 @@ class _ServedModel:
     entry: CatalogEntry
     router: Router | None
     agreement: dict[str, _Agreement]
+    estimator: LatencyEstimator
+    """Live service time of this model's variants per device class."""
 
 
 class DataPlane:
@@ -133,7 +135,6 @@ class DataPlane:
         configured_device_classes: Sequence[str],
         metrics: GatewayMetrics,
         shadow_fraction: float = 0.0,
-        estimator: LatencyEstimator | None = None,
     ) -> None:
         if not backends:
             raise InvalidArgumentError("a data plane needs at least one device-class backend")
@@ -142,7 +143,6 @@ class DataPlane:
         self._local = backends[0]
         self._configured = tuple(configured_device_classes)
         self._metrics = metrics
-        self._estimator = estimator or LatencyEstimator()
         self._shadow_fraction = shadow_fraction
         self._shadow_credit = 0.0
         self._overhead_ms = 0.0
@@ -155,6 +155,7 @@ class DataPlane:
         reference = entry.record.reference_variant
         choices = []
         agreement = {}
+        estimator = LatencyEstimator()
         for variant in entry.ready:
             manifest = entry.manifests[variant]
             choices.append(VariantChoice(variant, manifest.quality.value, variant == reference))
@@ -164,20 +165,18 @@ class DataPlane:
             )
             self._metrics.agreement(name, variant, manifest.quality.agreement)
             for device in self._backends:
-                self._estimator.seed(
-                    variant_key(name, variant), device, seed_latency_ms(manifest, device)
-                )
+                estimator.seed(variant, device, seed_latency_ms(manifest, device))
         router = None
         if choices:
             router = Router(
                 name,
                 choices,
                 list(self._backends),
-                _ModelEstimator(self._estimator, name),
+                estimator,
                 lambda _variant, device: self._backends[device].depth(),
                 lambda: self._overhead_ms,
             )
-        return _ServedModel(entry, router, agreement)
+        return _ServedModel(entry, router, agreement, estimator)
 
     # -- health and metadata -------------------------------------------------------------------
 
@@ -256,7 +255,7 @@ class DataPlane:
             route = router.choose(routing, request.version)
             variant, device = route.variant, route.device_class
             self._metrics.variant_selected(request.model, variant, route.reason)
-            outputs, service_ms = await self._run(request.model, route, inputs)
+            outputs, service_ms = await self._run(served, route, inputs)
             observed_ms = (time.perf_counter() - started) * 1000
             self._overhead_ms += OVERHEAD_SMOOTHING * (
                 max(observed_ms - service_ms, 0.0) - self._overhead_ms
@@ -294,9 +293,10 @@ class DataPlane:
             )  # fmt: skip
 
     async def _run(
-        self, model: str, route: Route, inputs: dict[str, np.ndarray]
+        self, served: _ServedModel, route: Route, inputs: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], float]:
         """The variant's outputs and the time spent waiting for and running it, in ms."""
+        model = served.entry.record.name
         backend = self._backends[route.device_class]
         self._metrics.inflight(model, route.device_class, 1)
         started = time.perf_counter()
@@ -310,7 +310,7 @@ class DataPlane:
         # A remote device class also pays the hop, so it is charged its whole round trip.
         local = backend is self._local
         service_ms = result.service_s * 1000 if local else elapsed_ms - result.queue_s * 1000
-        self._estimator.observe(variant_key(model, route.variant), route.device_class, service_ms)
+        served.estimator.observe(route.variant, route.device_class, service_ms)
         return result.outputs, elapsed_ms
 
     def _maybe_shadow(
@@ -386,27 +386,6 @@ class DataPlane:
                 f"model '{served.entry.record.name}' has no ready variant to serve"
             )
         return served.router
-
-
-def variant_key(model: str, variant: str) -> str:
-    return f"{model}/{variant}"
-
-
-class _ModelEstimator(LatencyEstimator):
-    """One model's view of the shared estimator (variants are keyed ``model/variant``)."""
-
-    def __init__(self, shared: LatencyEstimator, model: str) -> None:
-        self._shared = shared
-        self._model = model
-
-    def seed(self, variant: str, device_class: str, milliseconds: float) -> None:
-        self._shared.seed(variant_key(self._model, variant), device_class, milliseconds)
-
-    def observe(self, variant: str, device_class: str, milliseconds: float) -> None:
-        self._shared.observe(variant_key(self._model, variant), device_class, milliseconds)
-
-    def service_ms(self, variant: str, device_class: str) -> float:
-        return self._shared.service_ms(variant_key(self._model, variant), device_class)
 
 
 def _manifest_parameters(manifest: VariantManifest) -> dict[str, ParameterValue]:

@@ -31,7 +31,7 @@ _EXPORTS: dict[str, str] = {
     "UnavailableError": "errors",
     "CompressionReport": "pipeline",
     "compress": "pipeline",
-    "ray_session": "pipeline",
+    "ray_session": "cluster",
     "ModelRecord": "repository",
     "ModelRepository": "repository",
     "VariantManifest": "repository",

@@ -7,6 +7,7 @@ is present on the evaluating node.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,9 @@ class DeviceClass:
     execution_provider: str = "CPUExecutionProvider"
     intra_op_threads: int = 1
     ray_resources: Mapping[str, float] = field(default_factory=dict)
+    workers: int | None = None
+    """Worker threads that each run one batch at a time when serving; by default as many as
+    the reserved CPUs hold ``intra_op_threads`` (at least one)."""
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -40,6 +44,39 @@ class DeviceClass:
             raise InvalidArgumentError(
                 f"device class '{self.name}': intra_op_threads must be at least 1"
             )
+        if self.workers is not None:
+            if isinstance(self.workers, bool) or not isinstance(self.workers, int):
+                raise InvalidArgumentError(
+                    f"device class '{self.name}': workers must be an integer"
+                )
+            if self.workers < 1:
+                raise InvalidArgumentError(
+                    f"device class '{self.name}': workers must be at least 1"
+                )
+            cpus = self._reserved_cpu_threads()
+            if cpus is not None and self.workers * self.intra_op_threads > cpus:
+                raise InvalidArgumentError(
+                    f"device class '{self.name}': {self.workers} workers x "
+                    f"{self.intra_op_threads} intra-op threads need "
+                    f"{self.workers * self.intra_op_threads} CPUs, but it reserves "
+                    f"{self.ray_resources['CPU']:g}"
+                )
+
+    def _reserved_cpu_threads(self) -> int | None:
+        """Threads the reserved CPUs hold (a fraction of a CPU still runs one); None if the
+        class reserves no CPU (an accelerator class drives its device from any core)."""
+        cpu = self.ray_resources.get("CPU")
+        if not cpu:
+            return None
+        return max(1, math.ceil(cpu - 1e-9))
+
+    @property
+    def worker_threads(self) -> int:
+        """Batches this class runs at once in one replica (see ``workers``)."""
+        if self.workers is not None:
+            return self.workers
+        cpus = self._reserved_cpu_threads()
+        return max(1, (cpus or 1) // self.intra_op_threads)
 
     def is_available(self) -> bool:
         return self.execution_provider in ort.get_available_providers()
@@ -66,6 +103,7 @@ class DeviceClass:
             "execution_provider": self.execution_provider,
             "intra_op_threads": self.intra_op_threads,
             "ray_resources": dict(self.ray_resources),
+            **({"workers": self.workers} if self.workers is not None else {}),
         }
 
     @classmethod
@@ -93,10 +131,11 @@ class DeviceClass:
             execution_provider=str(data.get("execution_provider", "CPUExecutionProvider")),
             intra_op_threads=threads,
             ray_resources=dict(resources),
+            workers=data.get("workers"),
         )
 
 
-_DEVICE_CLASS_KEYS = {"name", "execution_provider", "intra_op_threads", "ray_resources"}
+_DEVICE_CLASS_KEYS = {"name", "execution_provider", "intra_op_threads", "ray_resources", "workers"}
 
 
 # One intra-op thread on one reserved core: the figures the manifests record.

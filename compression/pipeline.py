@@ -7,11 +7,9 @@ to the repository; workers therefore never need the repository's filesystem.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +23,6 @@ from gearbox.compression.errors import (
     CompressionError,
     GearboxError,
     InvalidArgumentError,
-    UnavailableError,
 )
 from gearbox.compression.evaluation import (
     Evaluation,
@@ -35,7 +32,7 @@ from gearbox.compression.evaluation import (
     profile_latency,
 )
 from gearbox.compression.progress import ProgressBoard, ProgressListener, SilentProgress
-from gearbox.compression.quality import get_metric
+from gearbox.compression.quality import DEFAULT_MAX_ACCURACY_DROP, get_metric
 from gearbox.compression.repository import (
     ModelRecord,
     ModelRepository,
@@ -54,7 +51,6 @@ from gearbox.compression.techniques import (
 from gearbox.compression.training import fit, predict
 
 TRAINING_JOB = "reference model"
-DEFAULT_MAX_ACCURACY_DROP = 0.02
 
 Weights = dict[str, np.ndarray]
 
@@ -180,43 +176,6 @@ def _profile_variant(
 
 
 # --- driver ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def ray_session(address: str | None, metrics_port: int | None = None) -> Iterator[None]:
-    """Use the Ray already initialised in this process, or connect/start one for the block.
-
-    ``address=None`` starts a local Ray (exporting Prometheus metrics on ``metrics_port``);
-    ``"auto"`` joins the cluster on this machine; anything else is a Ray address, whose nodes
-    keep their own metrics ports. Modules in the current directory stay importable on workers.
-    """
-    if ray.is_initialized():
-        yield
-        return
-    python_path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
-    try:
-        ray.init(
-            # "local" always starts a new local Ray; None would join whatever cluster
-            # /tmp/ray last recorded, even one that has since stopped.
-            address=address or "local",
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level="ERROR",
-            runtime_env={"env_vars": {"PYTHONPATH": python_path}},
-            **({"_metrics_export_port": metrics_port} if metrics_port and not address else {}),
-        )
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"at {address}" if address else "locally"
-        hint = ""
-        if address and not os.environ.get("RAY_AUTH_MODE"):
-            hint = (
-                " (a cluster started with `ray start` uses token auth: export RAY_AUTH_MODE=token)"
-            )
-        raise UnavailableError(f"cannot start or reach Ray {where}: {exc}{hint}") from exc
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _largest_node_cpus() -> float:

@@ -8,6 +8,9 @@ import numpy as np
 
 from gearbox.compression.errors import InvalidArgumentError
 
+DEFAULT_MAX_ACCURACY_DROP = 0.02
+"""The accuracy gate: how far below fp32 a ready variant's held-out quality may fall."""
+
 
 @dataclass(frozen=True)
 class QualityMetric:

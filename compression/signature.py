@@ -26,6 +26,13 @@ OIP_TO_NUMPY: Mapping[str, np.dtype] = {
     "FP64": np.dtype(np.float64),
 }
 
+NUMPY_TO_OIP: Mapping[np.dtype, str] = {dtype: name for name, dtype in OIP_TO_NUMPY.items()}
+
+
+def oip_datatype(dtype: np.dtype) -> str:
+    """The OIP name of a numpy dtype, or the numpy name where OIP has none."""
+    return NUMPY_TO_OIP.get(np.dtype(dtype), str(dtype))
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -87,26 +94,41 @@ class Signature:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    def check_inputs(self, inputs: Mapping[str, np.ndarray], where: str) -> None:
-        """Raise a clear error unless ``inputs`` match this signature exactly."""
+    def check_inputs(self, inputs: Mapping[str, np.ndarray], where: str) -> int:
+        """Raise a clear error unless ``inputs`` match this signature exactly; returns the rows.
+
+        The one validator of tensors against a signature (data splits at registration,
+        requests at serving): messages speak OIP datatypes, as clients do.
+        """
         missing = [t.name for t in self.inputs if t.name not in inputs]
         if missing:
             raise InvalidArgumentError(f"{where}: missing input(s) {', '.join(missing)}")
         extra = sorted(set(inputs) - set(self.input_names))
         if extra:
-            raise InvalidArgumentError(f"{where}: unexpected input(s) {', '.join(extra)}")
+            raise InvalidArgumentError(
+                f"{where}: unexpected input(s) {', '.join(extra)} "
+                f"(inputs: {', '.join(self.input_names)})"
+            )
         for spec in self.inputs:
             array = inputs[spec.name]
             if array.dtype != spec.numpy_dtype:
                 raise InvalidArgumentError(
-                    f"{where}: input '{spec.name}' has dtype {array.dtype}, "
-                    f"signature says {spec.datatype}"
+                    f"{where}: input '{spec.name}' has datatype {oip_datatype(array.dtype)}, "
+                    f"the model expects {spec.datatype}"
                 )
             if not spec.accepts(array.shape):
                 raise InvalidArgumentError(
                     f"{where}: input '{spec.name}' has shape {list(array.shape)}, "
-                    f"signature says {list(spec.shape)}"
+                    f"the model expects {list(spec.shape)} (-1: any size)"
                 )
+        rows = {inputs[spec.name].shape[0] for spec in self.inputs}
+        if len(rows) > 1:
+            raise InvalidArgumentError(
+                f"{where}: inputs disagree on the batch size: {sorted(rows)}"
+            )
+        if 0 in rows:
+            raise InvalidArgumentError(f"{where}: the batch is empty (first dimension 0)")
+        return rows.pop()
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -150,8 +150,6 @@ class ModelSpec:
             split: Split = getattr(data, split_name)
             where = f"model '{self.name}', {split_name} split"
             self.signature.check_inputs(split.inputs, where)
-            if len(split) == 0:
-                raise InvalidArgumentError(f"{where} is empty")
             needs_labels = self.task == "classification" and split_name != "calibration"
             if needs_labels and (split.labels is None or len(split.labels) != len(split)):
                 raise InvalidArgumentError(f"{where} needs one label per row")

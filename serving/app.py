@@ -1,15 +1,16 @@
 """The Ray Serve application: a gateway ingress plus one pool per extra device class.
 
-``Gateway`` is the only ingress. HTTP requests reach its ``__call__`` through Ray Serve's HTTP
-proxy, gRPC calls reach the method named after the RPC through Ray Serve's gRPC proxy. Each
-replica hosts the gateway's own device class (``cpu``) in-process, so routing and inference on
-the common path cost a single hop. Other device classes (``gpu``, ...) are
+``Gateway`` is the only ingress. Under the HAProxy ingress each replica runs its own HTTP and
+gRPC servers behind HAProxy; HTTP requests reach its ``__call__``, gRPC calls the method named
+after the RPC. Each replica hosts the gateway's own device class (``cpu``) in-process, so
+routing and inference on the common path cost a single hop. Other device classes (``gpu``, ...) are
 ``DeviceClassHost`` deployments with their own Ray resources, reached only when chosen.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,66 +22,70 @@ from starlette.responses import Response
 
 from gearbox.compression.devices import DeviceClass
 from gearbox.compression.repository import ModelRepository
-from gearbox.serving.batching import BatchResult
+from gearbox.serving.catalog import Catalog
+from gearbox.serving.clock import arrival
 from gearbox.serving.config import GatewayConfig
-from gearbox.serving.dataplane import Catalog, DataPlane
-from gearbox.serving.grpc.adapter import GrpcAdapter
-from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
-from gearbox.serving.hosting import Arrays, Backend, LocalBackend, RemoteBackend, ReplicaLoad
-from gearbox.serving.metrics import RayServeMetrics
+from gearbox.serving.dataplane import DataPlane
+from gearbox.serving.executor import Arrays, BatchResult
+from gearbox.serving.grpc.adapter import GrpcServicer
+from gearbox.serving.hosting import Backend, LocalBackend, RemoteBackend
+from gearbox.serving.metrics import GatewayMetrics, RayServeMetrics
 from gearbox.serving.rest.adapter import HttpAdapter
 
 logger = logging.getLogger(__name__)
 
-GRPC_SERVICER = (
-    "gearbox.serving.grpc.generated.grpc_service_pb2_grpc"
-    ".add_GRPCInferenceServiceServicer_to_server"
-)
+GRPC_SERVICER = "gearbox.serving.clock.add_inference_service"
+"""Ray Serve's ``grpc_servicer_functions`` entry: OIP's service, with the arrival clock."""
+
+# A worker thread that finished a batch waits for the GIL at most this long before its callers
+# are answered (Python's default, 5 ms, is longer than most variants run).
+GIL_SWITCH_INTERVAL_S = 0.0002
 
 
-def _local_backend(
-    config: GatewayConfig, device: DeviceClass, metrics: RayServeMetrics, load: ReplicaLoad
+async def _local_backend(
+    config: GatewayConfig, catalog: Catalog, device: DeviceClass, metrics: GatewayMetrics
 ) -> LocalBackend:
-    repository = ModelRepository(config.repository)
-    return LocalBackend(
-        repository,
-        Catalog.load(repository).ready_manifests(),
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    backend = LocalBackend(
+        ModelRepository(config.repository),
+        catalog,
         device,
         config.batching,
-        on_batch=lambda model, variant, rows: metrics.batch_formed(
+        on_batch=lambda model, variant, rows, _seconds: metrics.batch_formed(
             model, variant, device.name, rows
         ),
-        load=load,
     )
+    await backend.warm_up()
+    return backend
 
 
 @serve.deployment
 class DeviceClassHost:
     """Replicas of one extra device class (their Ray resources come from its definition)."""
 
-    def __init__(self, config: GatewayConfig, device_class: str) -> None:
+    async def __init__(self, config: GatewayConfig, device_class: str) -> None:
         device = next(d for d in config.device_classes if d.name == device_class)
-        self._load = ReplicaLoad()
-        self._backend = _local_backend(config, device, RayServeMetrics(), self._load)
+        catalog = Catalog.load(ModelRepository(config.repository))
+        self._backend = await _local_backend(config, catalog, device, RayServeMetrics())
 
     async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
-        with self._load.request():
-            return await self._backend.infer(model, variant, inputs)
+        return await self._backend.infer(model, variant, inputs)
+
+    def __del__(self) -> None:
+        self._backend.close()
 
 
 @serve.deployment
-class Gateway:
-    """The ingress: protocol adapters over one data plane, with the router inside."""
+class Gateway(GrpcServicer):
+    """The ingress: where a request enters (``__call__`` for HTTP, the RPC-named methods of
+    :class:`GrpcServicer` for gRPC), with the data plane and the router inside."""
 
-    def __init__(self, config: GatewayConfig, remote: Mapping[str, DeploymentHandle]) -> None:
+    async def __init__(self, config: GatewayConfig, remote: Mapping[str, DeploymentHandle]) -> None:
         metrics = RayServeMetrics()
-        repository = ModelRepository(config.repository)
-        catalog = Catalog.load(repository)
-        self._load = ReplicaLoad()
-        backends: list[Backend] = [
-            _local_backend(config, config.gateway_device_class, metrics, self._load)
-        ]
-        backends += [RemoteBackend(name, handle) for name, handle in remote.items()]
+        catalog = Catalog.load(ModelRepository(config.repository))
+        local = await _local_backend(config, catalog, config.gateway_device_class, metrics)
+        backends: list[Backend] = [local]
+        backends += [RemoteBackend(name, handle, catalog) for name, handle in remote.items()]
         plane = DataPlane(
             catalog,
             backends,
@@ -88,40 +93,20 @@ class Gateway:
             metrics,
             shadow_fraction=config.shadow_fraction,
         )
+        await plane.warm_up()
+        super().__init__(plane)
+        self._local = local
         self._http = HttpAdapter(plane)
-        self._grpc = GrpcAdapter(plane)
 
     async def __call__(self, request: Request) -> Response:
-        with self._load.request():
-            reply = await self._http.handle(
-                request.method, request.url.path, request.headers, await request.body()
-            )
+        clock = arrival()
+        reply = await self._http.handle(
+            request.method, request.url.path, request.headers, await request.body(), clock
+        )
         return Response(reply.body, status_code=reply.status, headers=dict(reply.headers))
 
-    # gRPC: Ray Serve's proxy calls the method named after the RPC, passing its context.
-    async def ServerLive(self, request: pb.ServerLiveRequest, grpc_context: Any) -> Any:
-        with self._load.request():
-            return await self._grpc.server_live(request, grpc_context)
-
-    async def ServerReady(self, request: pb.ServerReadyRequest, grpc_context: Any) -> Any:
-        with self._load.request():
-            return await self._grpc.server_ready(request, grpc_context)
-
-    async def ModelReady(self, request: pb.ModelReadyRequest, grpc_context: Any) -> Any:
-        with self._load.request():
-            return await self._grpc.model_ready(request, grpc_context)
-
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, grpc_context: Any) -> Any:
-        with self._load.request():
-            return await self._grpc.server_metadata(request, grpc_context)
-
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, grpc_context: Any) -> Any:
-        with self._load.request():
-            return await self._grpc.model_metadata(request, grpc_context)
-
-    async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context: Any) -> Any:
-        with self._load.request():
-            return await self._grpc.model_infer(request, grpc_context)
+    def __del__(self) -> None:
+        self._local.close()
 
 
 def _actor_options(device: DeviceClass) -> dict[str, Any]:

@@ -11,16 +11,9 @@ from collections.abc import Callable, Sequence
 
 from rich.console import Console
 
-from gearbox.compression import (
-    EXAMPLES,
-    GearboxError,
-    ModelRepository,
-    compress,
-    load_spec,
-    ray_session,
-    resolve_recipes,
-)
-from gearbox.compression.pipeline import DEFAULT_MAX_ACCURACY_DROP
+from gearbox.compression import EXAMPLES, GearboxError, ModelRepository
+from gearbox.compression.cluster import ray_session
+from gearbox.compression.quality import DEFAULT_MAX_ACCURACY_DROP
 from gearbox.serving.config import (
     GRPC_PORT,
     HTTP_PORT,
@@ -30,6 +23,7 @@ from gearbox.serving.config import (
 )
 from gearbox.serving.console import RichProgress, rejected_reasons, variant_table
 from gearbox.serving.demo import report_table, run_workload
+from gearbox.serving.ingress import Ingress, ray_environment, session_state_dir
 from gearbox.serving.server import (
     Endpoints,
     check_port_free,
@@ -81,7 +75,23 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _ingress(text: str) -> Ingress:
+    try:
+        return Ingress.parse(text)
+    except GearboxError as error:
+        raise argparse.ArgumentTypeError(error.message) from None
+
+
 def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True) -> None:
+    command.add_argument(
+        "--ingress",
+        type=_ingress,
+        default=None,
+        metavar="haproxy|proxy",
+        help="what fronts the gateway: Ray Serve's HAProxy ingress (default) or its classic "
+        "proxy; also $GEARBOX_INGRESS. Applies to the Ray this command starts; a joined "
+        "cluster keeps the ingress it was started with",
+    )
     command.add_argument("--http-port", type=_port, default=HTTP_PORT, metavar="PORT")
     command.add_argument("--grpc-port", type=_port, default=GRPC_PORT, metavar="PORT")
     command.add_argument(
@@ -192,6 +202,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compress(args: argparse.Namespace, out: Console, err: Console) -> int:
+    # The training stack (torch) loads only for the commands that train.
+    from gearbox.compression import compress, load_spec, resolve_recipes
+
     recipes = resolve_recipes(args.variants)
     spec = load_spec(EXAMPLES[args.example] if args.example else args.spec)
     repository = ModelRepository(args.repo)
@@ -255,11 +268,18 @@ def _serve_until_stopped(
         stop_gateway(started_serve)
 
 
+def _ray_environment(args: argparse.Namespace) -> dict[str, str]:
+    ingress = Ingress.parse(args.ingress.value if args.ingress else None)
+    return ray_environment(ingress, session_state_dir() if not args.address else None)
+
+
 def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
     models = check_repository(args.repo)
     config = _gateway_config(args)
     _check_ports(args, args.address)
-    with ray_session(args.address, metrics_port=args.metrics_port), until_stopped() as stop:
+    env = _ray_environment(args)
+    session = ray_session(args.address, metrics_port=args.metrics_port, env=env)
+    with session, until_stopped() as stop:
         started_serve = not serve_was_running()
 
         def start() -> None:
@@ -271,11 +291,14 @@ def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _demo(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from gearbox.compression import compress, load_spec, resolve_recipes
+
     _check_ports(args, None)
     spec = load_spec(EXAMPLES["digits"])
     repository = ModelRepository(args.repo)
     repository.ensure_writable()
-    with ray_session(None, metrics_port=args.metrics_port):
+    args.address = None
+    with ray_session(None, metrics_port=args.metrics_port, env=_ray_environment(args)):
         if args.reuse and spec.name in repository.models():
             manifests = repository.variants(spec.name)
         else:

@@ -2,12 +2,19 @@
 
 The HTTP and gRPC adapters convert their wire format to :mod:`gearbox.serving.inference` values,
 call a :class:`DataPlane` method, and convert the result back. Validation, routing, batching,
-metrics and shadow agreement all happen here, once, for both protocols.
+the budget's clock, metrics and shadow agreement all happen here, once, for both protocols.
+
+An inference answer is finished in two steps so that its latency covers the whole span the
+caller waits for inside the gateway: :meth:`DataPlane.infer` routes and runs the request, the
+adapter encodes the outputs, then :meth:`DataPlane.answered` stops the clock, records the
+request and returns the response parameters (``latency_ms``, ``budget_met``, ...).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,11 +28,13 @@ from gearbox.compression.errors import (
     GearboxError,
     InvalidArgumentError,
     NotFoundError,
-    ResourceExhaustedError,
     UnavailableError,
 )
-from gearbox.compression.repository import ModelRecord, ModelRepository, VariantManifest
-from gearbox.serving.hosting import Backend
+from gearbox.compression.repository import ModelRecord, VariantManifest
+from gearbox.serving.catalog import Catalog, CatalogEntry
+from gearbox.serving.clock import RequestClock
+from gearbox.serving.executor import BatchResult
+from gearbox.serving.hosting import Backend, synthetic_inputs
 from gearbox.serving.inference import (
     InferRequest,
     InferResponse,
@@ -35,18 +44,13 @@ from gearbox.serving.inference import (
     Tensor,
     TensorMetadata,
 )
-from gearbox.serving.metrics import OK, GatewayMetrics
-from gearbox.serving.router import (
-    BUDGET_PARAMETER,
-    LatencyEstimator,
-    Route,
-    Router,
-    RoutingRequest,
-    VariantChoice,
-)
+from gearbox.serving.metrics import CANCELLED, OK, GatewayMetrics
+from gearbox.serving.router import Route, Router, RoutingRequest, VariantChoice
+from gearbox.serving.shadow import Agreement, Shadow
 
 PLATFORM = "onnxruntime_onnx"
 OVERHEAD_SMOOTHING = 0.1
+SELF_TEST_REQUESTS = 20
 EXTENSIONS = ("binary_tensor_data", "parameters", "gearbox_routing", "gearbox_variants")
 
 
@@ -57,74 +61,24 @@ def _gearbox_version() -> str:
         return "0+unknown"
 
 
-@dataclass(frozen=True)
-class CatalogEntry:
-    record: ModelRecord
-    manifests: Mapping[str, VariantManifest]
-    """Every published variant, rejected ones included (to say why they are not served)."""
-
-    @property
-    def ready(self) -> tuple[str, ...]:
-        return tuple(name for name, m in sorted(self.manifests.items()) if m.is_ready)
-
-
-@dataclass(frozen=True)
-class Catalog:
-    """A snapshot of the model repository as the gateway serves it."""
-
-    models: Mapping[str, CatalogEntry]
-
-    @classmethod
-    def load(cls, repository: ModelRepository) -> Catalog:
-        entries = {}
-        for name in repository.models():
-            manifests = {m.variant: m for m in repository.variants(name)}
-            entries[name] = CatalogEntry(repository.model(name), manifests)
-        return cls(entries)
-
-    def ready_manifests(self) -> list[VariantManifest]:
-        return [
-            entry.manifests[variant] for entry in self.models.values() for variant in entry.ready
-        ]
-
-
-def seed_latency_ms(manifest: VariantManifest, device_class: str) -> float:
-    """The manifest's batch-1 p50 on ``device_class``; the fastest profiled class otherwise.
-
-    An unprofiled class starts from the best figure known and is corrected by live measurements
-    after its first requests.
-    """
-    profile = manifest.latency_ms.get(device_class, {}).get("1")
-    if profile is not None:
-        return float(profile["p50"])
-    known = [float(p["1"]["p50"]) for p in manifest.latency_ms.values() if "1" in p]
-    return min(known, default=0.0)
-
-
-class _Agreement:
-    """Running share of rows on which a variant's answer matches the reference's."""
-
-    def __init__(self, offline: float) -> None:
-        self.offline = offline
-        self.matched = 0.0
-        self.rows = 0
-
-    @property
-    def value(self) -> float:
-        return self.matched / self.rows if self.rows else self.offline
-
-    def add(self, matched: float, rows: int) -> None:
-        self.matched += matched
-        self.rows += rows
-
-
 @dataclass
 class _ServedModel:
     entry: CatalogEntry
     router: Router | None
-    agreement: dict[str, _Agreement]
-    estimator: LatencyEstimator
-    """Live service time of this model's variants per device class."""
+    agreement: dict[str, Agreement]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What :meth:`DataPlane.answered` needs to finish a response: its clock and route."""
+
+    clock: RequestClock
+    route: Route
+    budget_ms: float | None
+    work_ms: float
+    """How long the backend took (queueing, hop, run): the rest of the span is the gateway's
+    own per-request overhead."""
+    protocol: str
 
 
 class DataPlane:
@@ -143,40 +97,56 @@ class DataPlane:
         self._local = backends[0]
         self._configured = tuple(configured_device_classes)
         self._metrics = metrics
-        self._shadow_fraction = shadow_fraction
-        self._shadow_credit = 0.0
+        self._shadow = Shadow(shadow_fraction, self._local.infer, metrics)
         self._overhead_ms = 0.0
-        self._background: set[asyncio.Task[None]] = set()
-        self._models: dict[str, _ServedModel] = {}
-        for name, entry in catalog.models.items():
-            self._models[name] = self._serve(name, entry)
+        self._ready = False
+        self._models = {name: self._serve(name, entry) for name, entry in catalog.models.items()}
 
     def _serve(self, name: str, entry: CatalogEntry) -> _ServedModel:
         reference = entry.record.reference_variant
         choices = []
         agreement = {}
-        estimator = LatencyEstimator()
         for variant in entry.ready:
             manifest = entry.manifests[variant]
             choices.append(VariantChoice(variant, manifest.quality.value, variant == reference))
-            agreement[variant] = _Agreement(manifest.quality.agreement)
+            agreement[variant] = Agreement(manifest.quality.agreement)
             self._metrics.variant_figures(
                 name, variant, manifest.quality.value, manifest.size_bytes
             )
             self._metrics.agreement(name, variant, manifest.quality.agreement)
-            for device in self._backends:
-                estimator.seed(variant, device, seed_latency_ms(manifest, device))
         router = None
         if choices:
-            router = Router(
-                name,
-                choices,
-                list(self._backends),
-                estimator,
-                lambda _variant, device: self._backends[device].depth(),
-                lambda: self._overhead_ms,
+
+            def predict(variant: str, device: str, rows: int) -> float:
+                backend = self._backends[device]
+                return self._overhead_ms + backend.predict_ms(name, variant, rows)
+
+            router = Router(name, choices, list(self._backends), predict)
+        return _ServedModel(entry, router, agreement)
+
+    # -- readiness -----------------------------------------------------------------------------
+
+    async def warm_up(self, requests: int = SELF_TEST_REQUESTS) -> None:
+        """Measures the per-request overhead with synthetic requests through the whole plane
+        (nothing is recorded), then declares the plane ready. The sessions themselves are
+        warmed by their backend."""
+        spans = []
+        for served in self._models.values():
+            if served.router is None:
+                continue
+            record = served.entry.record
+            inputs = tuple(
+                Tensor(name, array) for name, array in synthetic_inputs(record, 1).items()
             )
-        return _ServedModel(entry, router, agreement, estimator)
+            request = InferRequest(record.name, inputs, version=record.reference_variant)
+            for _ in range(requests):
+                clock = RequestClock.start()
+                response = await self._infer(request, clock, recorded=False)
+                assert response.answer is not None
+                spans.append(clock.elapsed_ms() - response.answer.work_ms)
+        if spans:
+            self._overhead_ms = statistics.median(spans)
+        self._ready = True
 
     # -- health and metadata -------------------------------------------------------------------
 
@@ -184,7 +154,11 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return True
+        return self._ready
+
+    @property
+    def overhead_ms(self) -> float:
+        return self._overhead_ms
 
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata("gearbox", _gearbox_version(), EXTENSIONS)
@@ -192,8 +166,8 @@ class DataPlane:
     def model_ready(self, model: str, version: str = "") -> bool:
         served = self._model(model)
         if version:
-            return self._manifest(served, version).is_ready
-        return served.router is not None
+            return self._manifest(served, version).is_ready and self._ready
+        return served.router is not None and self._ready
 
     def model_metadata(self, model: str, version: str = "") -> ModelMetadata:
         served = self._model(model)
@@ -241,115 +215,96 @@ class DataPlane:
 
     # -- inference -----------------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        started = time.perf_counter()
+    async def infer(self, request: InferRequest, clock: RequestClock) -> InferResponse:
+        """Routes and runs ``request``; finish it with :meth:`answered` once its outputs are
+        encoded. A request that fails is recorded here, with its error's code."""
+        return await self._infer(request, clock, recorded=True)
+
+    async def _infer(
+        self, request: InferRequest, clock: RequestClock, recorded: bool
+    ) -> InferResponse:
         model_label = variant = device = ""
-        code = OK
         try:
             served = self._model(request.model)
             model_label = request.model
             router = self._router(served, request.version)
-            inputs = _check_inputs(served.entry.record, request.inputs)
-            requested = _check_outputs(served.entry.record, request)
+            record = served.entry.record
+            inputs = _arrays(request.inputs, record)
+            rows = record.signature.check_inputs(inputs, f"model '{record.name}'")
+            requested = _check_outputs(record, request)
             routing = RoutingRequest.from_parameters(request.parameters, self._configured)
-            route = router.choose(routing, request.version)
+            if routing.latency_budget_ms is None and clock.deadline_ms is not None:
+                # A gRPC deadline is the caller's budget when it names none itself.
+                routing = dataclasses.replace(
+                    routing, latency_budget_ms=max(clock.deadline_ms, 1e-3)
+                )
+            route = router.choose(routing, request.version, rows)
             variant, device = route.variant, route.device_class
-            self._metrics.variant_selected(request.model, variant, route.reason)
-            outputs, service_ms = await self._run(served, route, inputs)
-            observed_ms = (time.perf_counter() - started) * 1000
-            self._overhead_ms += OVERHEAD_SMOOTHING * (
-                max(observed_ms - service_ms, 0.0) - self._overhead_ms
-            )
-            budget = routing.latency_budget_ms
-            met = budget is None or observed_ms <= budget
-            if budget is not None:
-                self._metrics.budget_outcome(request.model, variant, met)
-            self._maybe_shadow(served, route, inputs, outputs)
+            if recorded:
+                self._metrics.variant_selected(request.model, variant, route.reason)
+            result, work_ms = await self._run(record.name, route, inputs)
+            if recorded:
+                self._shadow.maybe_compare(
+                    record, variant, served.agreement[variant], inputs, result.outputs
+                )
             return InferResponse(
                 model=request.model,
                 version=variant,
                 id=request.id,
-                outputs=tuple(Tensor(name, outputs[name]) for name in requested),
+                outputs=tuple(Tensor(name, result.outputs[name]) for name in requested),
                 parameters={
                     "variant": variant,
                     "device_class": device,
                     "predicted_latency_ms": round(route.predicted_ms, 4),
-                    "latency_ms": round(observed_ms, 4),
-                    "budget_met": met,
                 },
                 binary_outputs=frozenset(o.name for o in request.outputs if o.binary),
                 all_outputs_binary=request.all_outputs_binary and not request.outputs,
+                answer=Answer(
+                    clock,
+                    route,
+                    routing.latency_budget_ms,
+                    work_ms,
+                    request.protocol,
+                ),
             )
-        except GearboxError as error:
-            code = error.code.value
+        except BaseException as error:
+            if recorded:
+                self._metrics.request_finished(
+                    model_label, variant, device, request.protocol, _code_of(error),
+                    clock.elapsed_ms() / 1000,
+                )  # fmt: skip
             raise
-        except Exception:
-            code = ErrorCode.INTERNAL.value
-            raise
-        finally:
-            self._metrics.request_finished(
-                model_label, variant, device, request.protocol, code,
-                time.perf_counter() - started,
-            )  # fmt: skip
+
+    def answered(self, response: InferResponse) -> dict[str, ParameterValue]:
+        """Stops the clock of a response whose outputs are encoded, records it, and returns
+        its parameters with ``latency_ms`` and ``budget_met``."""
+        answer = response.answer
+        if answer is None:
+            return dict(response.parameters)
+        latency_ms = answer.clock.elapsed_ms()
+        self._overhead_ms += OVERHEAD_SMOOTHING * (
+            max(latency_ms - answer.work_ms, 0.0) - self._overhead_ms
+        )
+        met = answer.budget_ms is None or latency_ms <= answer.budget_ms
+        model, variant = response.model, answer.route.variant
+        if answer.budget_ms is not None:
+            self._metrics.budget_outcome(model, variant, met)
+        self._metrics.request_finished(
+            model, variant, answer.route.device_class, answer.protocol, OK, latency_ms / 1000
+        )
+        return {**response.parameters, "latency_ms": round(latency_ms, 4), "budget_met": met}
 
     async def _run(
-        self, served: _ServedModel, route: Route, inputs: dict[str, np.ndarray]
-    ) -> tuple[dict[str, np.ndarray], float]:
-        """The variant's outputs and the time spent waiting for and running it, in ms."""
-        model = served.entry.record.name
-        backend = self._backends[route.device_class]
+        self, model: str, route: Route, inputs: Mapping[str, np.ndarray]
+    ) -> tuple[BatchResult, float]:
+        """The variant's result, and how long the backend took to give it (ms)."""
         self._metrics.inflight(model, route.device_class, 1)
         started = time.perf_counter()
         try:
-            result = await backend.infer(model, route.variant, inputs)
+            result = await self._backends[route.device_class].infer(model, route.variant, inputs)
         finally:
             self._metrics.inflight(model, route.device_class, -1)
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        # The estimate tracks the run itself, like the manifest figures that seed it: queueing
-        # enters the prediction through the queue depth, the gateway's overhead separately.
-        # A remote device class also pays the hop, so it is charged its whole round trip.
-        local = backend is self._local
-        service_ms = result.service_s * 1000 if local else elapsed_ms - result.queue_s * 1000
-        served.estimator.observe(route.variant, route.device_class, service_ms)
-        return result.outputs, elapsed_ms
-
-    def _maybe_shadow(
-        self,
-        served: _ServedModel,
-        route: Route,
-        inputs: dict[str, np.ndarray],
-        outputs: dict[str, np.ndarray],
-    ) -> None:
-        reference = served.entry.record.reference_variant
-        if route.variant == reference or reference not in served.agreement:
-            return
-        self._shadow_credit += self._shadow_fraction
-        if self._shadow_credit < 1.0:
-            return
-        self._shadow_credit -= 1.0
-        task = asyncio.get_running_loop().create_task(
-            self._shadow(served, route.variant, inputs, outputs)
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _shadow(
-        self,
-        served: _ServedModel,
-        variant: str,
-        inputs: dict[str, np.ndarray],
-        outputs: dict[str, np.ndarray],
-    ) -> None:
-        record = served.entry.record
-        try:  # on the gateway's own device class: a shadow run never costs a hop
-            reference = await self._local.infer(record.name, record.reference_variant, inputs)
-        except (ResourceExhaustedError, UnavailableError):
-            return  # Under load the comparison waits for a quieter moment.
-        name = record.signature.outputs[0].name
-        matched, rows = _agreement(record.task, outputs[name], reference.outputs[name])
-        tracker = served.agreement[variant]
-        tracker.add(matched, rows)
-        self._metrics.agreement(record.name, variant, tracker.value)
+        return result, (time.perf_counter() - started) * 1000
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -388,6 +343,14 @@ class DataPlane:
         return served.router
 
 
+def _code_of(error: BaseException) -> str:
+    if isinstance(error, GearboxError):
+        return error.code.value
+    if isinstance(error, asyncio.CancelledError):
+        return CANCELLED  # the caller went away: never counted as answered
+    return ErrorCode.INTERNAL.value
+
+
 def _manifest_parameters(manifest: VariantManifest) -> dict[str, ParameterValue]:
     parameters: dict[str, ParameterValue] = {
         "technique": manifest.technique,
@@ -403,39 +366,14 @@ def _manifest_parameters(manifest: VariantManifest) -> dict[str, ParameterValue]
     return parameters
 
 
-def _check_inputs(record: ModelRecord, tensors: Sequence[Tensor]) -> dict[str, np.ndarray]:
-    where = f"model '{record.name}'"
+def _arrays(tensors: Sequence[Tensor], record: ModelRecord) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for tensor in tensors:
         if tensor.name in arrays:
-            raise InvalidArgumentError(f"{where}: input '{tensor.name}' is given twice")
+            raise InvalidArgumentError(
+                f"model '{record.name}': input '{tensor.name}' is given twice"
+            )
         arrays[tensor.name] = tensor.data
-    specs = {spec.name: spec for spec in record.signature.inputs}
-    missing = [name for name in specs if name not in arrays]
-    if missing:
-        raise InvalidArgumentError(f"{where}: missing input(s) {', '.join(missing)}")
-    unexpected = sorted(set(arrays) - set(specs))
-    if unexpected:
-        raise InvalidArgumentError(
-            f"{where}: unexpected input(s) {', '.join(unexpected)} (inputs: {', '.join(specs)})"
-        )
-    for tensor in tensors:
-        spec = specs[tensor.name]
-        if tensor.datatype != spec.datatype:
-            raise InvalidArgumentError(
-                f"{where}: input '{tensor.name}' has datatype {tensor.datatype}, "
-                f"the model expects {spec.datatype}"
-            )
-        if not spec.accepts(tensor.shape):
-            raise InvalidArgumentError(
-                f"{where}: input '{tensor.name}' has shape {list(tensor.shape)}, "
-                f"the model expects {list(spec.shape)} (-1: any size)"
-            )
-    rows = {array.shape[0] for array in arrays.values()}
-    if len(rows) > 1:
-        raise InvalidArgumentError(f"{where}: inputs disagree on the batch size: {sorted(rows)}")
-    if 0 in rows:
-        raise InvalidArgumentError(f"{where}: the batch is empty (first dimension 0)")
     return arrays
 
 
@@ -452,23 +390,4 @@ def _check_outputs(record: ModelRecord, request: InferRequest) -> tuple[str, ...
     return tuple(dict.fromkeys(o.name for o in request.outputs))
 
 
-def _agreement(task: str, answer: np.ndarray, reference: np.ndarray) -> tuple[float, int]:
-    """Matched rows: equal top-1 for classification, cosine similarity otherwise."""
-    rows = answer.shape[0]
-    flat_answer = answer.reshape(rows, -1).astype(np.float64)
-    flat_reference = reference.reshape(rows, -1).astype(np.float64)
-    if task == "classification":
-        same = flat_answer.argmax(axis=1) == flat_reference.argmax(axis=1)
-        return float(same.sum()), rows
-    norms = np.linalg.norm(flat_answer, axis=1) * np.linalg.norm(flat_reference, axis=1)
-    cosine = (flat_answer * flat_reference).sum(axis=1) / np.maximum(norms, 1e-12)
-    return float(cosine.sum()), rows
-
-
-__all__ = [
-    "BUDGET_PARAMETER",
-    "Catalog",
-    "CatalogEntry",
-    "DataPlane",
-    "seed_latency_ms",
-]
+__all__ = ["Answer", "DataPlane"]

@@ -1,14 +1,16 @@
 """Variant hosting: ONNX Runtime sessions of the ready variants, one set per device class.
 
-A :class:`LocalBackend` holds the sessions in this process (the gateway replica hosts its own
-device class this way, so the common path has no second hop). A :class:`RemoteBackend` reaches
-the replicas of another device class (a GPU pool, say) through a Ray Serve handle.
+A :class:`LocalBackend` holds the sessions in this process, run by a
+:class:`~gearbox.serving.executor.DeviceExecutor` (the gateway replica hosts its own device
+class this way, so the common path has no second hop). A :class:`RemoteBackend` reaches the
+replicas of another device class (a GPU pool, say) through a Ray Serve handle.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import statistics
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,12 +18,15 @@ import numpy as np
 import onnxruntime as ort
 
 from gearbox.compression.devices import DeviceClass
-from gearbox.compression.errors import GearboxError, NotFoundError, UnavailableError
-from gearbox.compression.repository import ModelRepository, VariantManifest
-from gearbox.serving.batching import BatchResult, DynamicBatcher
+from gearbox.compression.errors import GearboxError, UnavailableError
+from gearbox.compression.repository import ModelRecord, ModelRepository, VariantManifest
+from gearbox.serving.catalog import Catalog, profiled_cost
 from gearbox.serving.config import BatchingConfig
+from gearbox.serving.executor import Arrays, BatchResult, DeviceExecutor, OnBatch
+from gearbox.serving.queue_model import ServiceTimes, predict_ms, variant_key
 
-Arrays = Mapping[str, np.ndarray]
+WARM_UP_RUNS = 5
+"""Timed runs per session and batch size before a replica says ready (after one untimed)."""
 
 
 class Backend(Protocol):
@@ -30,6 +35,11 @@ class Backend(Protocol):
     device_class: str
 
     async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult: ...
+
+    def predict_ms(self, model: str, variant: str, rows: int) -> float:
+        """How long ``infer`` would take for a request arriving now: queueing, the hop to
+        the session and back, and the run (the gateway's own overhead is not included)."""
+        ...
 
     def depth(self) -> int:
         """Requests admitted on this device class and not yet answered."""
@@ -63,87 +73,102 @@ def load_session(
     return device.create_session(repository.read_artifact(manifest))
 
 
-class ReplicaLoad:
-    """Requests inside this replica, counted from the moment its adapter first sees them."""
-
-    def __init__(self) -> None:
-        self.active = 0
-
-    def idle(self) -> bool:
-        """True when the request asking is the only one in flight."""
-        return self.active <= 1
-
-    @contextlib.contextmanager
-    def request(self) -> Iterator[None]:
-        self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
+def synthetic_inputs(record: ModelRecord, rows: int) -> dict[str, np.ndarray]:
+    """Zeros of the model's signature (dynamic dimensions 1), ``rows`` deep: warm-up input."""
+    return {
+        spec.name: np.zeros((rows, *(max(d, 1) for d in spec.shape[1:])), dtype=spec.numpy_dtype)
+        for spec in record.signature.inputs
+    }
 
 
 class LocalBackend:
-    """Every ready variant of the given models, in sessions on this process's device class."""
+    """Every ready variant of the catalog, in sessions on this process's device class."""
 
     def __init__(
         self,
         repository: ModelRepository,
-        manifests: Sequence[VariantManifest],
+        catalog: Catalog,
         device: DeviceClass,
         batching: BatchingConfig,
-        on_batch: Callable[[str, str, int], None] | None = None,
-        load: ReplicaLoad | None = None,
+        on_batch: OnBatch | None = None,
     ) -> None:
         self.device_class = device.name
-        self._batchers: dict[tuple[str, str], DynamicBatcher] = {}
-        for manifest in manifests:
+        self.times = ServiceTimes()
+        self.executor = DeviceExecutor(
+            device.name, device.worker_threads, batching, self.times, on_batch=on_batch
+        )
+        self._batching = batching
+        self._records: dict[str, ModelRecord] = {}
+        for manifest in catalog.ready_manifests():
             session = load_session(repository, manifest, device)
             runner = _SessionRunner(session, tuple(o.name for o in session.get_outputs()))
-            key = (manifest.model, manifest.variant)
-            self._batchers[key] = DynamicBatcher(
-                f"{manifest.model}/{manifest.variant} on {device.name}",
-                runner,
-                batching,
-                on_batch=_bind(on_batch, manifest.model, manifest.variant),
-                replica_idle=load.idle if load is not None else None,
-            )
+            key = variant_key(manifest.model, manifest.variant)
+            self.times.seed(key, device.name, profiled_cost(manifest, device.name))
+            self.executor.host(manifest.model, manifest.variant, runner)
+            self._records[manifest.model] = catalog.models[manifest.model].record
 
     @property
     def hosted(self) -> list[tuple[str, str]]:
-        return sorted(self._batchers)
+        return self.executor.hosted
+
+    async def warm_up(self, runs: int = WARM_UP_RUNS) -> None:
+        """Runs every session at batch 1 and at the largest batch, and calibrates the live
+        service times from what this machine measured, so predictions hold from the first
+        request rather than after the first few; then measures the worker hop."""
+        for model, variant in self.hosted:
+            record = self._records[model]
+            measured = {}
+            for rows in sorted({1, self._batching.max_batch_size}):
+                inputs = synthetic_inputs(record, rows)
+                self.executor.run_now(model, variant, inputs)  # the first run allocates
+                measured[rows] = statistics.median(
+                    self.executor.run_now(model, variant, inputs)[1] * 1000 for _ in range(runs)
+                )
+            self.times.calibrate(variant_key(model, variant), self.device_class, measured)
+        if self.hosted:
+            model, variant = min(
+                self.hosted,
+                key=lambda mv: self.times.batch_ms(variant_key(*mv), self.device_class, 1),
+            )
+            inputs = synthetic_inputs(self._records[model], 1)
+            await self.executor.measure_hop(model, variant, inputs)
 
     async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
-        batcher = self._batchers.get((model, variant))
-        if batcher is None:
-            raise NotFoundError(
-                f"variant '{variant}' of model '{model}' is not hosted on {self.device_class}"
-            )
-        return await batcher.submit(inputs)
+        return await self.executor.submit(model, variant, inputs)
+
+    def predict_ms(self, model: str, variant: str, rows: int) -> float:
+        key = variant_key(model, variant)
+        run = predict_ms(self.executor.work_state(), self.times, self.device_class, key, rows)
+        return run if self.executor.runs_inline(key, rows) else run + self.executor.hop_ms
 
     def depth(self) -> int:
-        return sum(batcher.depth for batcher in self._batchers.values())
+        return self.executor.depth()
 
-
-def _bind(
-    on_batch: Callable[[str, str, int], None] | None, model: str, variant: str
-) -> Callable[[int], None] | None:
-    if on_batch is None:
-        return None
-    return lambda rows: on_batch(model, variant, rows)
+    def close(self) -> None:
+        self.executor.close()
 
 
 class RemoteBackend:
-    """A device class served by replicas of its own, reached through a Ray Serve handle."""
+    """A device class served by replicas of its own, reached through a Ray Serve handle.
 
-    def __init__(self, device_class: str, handle: Any) -> None:
+    Its service time is the whole round trip (the hop included), learnt from each answer and
+    seeded from the manifests; requests in flight queue ahead of a new one.
+    """
+
+    def __init__(self, device_class: str, handle: Any, catalog: Catalog) -> None:
         self.device_class = device_class
         self._handle = handle
         self._inflight = 0
+        self.times = ServiceTimes()
+        for manifest in catalog.ready_manifests():
+            key = variant_key(manifest.model, manifest.variant)
+            self.times.seed(key, device_class, profiled_cost(manifest, device_class))
 
     async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
         self._inflight += 1
+        started = time.perf_counter()
         try:
-            return await self._handle.infer.remote(model, variant, dict(inputs))
+            result: BatchResult = await self._handle.infer.remote(model, variant, dict(inputs))
         except GearboxError:
             raise
         except Exception as error:
@@ -155,6 +180,22 @@ class RemoteBackend:
             ) from error
         finally:
             self._inflight -= 1
+        round_trip_ms = (time.perf_counter() - started) * 1000 - result.queue_s * 1000
+        self.times.observe(
+            variant_key(model, variant), self.device_class, result.batch_rows, round_trip_ms
+        )
+        return result
+
+    def predict_ms(self, model: str, variant: str, rows: int) -> float:
+        own = self.times.batch_ms(variant_key(model, variant), self.device_class, rows)
+        return own * (1 + self._inflight)
 
     def depth(self) -> int:
         return self._inflight
+
+
+def close_all(backends: Mapping[str, Backend]) -> None:
+    for backend in backends.values():
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()

@@ -9,17 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from gearbox.compression.errors import InvalidArgumentError
-from gearbox.compression.signature import OIP_TO_NUMPY
+from gearbox.compression.signature import NUMPY_TO_OIP, OIP_TO_NUMPY
 
 ParameterValue = bool | int | float | str
 Protocol = Literal["http", "grpc"]
-
-NUMPY_TO_OIP: Mapping[np.dtype, str] = {dtype: name for name, dtype in OIP_TO_NUMPY.items()}
 
 
 @dataclass(frozen=True)
@@ -69,6 +67,9 @@ class InferResponse:
     parameters: Mapping[str, ParameterValue]
     binary_outputs: frozenset[str] = frozenset()
     all_outputs_binary: bool = False
+    answer: Any = None
+    """The data plane's record of how it answered (its ``Answer``): the adapter hands the
+    response back to ``DataPlane.answered`` once the outputs are encoded."""
 
 
 @dataclass(frozen=True)

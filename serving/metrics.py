@@ -24,6 +24,8 @@ BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 
 OK = "ok"
 """The ``code`` label of a successful request; failures carry their ErrorCode value."""
+CANCELLED = "cancelled"
+"""The ``code`` label of a request whose caller went away before it was answered."""
 
 
 class GatewayMetrics(Protocol):

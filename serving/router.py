@@ -4,9 +4,9 @@ Per request: candidates are the ready variants on the allowed device classes tha
 ``min_quality``. With a latency budget, the highest-quality candidate whose predicted latency
 fits wins; if none fits, the fastest answers and ``budget_met`` turns false. Without a budget the
 reference variant answers. A ``routing_key`` turns the choice among the fitting candidates into a
-sticky A/B assignment. Predicted latency = live service-time estimate x (1 + requests queued
-ahead), per variant x device class, seeded from the manifest's profile, plus the gateway's own
-measured per-request overhead (the same for every variant, so it never changes the order).
+sticky A/B assignment. Predicted latency comes from :mod:`gearbox.serving.queue_model`: the
+work queued ahead on the executor the request would use, its own service time at its batch
+size, and the gateway's measured per-request overhead.
 
 The router runs inside the gateway replica, so choosing costs no extra Ray Serve hop.
 """
@@ -25,7 +25,6 @@ BUDGET_PARAMETER = "latency_budget_ms"
 DEVICE_CLASS_PARAMETER = "device_class"
 MIN_QUALITY_PARAMETER = "min_quality"
 ROUTING_KEY_PARAMETER = "routing_key"
-OUTLIER_FACTOR = 2.0
 
 
 class Reason:
@@ -33,6 +32,8 @@ class Reason:
 
     PINNED = "pinned"
     REFERENCE = "reference"
+    HIGHEST_QUALITY = "highest_quality"
+    """No budget, and ``min_quality`` (or the device classes) left the reference out."""
     WITHIN_BUDGET = "within_budget"
     FASTEST_OVER_BUDGET = "fastest_over_budget"
     ROUTING_KEY = "routing_key"
@@ -121,39 +122,8 @@ class Route:
     reason: str
 
 
-class LatencyEstimator:
-    """Live service time per (variant, device class): seeded, then an exponential average.
-
-    Service time excludes time spent waiting in the queue; queueing enters the prediction
-    through the queue depth instead, so it is not counted twice.
-    """
-
-    def __init__(self, smoothing: float = 0.2) -> None:
-        if not 0 < smoothing <= 1:
-            raise InvalidArgumentError("smoothing must lie in (0, 1]")
-        self._smoothing = smoothing
-        self._estimates: dict[tuple[str, str], float] = {}
-
-    def seed(self, variant: str, device_class: str, milliseconds: float) -> None:
-        self._estimates[(variant, device_class)] = max(milliseconds, 0.0)
-
-    def observe(self, variant: str, device_class: str, milliseconds: float) -> None:
-        key = (variant, device_class)
-        previous = self._estimates.get(key)
-        if previous is None or previous <= 0:
-            self._estimates[key] = milliseconds
-            return
-        # One stall (a GC pause, a noisy neighbour) may at most double a sample's weight:
-        # an inflated estimate would keep the router away from the variant, and so from the
-        # very measurements that would correct it. A lasting slowdown still gets through.
-        sample = min(milliseconds, OUTLIER_FACTOR * previous)
-        self._estimates[key] = previous + self._smoothing * (sample - previous)
-
-    def service_ms(self, variant: str, device_class: str) -> float:
-        return self._estimates.get((variant, device_class), 0.0)
-
-
-QueueDepth = Callable[[str, str], int]
+Predict = Callable[[str, str, int], float]
+"""Predicted latency in ms of a request of ``rows`` rows for (variant, device class)."""
 
 
 class Router:
@@ -164,34 +134,28 @@ class Router:
         model: str,
         variants: Sequence[VariantChoice],
         device_classes: Sequence[str],
-        estimator: LatencyEstimator,
-        queue_depth: QueueDepth,
-        overhead_ms: Callable[[], float] = lambda: 0.0,
+        predict: Predict,
     ) -> None:
         if not variants:
             raise InvalidArgumentError(f"model '{model}' has no ready variant to route to")
         self._model = model
         self._variants = {choice.variant: choice for choice in variants}
         self._device_classes = tuple(device_classes)
-        self._estimator = estimator
-        self._queue_depth = queue_depth
-        self._overhead_ms = overhead_ms
+        self._predict = predict
 
     @property
     def device_classes(self) -> tuple[str, ...]:
         return self._device_classes
 
-    def predicted_ms(self, variant: str, device_class: str) -> float:
-        waiting = self._queue_depth(variant, device_class)
-        service = self._estimator.service_ms(variant, device_class)
-        return self._overhead_ms() + service * (1 + waiting)
+    def predicted_ms(self, variant: str, device_class: str, rows: int = 1) -> float:
+        return self._predict(variant, device_class, rows)
 
-    def choose(self, routing: RoutingRequest, pinned: str = "") -> Route:
+    def choose(self, routing: RoutingRequest, pinned: str = "", rows: int = 1) -> Route:
         devices = self._allowed_devices(routing)
         if pinned:
             if pinned not in self._variants:
                 raise NotFoundError(f"variant '{pinned}' of model '{self._model}' is not served")
-            return self._fastest([self._option(pinned, d) for d in devices], Reason.PINNED)
+            return self._fastest([self._option(pinned, d, rows) for d in devices], Reason.PINNED)
 
         variants = list(self._variants.values())
         if routing.min_quality is not None:
@@ -202,7 +166,7 @@ class Router:
                     f"no variant of model '{self._model}' reaches {MIN_QUALITY_PARAMETER} "
                     f"{routing.min_quality:g} (best: {best:.4f})"
                 )
-        options = [self._option(v.variant, d) for v in variants for d in devices]
+        options = [self._option(v.variant, d, rows) for v in variants for d in devices]
 
         if routing.latency_budget_ms is None:
             if routing.routing_key is not None:
@@ -210,7 +174,7 @@ class Router:
             references = [o for o in options if self._variants[o.variant].is_reference]
             if references:
                 return self._fastest(references, Reason.REFERENCE)
-            return self._best(options, Reason.REFERENCE)
+            return self._best(options, Reason.HIGHEST_QUALITY)
 
         fitting = [o for o in options if o.predicted_ms <= routing.latency_budget_ms]
         if not fitting:
@@ -230,8 +194,8 @@ class Router:
             )
         return served
 
-    def _option(self, variant: str, device_class: str) -> Route:
-        return Route(variant, device_class, self.predicted_ms(variant, device_class), "")
+    def _option(self, variant: str, device_class: str, rows: int) -> Route:
+        return Route(variant, device_class, self._predict(variant, device_class, rows), "")
 
     def _fastest(self, options: Sequence[Route], reason: str) -> Route:
         best = min(options, key=lambda o: (o.predicted_ms, o.variant, o.device_class))

@@ -20,6 +20,7 @@ from gearbox.compression.errors import InvalidArgumentError, UnavailableError
 from gearbox.compression.repository import ModelRepository
 from gearbox.serving.app import GRPC_SERVICER, build_app, servable_device_classes
 from gearbox.serving.config import APP_NAME, GatewayConfig
+from gearbox.serving.ingress import Ingress, ingress_in_effect
 
 LOOPBACK = "127.0.0.1"
 READY_TIMEOUT_S = 180.0
@@ -32,6 +33,7 @@ class Endpoints:
     metrics: tuple[str, ...]
     device_classes: tuple[str, ...]
     skipped_device_classes: dict[str, str]
+    ingress: Ingress = Ingress.HAPROXY
 
     @property
     def ready_url(self) -> str:
@@ -105,6 +107,7 @@ def start_gateway(config: GatewayConfig, http_port: int, grpc_port: int) -> Endp
         metrics=metrics_urls(),
         device_classes=tuple(device.name for device in served),
         skipped_device_classes=skipped,
+        ingress=ingress_in_effect(),
     )
     wait_ready(endpoints.ready_url)
     return endpoints
@@ -136,14 +139,14 @@ def stop_gateway(started_serve: bool) -> None:
             serve.delete(APP_NAME)
 
 
-def serve_was_running() -> bool:
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+SERVE_NAMESPACE = "serve"
+"""Where Ray Serve keeps its controller actor (a detached actor named by Serve)."""
 
-    try:
-        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    except ValueError:
-        return False
-    return True
+
+def serve_was_running() -> bool:
+    """Whether Ray Serve already runs on this cluster (then Gearbox must not shut it down)."""
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return any(actor.get("namespace") == SERVE_NAMESPACE for actor in actors)
 
 
 @contextlib.contextmanager

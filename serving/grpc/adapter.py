@@ -1,7 +1,8 @@
 """gRPC adapter of the Open Inference Protocol v2: where a gRPC request enters.
 
-Ray Serve's gRPC proxy hands each ``inference.GRPCInferenceService`` call to the gateway method
-of the same name; each method here is convert -> call the data plane -> convert. Typed tensor
+Ray Serve's gRPC server hands each ``inference.GRPCInferenceService`` call to the gateway method
+of the same name, which :class:`GrpcServicer` defines; each is convert -> call the data plane ->
+convert. Typed tensor
 contents and ``raw_input_contents`` are both accepted. Error codes map to gRPC statuses here,
 once.
 """
@@ -16,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from gearbox.compression.errors import ErrorCode, GearboxError, InvalidArgumentError
+from gearbox.serving.clock import arrival
 from gearbox.serving.dataplane import DataPlane
 from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
 from gearbox.serving.inference import (
@@ -68,39 +70,47 @@ class StatusContext(Protocol):
 Reply = TypeVar("Reply")
 
 
-class GrpcAdapter:
+class GrpcServicer:
+    """``inference.GRPCInferenceService``: each RPC is convert -> call the data plane -> convert.
+
+    The gateway deployment is this servicer (Ray Serve's gRPC server calls the method named
+    after the RPC, passing its context); it works as well on any ``grpc.aio`` server.
+    """
+
     def __init__(self, plane: DataPlane) -> None:
         self._plane = plane
 
-    async def server_live(
-        self, request: pb.ServerLiveRequest, context: StatusContext
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, grpc_context: StatusContext
     ) -> pb.ServerLiveResponse:
         return await _answer(
-            context, pb.ServerLiveResponse, lambda: pb.ServerLiveResponse(live=self._plane.live())
+            grpc_context,
+            pb.ServerLiveResponse,
+            lambda: pb.ServerLiveResponse(live=self._plane.live()),
         )
 
-    async def server_ready(
-        self, request: pb.ServerReadyRequest, context: StatusContext
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, grpc_context: StatusContext
     ) -> pb.ServerReadyResponse:
         return await _answer(
-            context,
+            grpc_context,
             pb.ServerReadyResponse,
             lambda: pb.ServerReadyResponse(ready=self._plane.ready()),
         )
 
-    async def model_ready(
-        self, request: pb.ModelReadyRequest, context: StatusContext
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, grpc_context: StatusContext
     ) -> pb.ModelReadyResponse:
         return await _answer(
-            context,
+            grpc_context,
             pb.ModelReadyResponse,
             lambda: pb.ModelReadyResponse(
                 ready=self._plane.model_ready(request.name, request.version)
             ),
         )
 
-    async def server_metadata(
-        self, request: pb.ServerMetadataRequest, context: StatusContext
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, grpc_context: StatusContext
     ) -> pb.ServerMetadataResponse:
         def convert() -> pb.ServerMetadataResponse:
             meta = self._plane.server_metadata()
@@ -108,25 +118,29 @@ class GrpcAdapter:
                 name=meta.name, version=meta.version, extensions=list(meta.extensions)
             )
 
-        return await _answer(context, pb.ServerMetadataResponse, convert)
+        return await _answer(grpc_context, pb.ServerMetadataResponse, convert)
 
-    async def model_metadata(
-        self, request: pb.ModelMetadataRequest, context: StatusContext
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, grpc_context: StatusContext
     ) -> pb.ModelMetadataResponse:
         return await _answer(
-            context,
+            grpc_context,
             pb.ModelMetadataResponse,
             lambda: metadata_to_proto(self._plane.model_metadata(request.name, request.version)),
         )
 
-    async def model_infer(
-        self, request: pb.ModelInferRequest, context: StatusContext
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, grpc_context: StatusContext
     ) -> pb.ModelInferResponse:
-        async def call() -> pb.ModelInferResponse:
-            response = await self._plane.infer(request_from_proto(request))
-            return response_to_proto(response, raw=bool(request.raw_input_contents))
+        clock = arrival()
 
-        return await _answer(context, pb.ModelInferResponse, call)
+        async def call() -> pb.ModelInferResponse:
+            response = await self._plane.infer(request_from_proto(request), clock)
+            return response_to_proto(
+                response, bool(request.raw_input_contents), self._plane.answered
+            )
+
+        return await _answer(grpc_context, pb.ModelInferResponse, call)
 
 
 async def _answer(
@@ -223,14 +237,18 @@ def request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
     )
 
 
-def response_to_proto(response: InferResponse, raw: bool) -> pb.ModelInferResponse:
+def response_to_proto(
+    response: InferResponse,
+    raw: bool,
+    finish: Callable[[InferResponse], Mapping[str, ParameterValue]] | None = None,
+) -> pb.ModelInferResponse:
+    """The reply; ``finish`` (the data plane's ``answered``) is called once the outputs are
+    encoded and gives the final parameters."""
     # Raw contents must cover every output or none; FP16 has no typed field, so it forces raw.
     raw = raw or any(t.datatype not in CONTENTS_FIELD for t in response.outputs)
     message = pb.ModelInferResponse(
         model_name=response.model, model_version=response.version, id=response.id
     )
-    for key, value in response.parameters.items():
-        message.parameters[key].CopyFrom(parameter_to_proto(value))
     for tensor in response.outputs:
         output = message.outputs.add(
             name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape)
@@ -239,6 +257,9 @@ def response_to_proto(response: InferResponse, raw: bool) -> pb.ModelInferRespon
             message.raw_output_contents.append(tensor_to_bytes(tensor))
         else:
             getattr(output.contents, CONTENTS_FIELD[tensor.datatype]).extend(_typed_values(tensor))
+    parameters = finish(response) if finish else response.parameters
+    for key, value in parameters.items():
+        message.parameters[key].CopyFrom(parameter_to_proto(value))
     return message
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gearbox.compression.errors import ErrorCode, GearboxError, InvalidArgumentError
+from gearbox.serving.clock import RequestClock
 from gearbox.serving.dataplane import DataPlane
 from gearbox.serving.inference import (
     InferRequest,
@@ -63,10 +64,18 @@ class HttpAdapter:
         self._plane = plane
 
     async def handle(
-        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        clock: RequestClock | None = None,
     ) -> HttpResponse:
+        """Answers one request; ``clock`` started when it reached the server (default: now)."""
         try:
-            return await self._dispatch(method.upper(), path, headers, body)
+            return await self._dispatch(
+                method.upper(), path, headers, body, clock or RequestClock.start()
+            )
         except GearboxError as error:
             return error_response(error.code, error.message)
         except Exception:
@@ -75,7 +84,12 @@ class HttpAdapter:
             return error_response(ErrorCode.INTERNAL, f"internal error serving {method} {path}")
 
     async def _dispatch(
-        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        clock: RequestClock,
     ) -> HttpResponse:
         parts = [p for p in path.split("/") if p]
         if not parts or parts[0] != "v2":
@@ -107,7 +121,8 @@ class HttpAdapter:
             return json_response(200 if ready else 503, {"name": model, "ready": ready})
         if tail == ["infer"] and method == "POST":
             request = decode_infer_request(model, version, headers, body)
-            return encode_infer_response(await self._plane.infer(request))
+            response = await self._plane.infer(request, clock)
+            return encode_infer_response(response, self._plane.answered)
         if tail == ["variants"] and method == "GET" and not version:
             return json_response(200, self._plane.variants(model))
         return _unknown(method, path)
@@ -242,7 +257,13 @@ def _parameters(value: object, where: str) -> dict[str, ParameterValue]:
     return value
 
 
-def encode_infer_response(response: InferResponse) -> HttpResponse:
+def encode_infer_response(
+    response: InferResponse,
+    finish: Callable[[InferResponse], Mapping[str, ParameterValue]] | None = None,
+) -> HttpResponse:
+    """The response body; ``finish`` (the data plane's ``answered``) is called once the
+    outputs are encoded and gives the final parameters, so that the latency it stamps covers
+    the encoding too."""
     outputs = []
     blobs: list[bytes] = []
     for tensor in response.outputs:
@@ -258,16 +279,17 @@ def encode_infer_response(response: InferResponse) -> HttpResponse:
         else:
             entry["data"] = tensor.data.ravel().tolist()
         outputs.append(entry)
-    header = json.dumps(
+    encoded_outputs = json.dumps(outputs, separators=(",", ":"))
+    head = json.dumps(
         {
             "model_name": response.model,
             "model_version": response.version,
             "id": response.id,
-            "parameters": dict(response.parameters),
-            "outputs": outputs,
+            "parameters": dict(finish(response) if finish else response.parameters),
         },
         separators=(",", ":"),
-    ).encode()
+    )
+    header = f'{head[:-1]},"outputs":{encoded_outputs}}}'.encode()
     if not blobs:
         return HttpResponse(200, header)
     return HttpResponse(

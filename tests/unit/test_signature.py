@@ -63,8 +63,13 @@ def test_signature_needs_inputs_and_outputs():
         Signature(inputs=(IMAGES,), outputs=())
 
 
-def test_check_inputs_accepts_a_matching_batch():
-    SIGNATURE.check_inputs({"images": np.zeros((5, 1, 8, 8), np.float32)}, "request")
+def test_check_inputs_accepts_a_matching_batch_and_counts_its_rows():
+    assert SIGNATURE.check_inputs({"images": np.zeros((5, 1, 8, 8), np.float32)}, "request") == 5
+
+
+def test_check_inputs_reports_an_empty_batch():
+    with pytest.raises(InvalidArgumentError, match="the batch is empty"):
+        SIGNATURE.check_inputs({"images": np.zeros((0, 1, 8, 8), np.float32)}, "request")
 
 
 def test_check_inputs_reports_missing_input():
@@ -77,14 +82,14 @@ def test_check_inputs_reports_extra_input():
     inputs = {"images": np.zeros((1, 1, 8, 8), np.float32), "mask": np.zeros(1, np.float32)}
     with pytest.raises(InvalidArgumentError) as caught:
         SIGNATURE.check_inputs(inputs, "request")
-    assert caught.value.message == "request: unexpected input(s) mask"
+    assert caught.value.message == "request: unexpected input(s) mask (inputs: images)"
 
 
 def test_check_inputs_reports_wrong_dtype():
     with pytest.raises(InvalidArgumentError) as caught:
         SIGNATURE.check_inputs({"images": np.zeros((2, 1, 8, 8), np.float64)}, "request")
     assert caught.value.message == (
-        "request: input 'images' has dtype float64, signature says FP32"
+        "request: input 'images' has datatype FP64, the model expects FP32"
     )
 
 
@@ -93,7 +98,8 @@ def test_check_inputs_reports_wrong_shape(shape):
     with pytest.raises(InvalidArgumentError) as caught:
         SIGNATURE.check_inputs({"images": np.zeros(shape, np.float32)}, "request")
     assert caught.value.message == (
-        f"request: input 'images' has shape {list(shape)}, signature says [-1, 1, 8, 8]"
+        f"request: input 'images' has shape {list(shape)}, "
+        "the model expects [-1, 1, 8, 8] (-1: any size)"
     )
 
 

@@ -165,19 +165,21 @@ def test_load_data_rejects_inputs_of_the_wrong_shape():
         _load("splits_with_wrong_shape")
     assert caught.value.message == (
         "model 'tiny-conv', calibration split: input 'images' has shape [64, 1, 4, 4], "
-        "signature says [-1, 1, 8, 8]"
+        "the model expects [-1, 1, 8, 8] (-1: any size)"
     )
 
 
 def test_load_data_rejects_inputs_of_the_wrong_dtype():
-    with pytest.raises(InvalidArgumentError, match="train split: input 'images' has dtype float64"):
+    with pytest.raises(InvalidArgumentError, match="train split: input 'images' has datatype FP64"):
         _load("splits_with_wrong_dtype")
 
 
 def test_load_data_rejects_an_empty_split():
     with pytest.raises(InvalidArgumentError) as caught:
         _load("splits_with_empty_heldout")
-    assert caught.value.message == "model 'tiny-conv', heldout split is empty"
+    assert caught.value.message == (
+        "model 'tiny-conv', heldout split: the batch is empty (first dimension 0)"
+    )
 
 
 def test_load_data_rejects_a_provider_returning_something_else():

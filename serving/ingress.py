@@ -1,0 +1,110 @@
+"""Which ingress sits in front of the gateway, and the Ray environment that selects it.
+
+``haproxy`` (the default): Ray Serve's HAProxy ingress over direct ingress. HAProxy listens on
+the HTTP and gRPC ports and forwards each request straight to a gateway replica's own HTTP or
+gRPC server: one hop, about a third of the classic proxy's cost. ``proxy``: Ray Serve's classic
+Python proxies, which reach the replica through a second Ray hop.
+
+Ray reads these settings from the environment of every Ray process (controller, proxies,
+replicas), so they must be in place before the cluster starts: ``gearbox serve`` and
+``gearbox demo`` set them for the local Ray they start; a cluster started with ``ray start``
+or KubeRay gets them from :func:`ray_environment` through its own environment (see
+``deploy/``). Values already set in the environment win, so an operator can override any.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from gearbox.compression.errors import InvalidArgumentError
+
+INGRESS_ENV = "GEARBOX_INGRESS"
+"""Chooses the ingress when the command line does not: ``haproxy`` or ``proxy``."""
+
+DRAIN_PERIOD_S = 2.0
+"""How long a stopping gateway replica keeps accepting requests so HAProxy can take it out of
+rotation (Ray's default is 30 s, made for cloud load balancers; HAProxy here learns of the stop
+from Serve directly and retries a refused connection on another replica)."""
+
+
+class Ingress(enum.StrEnum):
+    HAPROXY = "haproxy"
+    PROXY = "proxy"
+
+    @classmethod
+    def parse(cls, value: str | None) -> Ingress:
+        text = value or os.environ.get(INGRESS_ENV) or cls.HAPROXY.value
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            raise InvalidArgumentError(
+                f"unknown ingress {text!r} (choose {', '.join(i.value for i in cls)})"
+            ) from None
+
+
+def ray_environment(ingress: Ingress, state_dir: str | Path | None = None) -> dict[str, str]:
+    """The environment variables Ray needs for ``ingress``.
+
+    ``state_dir`` gives HAProxy's socket, configuration and state files a directory of their
+    own, and its exporter and stats pages free ports, so that two clusters on one machine
+    (a test cluster beside a demo, say) do not share Ray's fixed defaults.
+    """
+    # ONNX Runtime runs on the gateway's worker threads, never on the event loop, so the
+    # user code can share the server's loop: this saves a thread hop on every request.
+    env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    if ingress is Ingress.PROXY:
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+        return env
+    env.update(
+        {
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "gearbox.serving.clock:http_middlewares",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{DRAIN_PERIOD_S:g}",
+        }
+    )
+    if state_dir is not None:
+        state = Path(state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        env.update(
+            {
+                "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state / "haproxy.cfg"),
+                "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state / "admin.sock"),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
+                "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state / "metrics.sock"),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+            }
+        )
+    return env
+
+
+def apply_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """Puts ``env`` into this process's environment (inherited by the Ray it starts), keeping
+    any value already set; returns what is in effect."""
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in env}
+
+
+def ingress_in_effect() -> Ingress:
+    """The ingress this process's environment selects for a Ray it starts."""
+    enabled = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"
+    return Ingress.HAPROXY if enabled else Ingress.PROXY
+
+
+def session_state_dir() -> Path:
+    """A fresh directory for one local cluster's HAProxy files (short: HAProxy limits socket
+    paths to 97 bytes, and Ray nests them one hash deeper)."""
+    return Path(tempfile.mkdtemp(prefix="gbx-", dir="/tmp"))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

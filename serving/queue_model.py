@@ -1,0 +1,167 @@
+"""Predicted latency: what a request will wait for on the executor it would use, and its own run.
+
+DESIGN §6: predicted latency = the work queued ahead of the request on its device class's
+executor (batch-aware) + its own service time at its batch size + the gateway's measured
+per-request overhead. :class:`ServiceTimes` knows what one batch of a variant costs;
+:func:`predict_ms` turns a snapshot of the executor (:class:`WorkState`) into a prediction.
+
+Both are pure: the executor feeds them, and the unit tests drive them with synthetic arrivals
+against a simulated executor that forms batches by the same rule (:func:`batches_of`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from gearbox.compression.errors import InvalidArgumentError
+
+
+def variant_key(model: str, variant: str) -> str:
+    """How one model's variant is named in service times and work states (names hold no '/')."""
+    return f"{model}/{variant}"
+
+
+OUTLIER_FACTOR = 2.0
+"""A single measurement may pull an estimate up by at most this factor of its current value."""
+
+
+@dataclass(frozen=True)
+class BatchCost:
+    """What one batch of a variant costs: ``fixed_ms + per_row_ms * rows``, before live scaling."""
+
+    fixed_ms: float
+    per_row_ms: float
+
+    @classmethod
+    def from_profile(cls, b1_ms: float, b8_ms: float | None = None) -> BatchCost:
+        """From a manifest's batch-1 and (if profiled) batch-8 p50.
+
+        Without a batch-8 figure, half of a single row's time is taken as fixed and half as
+        per-row: between perfect batching and none, so neither error is large.
+        """
+        b1_ms = max(b1_ms, 0.0)
+        if b8_ms is None or b8_ms <= 0:
+            return cls(b1_ms / 2, b1_ms / 2)
+        per_row = max((b8_ms - b1_ms) / 7, 0.0)
+        return cls(max(b1_ms - per_row, 0.0), per_row)
+
+    def ms(self, rows: int) -> float:
+        return self.fixed_ms + self.per_row_ms * rows
+
+
+class ServiceTimes:
+    """Live service time per (variant, device class) and batch size.
+
+    The manifest's profile fixes the shape (fixed and per-row cost); live measurements of whole
+    batches scale it by an exponential average, so that a machine slower or faster than the
+    profiling one is learnt from a few requests at any batch size.
+    """
+
+    def __init__(self, smoothing: float = 0.2) -> None:
+        if not 0 < smoothing <= 1:
+            raise InvalidArgumentError("smoothing must lie in (0, 1]")
+        self._smoothing = smoothing
+        self._costs: dict[tuple[str, str], BatchCost] = {}
+        self._scales: dict[tuple[str, str], float] = {}
+
+    def seed(self, variant: str, device_class: str, cost: BatchCost) -> None:
+        self._costs[(variant, device_class)] = cost
+        self._scales[(variant, device_class)] = 1.0
+
+    def observe(self, variant: str, device_class: str, rows: int, milliseconds: float) -> None:
+        key = (variant, device_class)
+        cost = self._costs.get(key)
+        base = cost.ms(rows) if cost is not None else 0.0
+        if base <= 0:
+            # Nothing to scale: the first measurement becomes the cost of one row.
+            self._costs[key] = BatchCost(0.0, milliseconds / max(rows, 1))
+            self._scales[key] = 1.0
+            return
+        scale = self._scales[key]
+        # One stall (a GC pause, a noisy neighbour) may at most double a sample's weight: an
+        # inflated estimate would keep the router away from the variant, and so from the very
+        # measurements that would correct it. A lasting slowdown still gets through.
+        sample = min(milliseconds / base, OUTLIER_FACTOR * scale)
+        self._scales[key] = scale + self._smoothing * (sample - scale)
+
+    def calibrate(self, variant: str, device_class: str, measured_ms: Mapping[int, float]) -> None:
+        """Replaces the estimate with this machine's own measurements ({rows: ms}): two batch
+        sizes fix the fixed and per-row cost; one rescales the profiled shape."""
+        key = (variant, device_class)
+        if len(measured_ms) >= 2:
+            (rows_a, ms_a), (rows_b, ms_b) = sorted(measured_ms.items())[:2]
+            per_row = max((ms_b - ms_a) / (rows_b - rows_a), 0.0)
+            self._costs[key] = BatchCost(max(ms_a - per_row * rows_a, 0.0), per_row)
+            self._scales[key] = 1.0
+            return
+        ((rows, ms),) = measured_ms.items()
+        cost = self._costs.get(key)
+        if cost is None or cost.ms(rows) <= 0:
+            self._costs[key] = BatchCost(0.0, ms / max(rows, 1))
+            self._scales[key] = 1.0
+        else:
+            self._scales[key] = ms / cost.ms(rows)
+
+    def batch_ms(self, variant: str, device_class: str, rows: int = 1) -> float:
+        key = (variant, device_class)
+        cost = self._costs.get(key)
+        if cost is None:
+            return 0.0
+        return self._scales[key] * cost.ms(rows)
+
+
+@dataclass(frozen=True)
+class RunningBatch:
+    variant: str
+    rows: int
+    elapsed_ms: float
+
+
+@dataclass(frozen=True)
+class WorkState:
+    """A snapshot of one executor: batches running now and rows waiting per variant."""
+
+    workers: int
+    max_batch_size: int
+    running: Sequence[RunningBatch] = ()
+    queued_rows: Mapping[str, int] = field(default_factory=dict)
+
+
+def batches_of(rows: int, max_batch_size: int) -> list[int]:
+    """How ``rows`` queued rows of one variant run: full batches, then the remainder."""
+    full, remainder = divmod(rows, max_batch_size)
+    return [max_batch_size] * full + ([remainder] if remainder else [])
+
+
+def predict_ms(
+    state: WorkState,
+    times: ServiceTimes,
+    device_class: str,
+    variant: str,
+    rows: int = 1,
+    overhead_ms: float = 0.0,
+) -> float:
+    """When a request of ``rows`` rows for ``variant`` arriving now would be answered, in ms.
+
+    Work ahead = what is left of the running batches + every queued batch, shared among the
+    executor's workers. The request joins its variant's last partial batch if it fits, and its
+    own time is that batch's run.
+    """
+    ahead = sum(
+        max(times.batch_ms(run.variant, device_class, run.rows) - run.elapsed_ms, 0.0)
+        for run in state.running
+    )
+    for other, queued in state.queued_rows.items():
+        if other != variant:
+            ahead += sum(
+                times.batch_ms(other, device_class, size)
+                for size in batches_of(queued, state.max_batch_size)
+            )
+    mine = batches_of(state.queued_rows.get(variant, 0), state.max_batch_size)
+    own_rows = rows
+    if mine and mine[-1] + rows <= state.max_batch_size:
+        own_rows += mine.pop()
+    ahead += sum(times.batch_ms(variant, device_class, size) for size in mine)
+    own = times.batch_ms(variant, device_class, own_rows)
+    return overhead_ms + ahead / max(state.workers, 1) + own

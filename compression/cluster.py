@@ -25,15 +25,14 @@ def ray_session(
     ``address=None`` starts a local Ray (exporting Prometheus metrics on ``metrics_port``);
     ``"auto"`` joins the cluster on this machine; anything else is a Ray address, whose nodes
     keep their own metrics ports. Modules in the current directory stay importable on workers.
-    ``env`` is set for every Ray process a local start creates (values already in this
-    process's environment win); on a joined cluster it reaches this job's own workers.
+    ``env`` is set for every Ray process a local start creates; on a joined cluster it reaches
+    this job's own workers.
     """
     if ray.is_initialized():
         yield
         return
-    for key, value in (env or {}).items():
-        if not address:
-            os.environ.setdefault(key, value)
+    if not address:
+        os.environ.update(env or {})
     python_path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
     job_env = {
         **{k: os.environ.get(k, v) for k, v in (env or {}).items()},

@@ -292,7 +292,11 @@ class DataPlane:
         self._metrics.request_finished(
             model, variant, answer.route.device_class, answer.protocol, OK, latency_ms / 1000
         )
-        return {**response.parameters, "latency_ms": round(latency_ms, 4), "budget_met": met}
+        parameters = {**response.parameters, "latency_ms": round(latency_ms, 4), "budget_met": met}
+        if answer.budget_ms is not None:
+            # Echoed so a caller sees the budget in force (a gRPC deadline becomes one).
+            parameters["latency_budget_ms"] = round(answer.budget_ms, 4)
+        return parameters
 
     async def _run(
         self, model: str, route: Route, inputs: Mapping[str, np.ndarray]

@@ -18,10 +18,12 @@ import enum
 import os
 import socket
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 
 from gearbox.compression.errors import InvalidArgumentError
+
+INGRESS_SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
+"""The Ray variable that selects the HAProxy ingress ("1") or the classic proxy."""
 
 INGRESS_ENV = "GEARBOX_INGRESS"
 """Chooses the ingress when the command line does not: ``haproxy`` or ``proxy``."""
@@ -58,11 +60,11 @@ def ray_environment(ingress: Ingress, state_dir: str | Path | None = None) -> di
     # user code can share the server's loop: this saves a thread hop on every request.
     env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
     if ingress is Ingress.PROXY:
-        env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+        env[INGRESS_SWITCH] = "0"
         return env
     env.update(
         {
-            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            INGRESS_SWITCH: "1",
             "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "gearbox.serving.clock:http_middlewares",
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{DRAIN_PERIOD_S:g}",
         }
@@ -84,17 +86,9 @@ def ray_environment(ingress: Ingress, state_dir: str | Path | None = None) -> di
     return env
 
 
-def apply_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """Puts ``env`` into this process's environment (inherited by the Ray it starts), keeping
-    any value already set; returns what is in effect."""
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in env}
-
-
 def ingress_in_effect() -> Ingress:
     """The ingress this process's environment selects for a Ray it starts."""
-    enabled = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"
+    enabled = os.environ.get(INGRESS_SWITCH, "0") == "1"
     return Ingress.HAPROXY if enabled else Ingress.PROXY
 
 

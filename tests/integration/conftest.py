@@ -1,7 +1,9 @@
 """One real Ray cluster for the whole integration session: two nodes on this machine.
 
 Both nodes are started with ``ray start --block`` so that terminating those two processes
-stops exactly this cluster and nothing else running Ray on the machine.
+stops exactly this cluster and nothing else running Ray on the machine. They run with the
+environment ``gearbox serve`` gives a Ray it starts: Ray Serve's HAProxy ingress, with HAProxy's
+files in a directory of this session's own.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 import ray
 
 from gearbox.compression import ModelRepository
+from gearbox.serving.ingress import Ingress, ray_environment, session_state_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -32,7 +35,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_node(*args: str, log: Path) -> subprocess.Popen:
+def _start_node(*args: str, log: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         [
             RAY,
@@ -46,7 +49,7 @@ def _start_node(*args: str, log: Path) -> subprocess.Popen:
         ],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
     )
 
 
@@ -73,13 +76,25 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """GCS address of a two-node, one-CPU-per-node local cluster this test process joins."""
     logs = tmp_path_factory.mktemp("ray-logs")
     address = f"127.0.0.1:{_free_port()}"
+    haproxy_state = session_state_dir()
+    env = ray_environment(Ingress.HAPROXY, haproxy_state)
+    # `gearbox serve --address` run by the tests reports the ingress from its environment; the
+    # HAProxy file paths and ports stay this cluster's own (a `gearbox demo` picks its own).
+    monkeypatch = pytest.MonkeyPatch()
+    for key, value in env.items():
+        if not key.startswith("RAY_SERVE_HAPROXY_"):
+            monkeypatch.setenv(key, value)
     head = _start_node(
-        "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false", log=logs / "head"
+        "--head",
+        f"--port={address.split(':')[1]}",
+        "--include-dashboard=false",
+        log=logs / "head",
+        env=env,
     )
     worker = None
     try:
         deadline = time.monotonic() + 120
-        worker = _start_node(f"--address={address}", log=logs / "worker")
+        worker = _start_node(f"--address={address}", log=logs / "worker", env=env)
         while True:
             try:
                 ray.init(
@@ -103,6 +118,8 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             _stop(worker)
         _stop(head)
         shutil.rmtree(logs, ignore_errors=True)
+        shutil.rmtree(haproxy_state, ignore_errors=True)
+        monkeypatch.undo()
         _forget_cluster(address)
 
 

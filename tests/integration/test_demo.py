@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.integration.conftest import _free_port, run_gearbox
 
 
-def test_demo_serves_the_example_and_reports_which_variant_met_each_budget(digits_repository):
+@pytest.mark.parametrize("ingress", ["haproxy", "proxy"])
+def test_demo_serves_the_example_and_reports_which_variant_met_each_budget(
+    digits_repository, ingress
+):
+    """Both ingresses, HTTP and gRPC alternating: HAProxy by default, the classic proxy when
+    asked for."""
     repository, compressed = digits_repository
     assert compressed.returncode == 0, compressed.stderr
     result = run_gearbox(
         "demo", "--exit", "--reuse", "--repo", str(repository.root), "--requests", "20",
         "--http-port", str(_free_port()), "--grpc-port", str(_free_port()),
-        "--metrics-port", str(_free_port()),
+        "--metrics-port", str(_free_port()), "--ingress", ingress,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = result.stdout
+    assert f"ingress  {ingress}" in report
     assert "Routing by latency budget" in report
     rows = [line for line in report.splitlines() if line.startswith("│") and " ms │" in line]
     budgets = [row.split("│")[1].strip() for row in rows if "x" in row.split("│")[2]]

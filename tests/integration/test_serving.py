@@ -6,18 +6,22 @@ The gateway runs as the real console script; clients are `requests` and the unmo
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import ray
@@ -28,10 +32,16 @@ from tritonclient.utils import InferenceServerException
 
 from gearbox.compression import CORE_RECIPES, ModelRepository, compress, load_spec
 from gearbox.compression.examples.digits import load_splits
+from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
+from gearbox.serving.grpc.generated import grpc_service_pb2_grpc as pb_grpc
+from tests.fixtures.slow_model import chain_onnx
 from tests.integration.conftest import ROOT, _free_port
+from tests.unit.tiny_model import make_manifest, make_record
 
 MODEL = "digits"
 GATED = "blind-student"  # its distilled variant is rejected by the accuracy gate
+SLOW = "sleepy"  # its reference variant runs for tens of milliseconds
+SLOW_DEPTH = 4000
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,11 @@ def repository(digits_repository) -> ModelRepository:
     assert result.returncode == 0, result.stderr
     compress(load_spec("tests.fixtures.specs:blind_student_digits"), repo, CORE_RECIPES)
     assert not repo.manifest(GATED, "distilled").is_ready
+    if SLOW not in repo.models():
+        repo.register_model(make_record(SLOW))
+        for variant, depth in (("fp32", SLOW_DEPTH), ("fast", 1)):
+            artifact = chain_onnx(depth)
+            repo.publish_variant(make_manifest(artifact, variant=variant, model=SLOW), artifact)
     return repo
 
 
@@ -420,3 +435,141 @@ def test_variants_extension_reports_live_predictions(gateway):
     for row in served:
         assert set(row["predicted_latency_ms"]) == {"cpu", "cpu-remote"}
         assert json.dumps(row)  # plain JSON all the way down
+
+
+def _timed(call: Callable[[], requests.Response]) -> tuple[float, requests.Response]:
+    started = time.perf_counter()
+    response = call()
+    return (time.perf_counter() - started) * 1000, response
+
+
+# What a caller waits beyond latency_ms is the way in and out of the replica's server: HAProxy's
+# hop and the sockets. A health probe pays that same way (plus the replica's own handling of
+# it), so the part of an inference the clock leaves out is held to what a probe costs in the
+# same run, with half a millisecond for scheduling noise on a busy 2-core machine; machines differ
+# 2-3x in speed, so no absolute figure is asserted here (bench/serving_bench.py reports them).
+SCHEDULING_SLACK_MS = 0.5
+
+
+def _median_after_warm_up(samples: list[float]) -> float:
+    return statistics.median(samples[len(samples) // 4 :])
+
+
+@pytest.mark.parametrize("variant", ["distilled", "fp32"])
+def test_latency_ms_leaves_out_only_the_transport_over_http(gateway, digits, variant):
+    body = json.dumps(_body(digits[0][:1])).encode()
+    path = f"/v2/models/{MODEL}/versions/{variant}/infer"
+    connection = http.client.HTTPConnection("127.0.0.1", int(gateway.http.rsplit(":", 1)[1]))
+    left_out, probes = [], []
+    try:
+        for _ in range(120):
+            started = time.perf_counter()
+            connection.request("GET", "/v2/health/live")
+            assert connection.getresponse().read()
+            probes.append((time.perf_counter() - started) * 1000)
+
+            started = time.perf_counter()
+            connection.request("POST", path, body, {"content-type": "application/json"})
+            reply = connection.getresponse()
+            payload = json.loads(reply.read())
+            client_ms = (time.perf_counter() - started) * 1000
+            assert reply.status == 200, payload
+            server_ms = payload["parameters"]["latency_ms"]
+            assert 0 < server_ms < client_ms
+            left_out.append(client_ms - server_ms)
+    finally:
+        connection.close()
+    probe = _median_after_warm_up(probes)
+    assert _median_after_warm_up(left_out) < probe + SCHEDULING_SLACK_MS, (
+        sorted(left_out),
+        sorted(probes),
+    )
+
+
+def test_latency_ms_leaves_out_only_the_transport_over_grpc(gateway, digits):
+    channel = grpc.insecure_channel(gateway.grpc)
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    request = pb.ModelInferRequest(model_name=MODEL, model_version="distilled")
+    tensor = request.inputs.add(name="images", datatype="FP32", shape=[1, 1, 8, 8])
+    tensor.contents.fp32_contents.extend(digits[0][:1].ravel().tolist())
+    left_out, probes = [], []
+    try:
+        for _ in range(120):
+            started = time.perf_counter()
+            assert stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live
+            probes.append((time.perf_counter() - started) * 1000)
+
+            started = time.perf_counter()
+            reply = stub.ModelInfer(request, timeout=30)
+            client_ms = (time.perf_counter() - started) * 1000
+            server_ms = reply.parameters["latency_ms"].double_param
+            assert 0 < server_ms < client_ms
+            left_out.append(client_ms - server_ms)
+    finally:
+        channel.close()
+    probe = _median_after_warm_up(probes)
+    assert _median_after_warm_up(left_out) < probe + SCHEDULING_SLACK_MS, (
+        sorted(left_out),
+        sorted(probes),
+    )
+
+
+def test_the_clock_starts_before_the_body_is_read(gateway, digits):
+    """A caller whose body arrives late waits for it; so does the budget."""
+    body = json.dumps(_body(digits[0][:1], latency_budget_ms=30)).encode()
+    held_back_ms = 60
+    with socket.create_connection(("127.0.0.1", int(gateway.http.rsplit(":", 1)[1]))) as sock:
+        head = (
+            f"POST /v2/models/{MODEL}/versions/distilled/infer HTTP/1.1\r\n"
+            f"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        sock.sendall(head + body[:10])
+        time.sleep(held_back_ms / 1000)
+        sock.sendall(body[10:])
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        payload = json.loads(reply.read())
+    assert reply.status == 200, payload
+    assert payload["parameters"]["latency_ms"] >= held_back_ms
+    assert payload["parameters"]["budget_met"] is False
+
+
+def test_a_grpc_deadline_is_the_budget_when_none_is_given(gateway, digits):
+    client = grpcclient.InferenceServerClient(url=gateway.grpc)
+    tensor = grpcclient.InferInput("images", [1, 1, 8, 8], "FP32")
+    tensor.set_data_from_numpy(digits[0][:1])
+
+    with_deadline = client.infer(MODEL, [tensor], client_timeout=20.0).get_response().parameters
+    budget = with_deadline["latency_budget_ms"].double_param
+    assert 15_000 < budget <= 20_000
+    assert with_deadline["budget_met"].bool_param is True
+    assert with_deadline["latency_ms"].double_param < budget
+
+    # A budget the caller names wins over the deadline; no deadline and no budget: none.
+    named = client.infer(
+        MODEL, [tensor], client_timeout=20.0, parameters={"latency_budget_ms": 7.5}
+    ).get_response()
+    assert named.parameters["latency_budget_ms"].double_param == 7.5
+    plain = client.infer(MODEL, [tensor]).get_response()
+    assert "latency_budget_ms" not in plain.parameters
+    assert plain.model_version == "fp32"  # no budget: the reference variant
+
+
+def test_a_slow_variant_holds_up_neither_health_probes_nor_a_quick_model(gateway, digits):
+    image = digits[0][:1]
+    slow = lambda: _infer(gateway, image, model=SLOW, version="fp32")  # noqa: E731
+    alone_ms, answer = _timed(slow)
+    assert answer.status_code == 200, answer.text
+    ready = f"{gateway.http}/v2/health/ready"
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(slow)
+        time.sleep(alone_ms / 4000)  # well inside the slow run
+        probe_ms, probe = _timed(lambda: requests.get(ready, timeout=10))
+        quick_ms, quick = _timed(lambda: _infer(gateway, image, version="distilled"))
+        overlapped = not running.done()
+        assert running.result().status_code == 200
+    assert probe.status_code == 200 and quick.status_code == 200
+    assert overlapped, f"the slow run ({alone_ms:.1f} ms alone) ended before the probes"
+    assert probe_ms < alone_ms / 2, (probe_ms, alone_ms)
+    assert quick_ms < alone_ms / 2, (quick_ms, alone_ms)

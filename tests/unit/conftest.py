@@ -6,7 +6,7 @@ import pytest
 import ray
 
 # The serving tests' tiny repository and data plane (see serving_fixtures.py).
-from tests.unit.serving_fixtures import served, tiny_repository  # noqa: F401
+from tests.unit.serving_fixtures import served, serving, tiny_repository  # noqa: F401
 
 
 def _refuse_ray(*args, **kwargs):

@@ -1,21 +1,33 @@
 """A tiny served repository for the serving unit tests: variants, a data plane, metrics.
 
 The repository holds model ``tiny`` (:data:`~tests.unit.tiny_model.CONV_SIGNATURE`) with three
-ready variants of different quality and seeded latency plus one rejected variant that would win
-on both if it were ever routed to, and model ``broken`` whose only variant is rejected. Every
-artifact is a real ONNX graph (:func:`~tests.unit.tiny_model.linear_onnx`); each variant has its
-own weights, so which variant answered shows in the numbers.
+ready variants of different quality and profiled latency plus one rejected variant that would
+win on both if it were ever routed to, and model ``broken`` whose only variant is rejected.
+Every artifact is a real ONNX graph (:func:`~tests.unit.tiny_model.linear_onnx`); each variant
+has its own weights, so which variant answered shows in the numbers.
 
-The fixtures are registered in ``tests/unit/conftest.py``. A :class:`Served` stack is built per
-test: its batchers bind to the event loop of their first request, so one test drives one stack
-inside one ``asyncio.run``.
+A :class:`Served` stack is what a gateway replica builds: a :class:`LocalBackend` (whose
+:class:`~gearbox.serving.executor.DeviceExecutor` owns worker threads) and a warmed-up
+:class:`DataPlane`. Build one with :func:`start` inside a test's event loop, with :func:`serve`
+from synchronous code, or take the ``served`` / ``serving`` fixtures (registered in
+``tests/unit/conftest.py``), which close the backend after the test. A stack binds to no event
+loop: the executor hands each result to the loop of the request that asked for it.
+
+The variants of ``tiny`` all run in microseconds, so a warm-up measures them as equally fast.
+For routing tests to mean something, the stack's service times are pinned to the manifests'
+profiled figures after the warm-up (``pin_profiled_times``): ``fp32`` then costs 40 ms,
+``int8`` 10 ms and ``small`` 2.5 ms at batch 1, far above the measured per-request overhead and
+worker hop, so the routing choice does not depend on this machine's speed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Callable, Coroutine
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +38,14 @@ import pytest
 from gearbox.compression import ModelRepository, VariantManifest
 from gearbox.compression.devices import DeviceClass
 from gearbox.compression.repository import Quality
+from gearbox.serving.catalog import Catalog, profiled_cost
+from gearbox.serving.clock import RequestClock
 from gearbox.serving.config import BatchingConfig
-from gearbox.serving.dataplane import Catalog, DataPlane
+from gearbox.serving.dataplane import DataPlane
+from gearbox.serving.executor import DeviceExecutor
 from gearbox.serving.hosting import LocalBackend
-from gearbox.serving.inference import InferRequest, Tensor
+from gearbox.serving.inference import InferRequest, InferResponse, Tensor
+from gearbox.serving.queue_model import BatchCost, ServiceTimes, variant_key
 from tests.unit.tiny_model import linear_onnx, make_manifest, make_record
 
 MODEL = "tiny"
@@ -38,6 +54,7 @@ BROKEN_MODEL = "broken"
 REFERENCE = "fp32"
 INPUT = "images"
 OUTPUT = "logits"
+DEVICE = "cpu"
 
 
 @dataclass(frozen=True)
@@ -51,15 +68,15 @@ class VariantSeed:
 
 
 VARIANTS: tuple[VariantSeed, ...] = (
-    VariantSeed(REFERENCE, seed=0, quality=0.90, p50_ms=4.0),
-    VariantSeed("int8", seed=1, quality=0.88, p50_ms=1.0),
-    VariantSeed("small", seed=2, quality=0.80, p50_ms=0.25),
+    VariantSeed(REFERENCE, seed=0, quality=0.90, p50_ms=40.0),
+    VariantSeed("int8", seed=1, quality=0.88, p50_ms=10.0),
+    VariantSeed("small", seed=2, quality=0.80, p50_ms=2.5),
     # Best quality and fastest: routing to it would be noticed at once.
     VariantSeed(
         "pruned",
         seed=3,
         quality=0.95,
-        p50_ms=0.1,
+        p50_ms=1.0,
         status="rejected",
         reason="agreement 0.41 below the floor 0.90",
     ),
@@ -68,6 +85,9 @@ READY = ("fp32", "int8", "small")
 REJECTED = "pruned"
 FASTEST = "small"
 SEEDED_MS = {v.name: v.p50_ms for v in VARIANTS}
+"""Batch-1 p50 of each variant's manifest (batch 8 is three times that)."""
+MIDDLE_BUDGET_MS = 20.0
+"""Excludes only fp32: predicted above 40 ms, int8 about 10-13 ms (1-2 rows) plus overhead."""
 OFFLINE_AGREEMENT = 0.97
 """The agreement every manifest records (see :func:`tests.unit.tiny_model.make_manifest`)."""
 
@@ -85,7 +105,7 @@ def variant_manifest(seed: VariantSeed, artifact: bytes, model: str = MODEL) -> 
         manifest,
         quality=Quality("accuracy", seed.quality, 0.90, OFFLINE_AGREEMENT),
         latency_ms={
-            "cpu": {
+            DEVICE: {
                 "1": {"p50": seed.p50_ms, "p95": seed.p50_ms * 2},
                 "8": {"p50": seed.p50_ms * 3, "p95": seed.p50_ms * 4},
             }
@@ -93,11 +113,13 @@ def variant_manifest(seed: VariantSeed, artifact: bytes, model: str = MODEL) -> 
     )
 
 
-def publish_tiny_repository(root: Any) -> ModelRepository:
+def publish_tiny_repository(
+    root: Any, variants: tuple[VariantSeed, ...] = VARIANTS
+) -> ModelRepository:
     repository = ModelRepository(root)
     repository.ensure_writable()
     repository.register_model(make_record(MODEL))
-    for seed in VARIANTS:
+    for seed in variants:
         artifact = linear_onnx(seed.seed)
         repository.publish_variant(variant_manifest(seed, artifact), artifact)
     repository.register_model(make_record(BROKEN_MODEL))
@@ -108,7 +130,10 @@ def publish_tiny_repository(root: Any) -> ModelRepository:
 
 
 class RecordingMetrics:
-    """An in-memory :class:`~gearbox.serving.metrics.GatewayMetrics`: every call, in order."""
+    """An in-memory :class:`~gearbox.serving.metrics.GatewayMetrics`: every call, in order.
+
+    ``batch_formed`` is called from the executor's worker threads (list appends are atomic).
+    """
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, str, str, str]] = []
@@ -150,6 +175,19 @@ class RecordingMetrics:
     def batch_formed(self, model: str, variant: str, device_class: str, rows: int) -> None:
         self.batches.append((model, variant, device_class, rows))
 
+    def on_batch(self, device_class: str) -> Callable[[str, str, int, float], None]:
+        """The executor's ``on_batch`` callback for ``device_class``, as the app wires it."""
+
+        def formed(model: str, variant: str, rows: int, _seconds: float) -> None:
+            self.batch_formed(model, variant, device_class, rows)
+
+        return formed
+
+    def forget_traffic(self) -> None:
+        """Drops what the warm-up's own requests left (batches and in-flight deltas)."""
+        self.batches.clear()
+        self.inflight_deltas.clear()
+
     def codes(self) -> list[str]:
         return [code for *_, code in self.requests]
 
@@ -166,26 +204,79 @@ class Served:
     plane: DataPlane
     metrics: RecordingMetrics = field(default_factory=RecordingMetrics)
 
+    async def answer(
+        self, request: InferRequest, clock: RequestClock | None = None
+    ) -> InferResponse:
+        """``infer`` then ``answered``, as an adapter does: the response with its final
+        parameters (``latency_ms``, ``budget_met``, ...)."""
+        response = await self.plane.infer(request, clock or RequestClock.start())
+        return dataclasses.replace(response, parameters=self.plane.answered(response))
 
-def serve(
+    def predicted_ms(self, variant: str, rows: int = 1) -> float:
+        """What the plane would predict for ``variant`` now, rounded as responses carry it."""
+        return round(self.plane.overhead_ms + self.backend.predict_ms(MODEL, variant, rows), 4)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def pin_profiled_times(backend: LocalBackend, catalog: Catalog) -> None:
+    """Puts the manifests' profiled costs back in place of what the warm-up measured."""
+    for manifest in catalog.ready_manifests():
+        key = variant_key(manifest.model, manifest.variant)
+        backend.times.seed(key, backend.device_class, profiled_cost(manifest, DEVICE))
+
+
+async def start(
     repository: ModelRepository,
     batching: BatchingConfig | None = None,
-    configured: tuple[str, ...] = ("cpu",),
+    configured: tuple[str, ...] = (DEVICE,),
     shadow_fraction: float = 1.0,
+    warm: bool = True,
+    pin: bool = True,
 ) -> Served:
+    """Builds a stack in the running event loop and warms it up as a replica does (unless
+    ``warm`` is false: then the plane is not ready). Close it with :meth:`Served.close`."""
     catalog = Catalog.load(repository)
     metrics = RecordingMetrics()
     backend = LocalBackend(
         repository,
-        catalog.ready_manifests(),
-        DeviceClass("cpu"),
+        catalog,
+        DeviceClass(DEVICE),
         batching or BatchingConfig(),
-        on_batch=lambda model, variant, rows: metrics.batch_formed(model, variant, "cpu", rows),
+        on_batch=metrics.on_batch(DEVICE),
     )
-    plane = DataPlane(
-        catalog, [backend], list(configured), metrics, shadow_fraction=shadow_fraction
-    )
+    try:
+        plane = DataPlane(
+            catalog, [backend], list(configured), metrics, shadow_fraction=shadow_fraction
+        )
+        if warm:
+            await backend.warm_up()
+            await plane.warm_up()
+        if pin:
+            pin_profiled_times(backend, catalog)
+        metrics.forget_traffic()
+    except BaseException:
+        backend.close()
+        raise
     return Served(repository, catalog, backend, plane, metrics)
+
+
+@contextlib.asynccontextmanager
+async def started(repository: ModelRepository, **options: Any) -> AsyncIterator[Served]:
+    stack = await start(repository, **options)
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def serve(repository: ModelRepository, **options: Any) -> Served:
+    """:func:`start` from synchronous code (the stack outlives that event loop)."""
+    return run(start(repository, **options))
+
+
+# --- requests and answers -------------------------------------------------------------------
 
 
 def images(rows: int, seed: int = 0) -> np.ndarray:
@@ -211,17 +302,84 @@ def run_artifact(repository: ModelRepository, variant: str, data: np.ndarray) ->
     return session.run([OUTPUT], {INPUT: data})[0]
 
 
-async def until(predicate: Callable[[], bool], steps: int = 1000) -> None:
-    """Yields to the event loop until ``predicate`` holds (background tasks ran)."""
-    for _ in range(steps):
-        if predicate():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("the condition never came true")
+# --- waiting and holding ----------------------------------------------------------------------
+
+PATIENCE_S = 30.0
+"""How long a test waits for something that takes microseconds (a generous safety net: a test
+that waits this long has failed, it never passes because of it)."""
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = PATIENCE_S) -> None:
+    """Yields to the event loop (and so to worker threads) until ``predicate`` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("the condition never came true")
+        await asyncio.sleep(0.001)
 
 
 def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coroutine)
+
+
+GATE_MODEL = "gate"
+GATE_VARIANT = "hold"
+GATE_KEY = variant_key(GATE_MODEL, GATE_VARIANT)
+
+
+class Gate:
+    """Keeps a one-worker executor busy on a batch of its own until opened.
+
+    Requests submitted while the gate is held queue up behind it, so a test decides exactly
+    what is queued when the worker next forms a batch. The gate's variant is seeded as slow,
+    so it always runs on the worker (never inline).
+    """
+
+    def __init__(self, executor: DeviceExecutor, times: ServiceTimes, rows: int = 1) -> None:
+        self.executor = executor
+        self.rows = rows
+        self.running = threading.Event()
+        self._open = threading.Event()
+        self.task: asyncio.Task[Any] | None = None
+        executor.host(GATE_MODEL, GATE_VARIANT, self._run)
+        times.seed(GATE_KEY, executor.device_class, BatchCost(60_000.0, 0.0))
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.running.set()
+        if not self._open.wait(PATIENCE_S):
+            raise TimeoutError("the gate was never opened")
+        return {"held": inputs["held"]}
+
+    async def hold(self) -> None:
+        """Returns once the worker runs the gate's batch."""
+        inputs = {"held": np.zeros((self.rows, 1), np.float32)}
+        self.task = asyncio.ensure_future(
+            self.executor.submit(GATE_MODEL, GATE_VARIANT, inputs)
+        )
+        await until(self.running.is_set)
+
+    async def open(self) -> None:
+        self._open.set()
+        if self.task is not None:
+            await self.task
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[Gate]:
+        await self.hold()
+        try:
+            yield self
+        finally:
+            await self.open()
+
+
+@contextlib.contextmanager
+def closing_all() -> Iterator[list[Served]]:
+    stacks: list[Served] = []
+    try:
+        yield stacks
+    finally:
+        for stack in stacks:
+            stack.close()
 
 
 # --- fixtures (registered in conftest.py) --------------------------------------------------
@@ -234,5 +392,21 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository
 
 
 @pytest.fixture
-def served(tiny_repository: ModelRepository) -> Served:
-    return serve(tiny_repository)
+def served(tiny_repository: ModelRepository) -> Iterator[Served]:
+    """A warmed-up stack with the default configuration; its backend is closed afterwards."""
+    stack = serve(tiny_repository)
+    yield stack
+    stack.close()
+
+
+@pytest.fixture
+def serving(tiny_repository: ModelRepository) -> Iterator[Callable[..., Served]]:
+    """``serving(**options)`` builds a stack like :func:`serve`; all are closed afterwards."""
+    with closing_all() as stacks:
+
+        def make(**options: Any) -> Served:
+            stack = serve(tiny_repository, **options)
+            stacks.append(stack)
+            return stack
+
+        yield make

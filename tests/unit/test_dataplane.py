@@ -1,8 +1,14 @@
-"""The data plane on a real tiny repository: routing, validation, metrics, shadow, metadata."""
+"""The data plane on a real tiny repository: routing, validation, clock, metrics, shadow, metadata.
+
+Requests go through :meth:`DataPlane.infer` and, once answered, :meth:`DataPlane.answered`
+(``Served.answer`` does both, as the adapters do).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -12,17 +18,30 @@ from gearbox.compression.errors import (
     IntegrityError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from gearbox.compression.repository import ARTIFACT_FILE
+from gearbox.serving.catalog import Catalog, profiled_cost
+from gearbox.serving.clock import RequestClock
 from gearbox.serving.config import BatchingConfig
-from gearbox.serving.dataplane import Catalog, DataPlane
-from gearbox.serving.hosting import LocalBackend
-from gearbox.serving.inference import InferRequest, RequestedOutput, Tensor
+from gearbox.serving.dataplane import DataPlane
+from gearbox.serving.executor import BatchResult
+from gearbox.serving.hosting import (
+    LocalBackend,
+    RemoteBackend,
+    close_all,
+    load_session,
+    synthetic_inputs,
+)
+from gearbox.serving.inference import InferRequest, InferResponse, RequestedOutput, Tensor
+from gearbox.serving.queue_model import BatchCost, predict_ms, variant_key
 from tests.unit.serving_fixtures import (
     BROKEN_MODEL,
+    DEVICE,
     FASTEST,
     INPUT,
+    MIDDLE_BUDGET_MS,
     MODEL,
     OFFLINE_AGREEMENT,
     OUTPUT,
@@ -31,13 +50,14 @@ from tests.unit.serving_fixtures import (
     REJECTED,
     SEEDED_MS,
     VARIANTS,
+    Gate,
     RecordingMetrics,
     images,
     infer_request,
     publish_tiny_repository,
     run,
     run_artifact,
-    serve,
+    started,
     until,
 )
 
@@ -47,7 +67,7 @@ from tests.unit.serving_fixtures import (
 @pytest.mark.parametrize("variant", READY)
 def test_pinned_variant_answers_as_its_artifact_does(served, variant):
     data = images(3, seed=5)
-    response = run(served.plane.infer(infer_request(data, version=variant)))
+    response = run(served.answer(infer_request(data, version=variant)))
     assert response.model == MODEL
     assert response.version == variant
     [output] = response.outputs
@@ -61,7 +81,7 @@ def test_pinned_variant_answers_as_its_artifact_does(served, variant):
         if other != variant:
             assert not np.allclose(output.data, run_artifact(served.repository, other, data))
     assert response.parameters["variant"] == variant
-    assert response.parameters["device_class"] == "cpu"
+    assert response.parameters["device_class"] == DEVICE
     assert served.metrics.selections == [(MODEL, variant, "pinned")]
 
 
@@ -69,7 +89,8 @@ def test_response_parameters_describe_the_route(served):
     request = InferRequest(
         model=MODEL, inputs=(Tensor(INPUT, images(1)),), id="request-7", protocol="grpc"
     )
-    response = run(served.plane.infer(request))
+    predicted = served.predicted_ms(REFERENCE, rows=1)
+    response = run(served.answer(request))
     assert response.id == "request-7"
     parameters = response.parameters
     assert set(parameters) == {
@@ -80,48 +101,91 @@ def test_response_parameters_describe_the_route(served):
         "budget_met",
     }
     assert parameters["variant"] == REFERENCE == response.version
-    assert parameters["device_class"] == "cpu"
-    assert parameters["predicted_latency_ms"] == SEEDED_MS[REFERENCE]  # the manifest's p50
+    assert parameters["device_class"] == DEVICE
+    # The backend's prediction (the manifest's p50 here, plus the worker hop) and the
+    # gateway's measured overhead.
+    assert parameters["predicted_latency_ms"] == predicted
+    assert predicted >= SEEDED_MS[REFERENCE]
     assert isinstance(parameters["latency_ms"], float)
     assert parameters["latency_ms"] > 0
     assert parameters["budget_met"] is True
-    assert served.metrics.requests == [(MODEL, REFERENCE, "cpu", "grpc", "ok")]
+    assert served.metrics.requests == [(MODEL, REFERENCE, DEVICE, "grpc", "ok")]
+
+
+def test_infer_alone_records_nothing_until_answered(served):
+    async def main():
+        response = await served.plane.infer(infer_request(), RequestClock.start())
+        assert "latency_ms" not in response.parameters
+        assert served.metrics.requests == []
+        return served.plane.answered(response)
+
+    parameters = run(main())
+    assert parameters["latency_ms"] > 0
+    assert served.metrics.requests == [(MODEL, REFERENCE, DEVICE, "http", "ok")]
+
+
+def test_answered_without_an_answer_returns_the_parameters_as_they_are(served):
+    response = InferResponse(MODEL, REFERENCE, "", (), {"variant": REFERENCE})
+    assert served.plane.answered(response) == {"variant": REFERENCE}
+    assert served.metrics.requests == []
 
 
 def test_no_budget_gets_the_reference(served):
-    response = run(served.plane.infer(infer_request()))
+    response = run(served.answer(infer_request()))
     assert response.version == REFERENCE
+    assert "latency_budget_ms" not in response.parameters
     assert served.metrics.selections == [(MODEL, REFERENCE, "reference")]
     assert served.metrics.budgets == []  # no budget, no budget outcome
 
 
 def test_generous_budget_gets_the_best_quality_and_meets_it(served):
-    response = run(served.plane.infer(infer_request(latency_budget_ms=1e6)))
+    response = run(served.answer(infer_request(latency_budget_ms=1e6)))
     assert response.version == REFERENCE
     assert response.parameters["budget_met"] is True
+    assert response.parameters["latency_budget_ms"] == 1e6
     assert served.metrics.selections == [(MODEL, REFERENCE, "within_budget")]
     assert served.metrics.budgets == [(MODEL, REFERENCE, True)]
 
 
 def test_tiny_budget_gets_the_fastest_and_is_missed(served):
-    response = run(served.plane.infer(infer_request(latency_budget_ms=1e-6)))
+    predicted = served.predicted_ms(FASTEST, rows=2)
+    response = run(served.answer(infer_request(latency_budget_ms=1e-6)))
     assert response.version == FASTEST
     assert response.parameters["budget_met"] is False
-    assert response.parameters["predicted_latency_ms"] == SEEDED_MS[FASTEST]
+    assert response.parameters["predicted_latency_ms"] == predicted
     assert served.metrics.selections == [(MODEL, FASTEST, "fastest_over_budget")]
     assert served.metrics.budgets == [(MODEL, FASTEST, False)]
 
 
 def test_a_middle_budget_gets_the_best_variant_predicted_to_fit(served):
-    # fp32 is seeded at 4 ms, int8 at 1 ms: a 2 ms budget excludes only fp32.
-    response = run(served.plane.infer(infer_request(latency_budget_ms="2")))
+    # fp32 is profiled at 40 ms, int8 at 10 ms: a 20 ms budget excludes only fp32.
+    response = run(served.answer(infer_request(latency_budget_ms=str(MIDDLE_BUDGET_MS))))
     assert response.version == "int8"
     assert served.metrics.selections == [(MODEL, "int8", "within_budget")]
 
 
 def test_min_quality_narrows_the_choice(served):
-    response = run(served.plane.infer(infer_request(latency_budget_ms=1e-6, min_quality=0.85)))
+    response = run(served.answer(infer_request(latency_budget_ms=1e-6, min_quality=0.85)))
     assert response.version == "int8"
+
+
+def test_min_quality_above_the_reference_without_budget_gets_the_best_quality(tmp_path):
+    # int8 outranks the reference here: a floor above the reference leaves the best variant.
+    variants = tuple(
+        dataclasses.replace(seed, quality=0.93) if seed.name == "int8" else seed
+        for seed in VARIANTS
+    )
+    repository = publish_tiny_repository(tmp_path / "repo", variants)
+
+    async def main():
+        async with started(repository) as served:
+            above = await served.answer(infer_request(min_quality=0.91))
+            below = await served.answer(infer_request(min_quality=0.85))
+            return above, below, served.metrics.selections
+
+    above, below, selections = run(main())
+    assert (above.version, below.version) == ("int8", REFERENCE)
+    assert selections == [(MODEL, "int8", "highest_quality"), (MODEL, REFERENCE, "reference")]
 
 
 def test_the_rejected_variant_is_never_routed_to(served):
@@ -129,7 +193,7 @@ def test_the_rejected_variant_is_never_routed_to(served):
     async def main():
         versions = set()
         for parameters in ({}, {"latency_budget_ms": 1e6}, {"latency_budget_ms": 1e-6}):
-            response = await served.plane.infer(infer_request(**parameters))
+            response = await served.answer(infer_request(**parameters))
             versions.add(response.version)
         return versions
 
@@ -138,19 +202,88 @@ def test_the_rejected_variant_is_never_routed_to(served):
 
 def test_concurrent_requests_are_batched_and_answered_separately(served):
     rows = [images(1, seed=i) for i in range(4)]
+    key = variant_key(MODEL, REFERENCE)
 
     async def main():
-        return await asyncio.gather(
-            *(served.plane.infer(infer_request(r, version=REFERENCE)) for r in rows)
-        )
+        # Held behind a busy worker, the four requests queue and then run as one batch.
+        async with Gate(served.backend.executor, served.backend.times).held():
+            tasks = [
+                asyncio.ensure_future(served.answer(infer_request(r, version=REFERENCE)))
+                for r in rows
+            ]
+            await until(lambda: served.backend.executor.work_state().queued_rows.get(key) == 4)
+        return await asyncio.gather(*tasks)
 
     responses = run(main())
     for data, response in zip(rows, responses, strict=True):
         expected = run_artifact(served.repository, REFERENCE, data)
         np.testing.assert_allclose(response.outputs[0].data, expected, rtol=1e-5, atol=1e-6)
-    batches = [rows for model, variant, device, rows in served.metrics.batches]
-    assert sum(batches) == 4
-    assert all(batch[:3] == (MODEL, REFERENCE, "cpu") for batch in served.metrics.batches)
+    assert [b for b in served.metrics.batches if b[0] == MODEL] == [(MODEL, REFERENCE, DEVICE, 4)]
+
+
+# --- the clock and the budget ----------------------------------------------------------------
+
+
+def test_latency_counts_from_the_clock_the_adapter_started(served):
+    # A request that reached the server a second ago has waited at least that long.
+    clock = RequestClock(time.perf_counter() - 1.0)
+    response = run(served.answer(infer_request(latency_budget_ms=1e6), clock))
+    assert response.parameters["latency_ms"] >= 1000.0
+    assert response.parameters["budget_met"] is True
+    assert served.metrics.request_seconds[-1] >= 1.0
+
+
+def test_a_budget_spent_before_the_request_reached_the_plane_is_missed(served):
+    clock = RequestClock(time.perf_counter() - 1.0)
+    response = run(served.answer(infer_request(latency_budget_ms=MIDDLE_BUDGET_MS), clock))
+    # Routed on its prediction (int8 fits 20 ms), judged on the clock (over a second).
+    assert response.version == "int8"
+    assert response.parameters["budget_met"] is False
+    assert served.metrics.budgets == [(MODEL, "int8", False)]
+
+
+@pytest.mark.parametrize(
+    ("deadline_ms", "variant", "reason", "met"),
+    [
+        (1e7, REFERENCE, "within_budget", True),
+        (MIDDLE_BUDGET_MS, "int8", "within_budget", None),
+        (0.01, FASTEST, "fastest_over_budget", False),
+    ],
+)
+def test_a_grpc_deadline_becomes_the_budget(served, deadline_ms, variant, reason, met):
+    clock = RequestClock.start(deadline_ms=deadline_ms)
+    response = run(served.answer(infer_request(), clock))
+    assert response.version == variant
+    assert served.metrics.selections == [(MODEL, variant, reason)]
+    assert response.parameters["latency_budget_ms"] == round(deadline_ms, 4)
+    if met is not None:
+        assert response.parameters["budget_met"] is met
+    assert len(served.metrics.budgets) == 1
+
+
+def test_an_expired_deadline_is_the_smallest_budget(served):
+    response = run(served.answer(infer_request(), RequestClock.start(deadline_ms=-5.0)))
+    assert response.version == FASTEST
+    assert response.parameters["budget_met"] is False
+    assert 0 < response.parameters["latency_budget_ms"] <= 0.001
+
+
+def test_the_budget_parameter_wins_over_the_deadline(served):
+    clock = RequestClock.start(deadline_ms=1e7)
+    response = run(served.answer(infer_request(latency_budget_ms=0.01), clock))
+    assert response.version == FASTEST
+    assert response.parameters["latency_budget_ms"] == 0.01
+
+
+def test_answered_spans_teach_the_plane_its_overhead(served):
+    before = served.plane.overhead_ms
+    predicted_before = served.predicted_ms(FASTEST)
+    clock = RequestClock(time.perf_counter() - 1.0)  # a second spent outside the backend
+    run(served.answer(infer_request(version=FASTEST), clock))
+    after = served.plane.overhead_ms
+    assert after > before + 50  # 10 % of the second moved into the estimate
+    # Every prediction carries the overhead.
+    assert served.predicted_ms(FASTEST) > predicted_before + 50
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -158,7 +291,7 @@ def test_concurrent_requests_are_batched_and_answered_separately(served):
 
 def test_rejected_version_is_not_found_and_says_rejected(served):
     with pytest.raises(NotFoundError, match=r"'pruned'.*rejected.*agreement 0\.41"):
-        run(served.plane.infer(infer_request(version=REJECTED)))
+        run(served.answer(infer_request(version=REJECTED)))
     assert served.metrics.codes() == ["not_found"]
 
 
@@ -171,27 +304,27 @@ def test_rejected_version_is_not_found_and_says_rejected(served):
 )
 def test_unknown_model_or_version_is_not_found(served, model, version, match):
     with pytest.raises(NotFoundError, match=match):
-        run(served.plane.infer(infer_request(model=model, version=version)))
+        run(served.answer(infer_request(model=model, version=version)))
     assert served.metrics.codes() == ["not_found"]
 
 
 def test_a_model_without_ready_variants_is_unavailable(served):
     with pytest.raises(UnavailableError, match="no ready variant"):
-        run(served.plane.infer(infer_request(model=BROKEN_MODEL)))
+        run(served.answer(infer_request(model=BROKEN_MODEL)))
     assert served.metrics.codes() == ["unavailable"]
 
 
-def test_configured_but_unserved_device_class_is_unavailable(tiny_repository):
-    served = serve(tiny_repository, configured=("cpu", "gpu"))
+def test_configured_but_unserved_device_class_is_unavailable(serving):
+    served = serving(configured=(DEVICE, "gpu"))
     with pytest.raises(UnavailableError, match="gpu"):
-        run(served.plane.infer(infer_request(device_class="gpu")))
-    response = run(served.plane.infer(infer_request(device_class="cpu,gpu")))
-    assert response.parameters["device_class"] == "cpu"
+        run(served.answer(infer_request(device_class="gpu")))
+    response = run(served.answer(infer_request(device_class="cpu,gpu")))
+    assert response.parameters["device_class"] == DEVICE
 
 
 def test_device_class_outside_the_configuration_is_invalid(served):
     with pytest.raises(InvalidArgumentError, match=r"'gpu' \(known: cpu\)"):
-        run(served.plane.infer(infer_request(device_class="gpu")))
+        run(served.answer(infer_request(device_class="gpu")))
 
 
 GOOD = images(2)
@@ -248,8 +381,8 @@ def test_malformed_request_is_invalid_and_the_next_one_succeeds(served, case):
 
     async def main():
         with pytest.raises(InvalidArgumentError, match=match):
-            await served.plane.infer(request)
-        return await served.plane.infer(infer_request(GOOD, version=REFERENCE))
+            await served.answer(request)
+        return await served.answer(infer_request(GOOD, version=REFERENCE))
 
     good = run(main())
     np.testing.assert_allclose(
@@ -265,9 +398,115 @@ def test_requested_outputs_are_returned_once_each(served):
     request = _request(
         Tensor(INPUT, GOOD), outputs=(RequestedOutput(OUTPUT), RequestedOutput(OUTPUT, True))
     )
-    response = run(served.plane.infer(request))
+    response = run(served.answer(request))
     assert [t.name for t in response.outputs] == [OUTPUT]
     assert response.binary_outputs == frozenset({OUTPUT})
+
+
+def test_a_cancelled_request_is_recorded_as_cancelled_and_never_runs(served):
+    data = images(1, seed=3)
+
+    async def main():
+        async with Gate(served.backend.executor, served.backend.times).held():
+            task = asyncio.ensure_future(served.answer(infer_request(data, version=REFERENCE)))
+            await until(lambda: served.backend.depth() == 2)  # the gate's and ours
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        # The next request runs alone: the cancelled one was skipped, not merged into it.
+        response = await served.answer(infer_request(images(2), version=REFERENCE))
+        await until(lambda: served.backend.depth() == 0)
+        return response
+
+    response = run(main())
+    assert response.version == REFERENCE
+    assert served.metrics.codes() == ["cancelled", "ok"]
+    assert served.metrics.requests[0] == (MODEL, REFERENCE, DEVICE, "http", "cancelled")
+    assert [b for b in served.metrics.batches if b[0] == MODEL] == [(MODEL, REFERENCE, DEVICE, 2)]
+    assert sum(delta for *_, delta in served.metrics.inflight_deltas) == 0
+
+
+def test_backpressure_surfaces_as_resource_exhausted(serving):
+    # max_queue 2, not 1: see test_executor.py (an answered request keeps its slot a moment).
+    served = serving(batching=BatchingConfig(max_queue=2))
+
+    async def main():
+        # The worker is busy: the first two requests wait in the queue, and fill it.
+        async with Gate(served.backend.executor, served.backend.times).held():
+            results = [
+                asyncio.ensure_future(served.answer(infer_request(version=REFERENCE)))
+                for _ in range(4)
+            ]
+            await until(lambda: all(r.done() for r in results[2:]))
+            assert not any(r.done() for r in results[:2])
+        return await asyncio.gather(*results, return_exceptions=True)
+
+    results = run(main())
+    assert [r.version for r in results[:2]] == [REFERENCE, REFERENCE]
+    assert [type(r) for r in results[2:]] == [ResourceExhaustedError] * 2
+    assert "max_queue 2" in results[2].message
+    assert sorted(served.metrics.codes()) == ["ok"] * 2 + ["resource_exhausted"] * 2
+
+
+class FakeBackend:
+    """A device class answering with a constant (or failing), with fixed predictions."""
+
+    def __init__(self, device_class, predicted_ms=0.001, error=None, value=7.0):
+        self.device_class = device_class
+        self.predicted = predicted_ms
+        self.error = error
+        self.value = value
+        self.calls: list[tuple[str, str, int]] = []
+
+    async def infer(self, model, variant, inputs):
+        rows = len(inputs[INPUT])
+        self.calls.append((model, variant, rows))
+        if self.error is not None:
+            raise self.error
+        return BatchResult({OUTPUT: np.full((rows, 10), self.value, np.float32)}, 0.0, 0.0, rows)
+
+    def predict_ms(self, model, variant, rows):
+        return self.predicted
+
+    def depth(self):
+        return 0
+
+
+def test_an_unexpected_backend_failure_is_recorded_as_internal(tiny_repository):
+    metrics = RecordingMetrics()
+    broken = FakeBackend(DEVICE, error=RuntimeError("session exploded"))
+    plane = DataPlane(Catalog.load(tiny_repository), [broken], [DEVICE], metrics)
+    with pytest.raises(RuntimeError, match="session exploded"):
+        run(plane.infer(infer_request(), RequestClock.start()))
+    assert metrics.codes() == ["internal"]
+    assert metrics.requests == [(MODEL, REFERENCE, DEVICE, "http", "internal")]
+    assert sum(delta for *_, delta in metrics.inflight_deltas) == 0
+
+
+def test_a_faster_second_device_class_answers(served):
+    gpu = FakeBackend("gpu", predicted_ms=0.001)
+    plane = DataPlane(
+        served.catalog, [served.backend, gpu], [DEVICE, "gpu"], served.metrics, shadow_fraction=0
+    )
+
+    async def main():
+        fastest = await plane.infer(infer_request(), RequestClock.start())
+        plane.answered(fastest)
+        cpu_only = await plane.infer(infer_request(device_class=DEVICE), RequestClock.start())
+        plane.answered(cpu_only)
+        return fastest, cpu_only
+
+    fastest, cpu_only = run(main())
+    assert fastest.parameters["device_class"] == "gpu"
+    assert fastest.version == REFERENCE
+    np.testing.assert_array_equal(fastest.outputs[0].data, np.full((2, 10), 7.0, np.float32))
+    assert gpu.calls == [(MODEL, REFERENCE, 2)]
+    assert cpu_only.parameters["device_class"] == DEVICE
+    assert [r[2] for r in served.metrics.requests] == ["gpu", DEVICE]
+    assert {(model, device) for model, device, _ in served.metrics.inflight_deltas} == {
+        (MODEL, "gpu"),
+        (MODEL, DEVICE),
+    }
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -275,21 +514,24 @@ def test_requested_outputs_are_returned_once_each(served):
 
 def test_metrics_record_requests_selections_budgets_and_batches(served):
     async def main():
-        await served.plane.infer(infer_request(images(3)))
-        await served.plane.infer(infer_request(latency_budget_ms=1e6))
-        await served.plane.infer(infer_request(latency_budget_ms=1e-6))
-        await served.plane.infer(infer_request(version="int8"))
+        before = len(served.metrics.agreements)
+        await served.answer(infer_request(images(3)))
+        await served.answer(infer_request(latency_budget_ms=1e6))
+        await served.answer(infer_request(latency_budget_ms=1e-6))
+        await served.answer(infer_request(version="int8"))
         with pytest.raises(InvalidArgumentError):
-            await served.plane.infer(infer_request(images(0)))
-        await until(lambda: len(served.metrics.batches) == 5)
+            await served.answer(infer_request(images(0)))
+        # The two non-reference answers are each compared with the reference (fraction 1).
+        await until(lambda: len(served.metrics.agreements) == before + 2)
+        return served.metrics.agreements[before:]
 
-    run(main())
+    compared = run(main())
     metrics = served.metrics
     assert metrics.requests == [
-        (MODEL, REFERENCE, "cpu", "http", "ok"),
-        (MODEL, REFERENCE, "cpu", "http", "ok"),
-        (MODEL, FASTEST, "cpu", "http", "ok"),
-        (MODEL, "int8", "cpu", "http", "ok"),
+        (MODEL, REFERENCE, DEVICE, "http", "ok"),
+        (MODEL, REFERENCE, DEVICE, "http", "ok"),
+        (MODEL, FASTEST, DEVICE, "http", "ok"),
+        (MODEL, "int8", DEVICE, "http", "ok"),
         (MODEL, "", "", "http", "invalid_argument"),
     ]
     assert metrics.selections == [
@@ -299,20 +541,23 @@ def test_metrics_record_requests_selections_budgets_and_batches(served):
         (MODEL, "int8", "pinned"),
     ]
     assert metrics.budgets == [(MODEL, REFERENCE, True), (MODEL, FASTEST, False)]
-    # One batch per request (they ran one after the other), plus the shadow run of the
-    # reference that the over-budget request to FASTEST triggered (shadow_fraction 1).
-    assert sorted(metrics.batches) == sorted(
-        [
-            (MODEL, REFERENCE, "cpu", 3),
-            (MODEL, REFERENCE, "cpu", 2),
-            (MODEL, FASTEST, "cpu", 2),
-            (MODEL, "int8", "cpu", 2),
-            (MODEL, REFERENCE, "cpu", 2),
-        ]
-    )
+    assert sorted(variant for _, variant, _ in compared) == ["int8", FASTEST]
+    # One batch per request (they ran one after the other), plus the shadow runs of the
+    # reference on the two non-reference answers' inputs (2 rows each, perhaps merged).
+    batches = list(metrics.batches)
+    for batch in [
+        (MODEL, REFERENCE, DEVICE, 3),
+        (MODEL, REFERENCE, DEVICE, 2),
+        (MODEL, FASTEST, DEVICE, 2),
+        (MODEL, "int8", DEVICE, 2),
+    ]:
+        batches.remove(batch)
+    assert {batch[:3] for batch in batches} == {(MODEL, REFERENCE, DEVICE)}
+    assert sum(rows for *_, rows in batches) == 4
     # Every request left the in-flight gauge where it found it.
     assert sum(delta for *_, delta in metrics.inflight_deltas) == 0
     assert {delta for *_, delta in metrics.inflight_deltas} == {1, -1}
+    assert all(seconds >= 0 for seconds in metrics.request_seconds)
 
 
 def test_variant_figures_are_published_for_ready_variants_only(served):
@@ -333,10 +578,10 @@ def test_shadow_comparison_updates_live_agreement_of_a_non_reference_variant(ser
 
     async def main():
         before = len(served.metrics.agreements)
-        await served.plane.infer(infer_request(data, latency_budget_ms=1e-6))
+        await served.answer(infer_request(data, latency_budget_ms=1e-6))
         await until(lambda: len(served.metrics.agreements) > before)
         # The reference answering itself is never compared.
-        await served.plane.infer(infer_request(data))
+        await served.answer(infer_request(data))
         for _ in range(20):
             await asyncio.sleep(0)
         return before
@@ -347,12 +592,12 @@ def test_shadow_comparison_updates_live_agreement_of_a_non_reference_variant(ser
     assert row["live_agreement"] == pytest.approx(expected)
 
 
-def test_no_shadow_comparison_when_the_fraction_is_zero(tiny_repository):
-    served = serve(tiny_repository, shadow_fraction=0.0)
+def test_no_shadow_comparison_when_the_fraction_is_zero(serving):
+    served = serving(shadow_fraction=0.0)
 
     async def main():
         for _ in range(3):
-            await served.plane.infer(infer_request(version=FASTEST))
+            await served.answer(infer_request(version=FASTEST))
         for _ in range(20):
             await asyncio.sleep(0)
 
@@ -361,22 +606,56 @@ def test_no_shadow_comparison_when_the_fraction_is_zero(tiny_repository):
     assert [variant for _, variant, *_ in served.metrics.batches] == [FASTEST] * 3
 
 
-def test_backpressure_surfaces_as_resource_exhausted(tiny_repository):
-    served = serve(tiny_repository, batching=BatchingConfig(max_queue=1))
+# --- readiness and warm-up -----------------------------------------------------------------
 
+
+def test_the_plane_is_ready_only_after_its_warm_up(tiny_repository):
     async def main():
-        return await asyncio.gather(
-            *(served.plane.infer(infer_request(version=REFERENCE)) for _ in range(3)),
-            return_exceptions=True,
-        )
+        async with started(tiny_repository, warm=False) as served:
+            assert served.plane.live() is True
+            assert served.plane.ready() is False
+            assert served.plane.model_ready(MODEL) is False
+            assert served.plane.model_ready(MODEL, "int8") is False
+            await served.backend.warm_up()
+            assert served.plane.ready() is False  # the sessions alone are not the plane
+            await served.plane.warm_up()
+            assert served.plane.ready() is True
+            assert served.plane.model_ready(MODEL) is True
+            assert served.plane.model_ready(MODEL, "int8") is True
+            return served.metrics
 
-    results = run(main())
-    assert results[0].version == REFERENCE
-    assert [type(r).__name__ for r in results[1:]] == ["ResourceExhaustedError"] * 2
-    assert sorted(served.metrics.codes()) == ["ok", "resource_exhausted", "resource_exhausted"]
+    metrics = run(main())
+    # The warm-up's own requests are never recorded as traffic.
+    assert metrics.requests == []
+    assert metrics.selections == []
+    assert metrics.budgets == []
+    assert all(value == OFFLINE_AGREEMENT for *_, value in metrics.agreements)
 
 
-# --- health and metadata -------------------------------------------------------------------
+def test_warm_up_measures_this_machine(tiny_repository):
+    async def main():
+        async with started(tiny_repository, pin=False) as served:
+            return (
+                {
+                    v: served.backend.times.batch_ms(variant_key(MODEL, v), DEVICE, 1)
+                    for v in READY
+                },
+                served.backend.executor.hop_ms,
+                served.plane.overhead_ms,
+                served.predicted_ms(REFERENCE),
+                served.plane.variants(MODEL),
+            )
+
+    measured, hop_ms, overhead_ms, predicted, listing = run(main())
+    # The manifests' figures were replaced by measurements of these sessions.
+    for variant in READY:
+        assert measured[variant] > 0
+        assert measured[variant] != pytest.approx(SEEDED_MS[variant])
+    assert hop_ms > 0
+    assert overhead_ms > 0
+    assert predicted >= measured[REFERENCE]
+    rows = {row["variant"]: row for row in listing["variants"]}
+    assert rows[REFERENCE]["predicted_latency_ms"] == {DEVICE: predicted}
 
 
 def test_health(served):
@@ -386,6 +665,9 @@ def test_health(served):
     assert meta.name == "gearbox"
     assert "binary_tensor_data" in meta.extensions
     assert "gearbox_variants" in meta.extensions
+
+
+# --- metadata ------------------------------------------------------------------------------
 
 
 def test_model_metadata_lists_ready_versions_only(served):
@@ -415,7 +697,7 @@ def test_version_metadata_carries_the_manifest_figures(served):
     assert parameters["quality"] == manifest.quality.value
     assert parameters["agreement"] == manifest.quality.agreement
     assert parameters["latency_ms_cpu_b1_p50"] == SEEDED_MS["int8"]
-    assert parameters["latency_ms_cpu_b8_p95"] == manifest.latency_ms["cpu"]["8"]["p95"]
+    assert parameters["latency_ms_cpu_b8_p95"] == manifest.latency_ms[DEVICE]["8"]["p95"]
 
 
 def test_version_metadata_of_a_rejected_or_unknown_variant_is_not_found(served):
@@ -440,6 +722,7 @@ def test_model_ready(served):
 
 
 def test_variants_lists_every_manifest_with_served_flags(served):
+    expected = {variant: served.predicted_ms(variant) for variant in READY}
     listing = served.plane.variants(MODEL)
     assert listing["model"] == MODEL
     assert listing["reference_variant"] == REFERENCE
@@ -450,11 +733,16 @@ def test_variants_lists_every_manifest_with_served_flags(served):
     assert "predicted_latency_ms" not in rows[REJECTED]
     assert "live_agreement" not in rows[REJECTED]
     for variant in READY:
-        assert rows[variant]["predicted_latency_ms"] == {"cpu": SEEDED_MS[variant]}
+        assert rows[variant]["predicted_latency_ms"] == {DEVICE: expected[variant]}
         assert rows[variant]["live_agreement"] == OFFLINE_AGREEMENT
         assert rows[variant]["sha256"] == served.repository.manifest(MODEL, variant).sha256
+    # Predictions keep the profiled order.
+    assert expected["small"] < expected["int8"] < expected[REFERENCE]
     broken = served.plane.variants(BROKEN_MODEL)["variants"]
     assert [row["served"] for row in broken] == [False]
+
+
+# --- catalog -------------------------------------------------------------------------------
 
 
 def test_catalog_keeps_rejected_manifests_but_serves_only_ready(tiny_repository):
@@ -468,15 +756,74 @@ def test_catalog_keeps_rejected_manifests_but_serves_only_ready(tiny_repository)
     ]
 
 
+def test_profiled_cost_reads_batch_one_and_eight(tiny_repository):
+    manifest = tiny_repository.manifest(MODEL, "int8")  # 10 ms at batch 1, 30 ms at batch 8
+    cost = profiled_cost(manifest, DEVICE)
+    assert cost.ms(1) == pytest.approx(10.0)
+    assert cost.ms(8) == pytest.approx(30.0)
+
+
+def test_profiled_cost_of_an_unprofiled_class_is_the_fastest_known(tiny_repository):
+    manifest = tiny_repository.manifest(MODEL, "int8")
+    both = dataclasses.replace(
+        manifest,
+        latency_ms={
+            "slow": {"1": {"p50": 50.0, "p95": 60.0}},
+            "fast": {"1": {"p50": 2.0, "p95": 3.0}},
+        },
+    )
+    assert profiled_cost(both, "gpu") == BatchCost.from_profile(2.0)
+    assert profiled_cost(both, "slow") == BatchCost.from_profile(50.0)
+    nothing = dataclasses.replace(manifest, latency_ms={})
+    assert profiled_cost(nothing, DEVICE) == BatchCost(0.0, 0.0)
+    no_batch_one = dataclasses.replace(manifest, latency_ms={DEVICE: {"8": {"p50": 1, "p95": 2}}})
+    assert profiled_cost(no_batch_one, DEVICE) == BatchCost(0.0, 0.0)
+
+
 # --- hosting -------------------------------------------------------------------------------
 
 
 def test_local_backend_hosts_the_ready_variants(served):
     assert served.backend.hosted == [(MODEL, v) for v in READY]
-    assert served.backend.device_class == "cpu"
+    assert served.backend.device_class == DEVICE
     assert served.backend.depth() == 0
     with pytest.raises(NotFoundError, match="not hosted on cpu"):
         run(served.backend.infer(MODEL, REJECTED, {INPUT: images(1)}))
+
+
+def test_local_backend_answers_with_the_batch_it_ran(served):
+    data = images(3, seed=9)
+    result = run(served.backend.infer(MODEL, "int8", {INPUT: data}))
+    np.testing.assert_allclose(
+        result.outputs[OUTPUT], run_artifact(served.repository, "int8", data), rtol=1e-5
+    )
+    assert result.batch_rows == 3
+    assert result.service_s >= 0
+    assert result.queue_s >= 0
+
+
+def test_local_backend_predicts_with_the_queue_model_and_the_hop(served):
+    executor = served.backend.executor
+    key = variant_key(MODEL, "int8")
+    run_ms = predict_ms(executor.work_state(), served.backend.times, DEVICE, key, 2)
+    assert run_ms == pytest.approx(served.backend.times.batch_ms(key, DEVICE, 2))
+    # 10 ms is longer than the hop: it runs on a worker, and the hop is part of the wait.
+    assert not executor.runs_inline(key, 2)
+    assert served.backend.predict_ms(MODEL, "int8", 2) == pytest.approx(run_ms + executor.hop_ms)
+    # A batch shorter than the hop runs inline, and no hop is added.
+    served.backend.times.seed(key, DEVICE, BatchCost(0.0, executor.hop_ms / 100))
+    assert executor.runs_inline(key, 2)
+    assert served.backend.predict_ms(MODEL, "int8", 2) == pytest.approx(executor.hop_ms / 50)
+
+
+def test_synthetic_inputs_follow_the_signature(tiny_repository):
+    record = tiny_repository.model(MODEL)
+    inputs = synthetic_inputs(record, 5)
+    assert list(inputs) == [INPUT]
+    assert inputs[INPUT].shape == (5, 1, 8, 8)
+    assert inputs[INPUT].dtype == np.float32
+    assert not inputs[INPUT].any()
+    assert record.signature.check_inputs(inputs, "warm-up") == 5
 
 
 def test_a_tampered_artifact_is_refused_at_load(tmp_path):
@@ -487,22 +834,111 @@ def test_a_tampered_artifact_is_refused_at_load(tmp_path):
     artifact.write_bytes(bytes(data))
     catalog = Catalog.load(repository)
     with pytest.raises(IntegrityError, match="sha256"):
-        LocalBackend(repository, catalog.ready_manifests(), DeviceClass("cpu"), BatchingConfig())
+        LocalBackend(repository, catalog, DeviceClass(DEVICE), BatchingConfig())
 
 
 def test_a_rejected_manifest_is_never_loaded(tiny_repository):
     manifest = tiny_repository.manifest(MODEL, REJECTED)
     with pytest.raises(UnavailableError, match="rejected"):
-        LocalBackend(tiny_repository, [manifest], DeviceClass("cpu"), BatchingConfig())
+        load_session(tiny_repository, manifest, DeviceClass(DEVICE))
 
 
 def test_a_device_class_without_its_provider_is_unavailable(tiny_repository):
     missing = DeviceClass("npu", execution_provider="NoSuchExecutionProvider")
-    manifests = [tiny_repository.manifest(MODEL, REFERENCE)]
     with pytest.raises(UnavailableError, match="NoSuchExecutionProvider"):
-        LocalBackend(tiny_repository, manifests, missing, BatchingConfig())
+        LocalBackend(tiny_repository, Catalog.load(tiny_repository), missing, BatchingConfig())
 
 
 def test_a_data_plane_needs_a_backend(tiny_repository):
     with pytest.raises(InvalidArgumentError, match="backend"):
-        DataPlane(Catalog.load(tiny_repository), [], ["cpu"], RecordingMetrics())
+        DataPlane(Catalog.load(tiny_repository), [], [DEVICE], RecordingMetrics())
+
+
+# --- the remote backend (a device class reached through a handle) ------------------------------
+
+
+class Remote:
+    """A Ray Serve handle's shape: ``handle.infer.remote(...)`` is awaitable."""
+
+    def __init__(self, answer=None, error=None, wait=None):
+        self.infer = self
+        self._answer = answer
+        self._error = error
+        self._wait = wait
+        self.calls: list[tuple[str, str, dict]] = []
+
+    def remote(self, model, variant, inputs):
+        self.calls.append((model, variant, inputs))
+        return self._call()
+
+    async def _call(self):
+        if self._wait is not None:
+            await self._wait.wait()
+        if self._error is not None:
+            raise self._error
+        return self._answer
+
+
+class WrappedError(Exception):
+    """What Ray raises for an exception in a replica: the original is its ``cause``."""
+
+    def __init__(self, cause):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def test_remote_backend_is_seeded_from_the_manifests(tiny_repository):
+    backend = RemoteBackend("gpu", Remote(), Catalog.load(tiny_repository))
+    # gpu is not profiled: the fastest profiled class (cpu) seeds it.
+    assert backend.predict_ms(MODEL, "int8", 1) == pytest.approx(SEEDED_MS["int8"])
+    assert backend.depth() == 0
+
+
+def test_remote_backend_learns_the_round_trip_and_counts_what_is_in_flight(tiny_repository):
+    answer = BatchResult({OUTPUT: np.zeros((1, 10), np.float32)}, 0.0, 0.0, 1)
+
+    async def main():
+        release = asyncio.Event()
+        handle = Remote(answer, wait=release)
+        backend = RemoteBackend("gpu", handle, Catalog.load(tiny_repository))
+        alone = backend.predict_ms(MODEL, "int8", 1)
+        first = asyncio.ensure_future(backend.infer(MODEL, "int8", {INPUT: images(1)}))
+        await until(lambda: backend.depth() == 1)
+        # One request ahead: a new one waits for it.
+        assert backend.predict_ms(MODEL, "int8", 1) == pytest.approx(2 * alone)
+        release.set()
+        result = await first
+        return backend, handle, alone, result
+
+    backend, handle, alone, result = run(main())
+    assert result is answer
+    assert backend.depth() == 0
+    assert [(m, v) for m, v, _ in handle.calls] == [(MODEL, "int8")]
+    # The measured round trip (far below the seeded 10 ms) pulled the estimate down.
+    assert backend.predict_ms(MODEL, "int8", 1) < alone
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected", "match"),
+    [
+        (ResourceExhaustedError("queue full"), ResourceExhaustedError, "queue full"),
+        (WrappedError(NotFoundError("no such variant")), NotFoundError, "no such variant"),
+        (RuntimeError("actor died"), UnavailableError, "'gpu' failed to answer: RuntimeError"),
+    ],
+)
+def test_remote_backend_errors_keep_their_code(tiny_repository, raised, expected, match):
+    backend = RemoteBackend("gpu", Remote(error=raised), Catalog.load(tiny_repository))
+    with pytest.raises(expected, match=match):
+        run(backend.infer(MODEL, "int8", {INPUT: images(1)}))
+    assert backend.depth() == 0
+
+
+def test_close_all_closes_the_backends_that_can_be_closed(tiny_repository):
+    closed = []
+
+    class Closable(FakeBackend):
+        def close(self):
+            closed.append(self.device_class)
+
+    close_all({"cpu": Closable(DEVICE), "gpu": FakeBackend("gpu"), "npu": Closable("npu")})
+    assert closed == [DEVICE, "npu"]

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from gearbox.compression.devices import load_device_classes
+from gearbox.serving.ingress import Ingress, ray_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -31,10 +32,7 @@ PODMONITOR = DEPLOY / "prometheus" / "podmonitor.yaml"
 DASHBOARD = DEPLOY / "grafana" / "gearbox-dashboard.json"
 
 IMPORT_PATH = "gearbox.serving.app:app_builder"
-GRPC_SERVICER = (
-    "gearbox.serving.grpc.generated.grpc_service_pb2_grpc"
-    ".add_GRPCInferenceServiceServicer_to_server"
-)
+GRPC_SERVICER = "gearbox.serving.clock.add_inference_service"
 APP_ARGS = {"repository", "device_classes_file", "replicas", "shadow_fraction"}
 SERVICE_DISCOVERY_FILE = "/tmp/ray/prom_metrics_service_discovery.json"
 
@@ -280,3 +278,9 @@ def test_dashboard_variables_and_datasource():
             assert '$model"' in target["expr"], f"{panel['title']} ignores the model variable"
     ids = [panel["id"] for panel in _panels(dashboard)]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
+
+
+def test_the_image_runs_the_ingress_gearbox_serve_runs():
+    text = CONTAINERFILE.read_text().replace("\\\n", " ")
+    declared = dict(re.findall(r"\b(RAY_SERVE_[A-Z_]+)=(\S+)", text))
+    assert declared == ray_environment(Ingress.HAPROXY)

@@ -1,4 +1,8 @@
-"""The HTTP and gRPC adapters over a real data plane: endpoints, status codes, wire formats."""
+"""The HTTP and gRPC adapters over a real data plane: endpoints, status codes, wire formats.
+
+The gRPC side is :class:`GrpcServicer` called directly, method by method, as Ray Serve's
+gRPC server calls it (a real ``grpc.aio`` server in front of it is in ``test_clock.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,31 +10,47 @@ import asyncio
 import json
 import pickle
 import re
+import time
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
 
+from gearbox.serving.catalog import Catalog
+from gearbox.serving.clock import RequestClock
 from gearbox.serving.config import BatchingConfig
-from gearbox.serving.grpc.adapter import GrpcAdapter, parameter_to_proto, parameters_from_proto
+from gearbox.serving.dataplane import DataPlane
+from gearbox.serving.grpc.adapter import (
+    GrpcServicer,
+    parameter_to_proto,
+    parameters_from_proto,
+    response_to_proto,
+)
 from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
-from gearbox.serving.rest.adapter import HttpAdapter
+from gearbox.serving.inference import InferResponse, Tensor
+from gearbox.serving.rest.adapter import HttpAdapter, encode_infer_response
 from tests.unit.serving_fixtures import (
     BROKEN_MODEL,
+    DEVICE,
     FASTEST,
     INPUT,
+    MIDDLE_BUDGET_MS,
     MODEL,
     OUTPUT,
     READY,
     REFERENCE,
     REJECTED,
     SEEDED_MS,
+    Gate,
+    RecordingMetrics,
     images,
     run,
     run_artifact,
-    serve,
+    started,
+    until,
 )
+from tests.unit.test_dataplane import FakeBackend
 
 JSON = {"content-type": "application/json"}
 
@@ -42,7 +62,7 @@ def http(served):
 
 @pytest.fixture
 def grpc_adapter(served):
-    return GrpcAdapter(served.plane)
+    return GrpcServicer(served.plane)
 
 
 def get(adapter, path):
@@ -127,6 +147,7 @@ def test_model_and_version_readiness(http):
 
 def test_infer_json(http, served):
     data = images(3, seed=4)
+    predicted = served.predicted_ms(REFERENCE, rows=3)
     response = post_json(http, f"/v2/models/{MODEL}/infer", infer_json(data))
     assert response.status == 200
     answer = body(response)
@@ -136,7 +157,8 @@ def test_infer_json(http, served):
     assert answer["parameters"]["variant"] == REFERENCE
     assert answer["parameters"]["device_class"] == "cpu"
     assert answer["parameters"]["budget_met"] is True
-    assert answer["parameters"]["predicted_latency_ms"] == SEEDED_MS[REFERENCE]
+    assert answer["parameters"]["predicted_latency_ms"] == predicted
+    assert answer["parameters"]["latency_ms"] > 0
     [output] = answer["outputs"]
     assert (output["name"], output["datatype"], output["shape"]) == (OUTPUT, "FP32", [3, 10])
     values = np.asarray(output["data"], np.float32).reshape(3, 10)
@@ -154,7 +176,7 @@ def test_infer_pinned_version_and_routing_parameters(http):
     assert body(tight)["model_version"] == FASTEST
     assert body(tight)["parameters"]["budget_met"] is False
     as_string = post_json(
-        http, f"/v2/models/{MODEL}/infer", infer_json(images(1), latency_budget_ms="2")
+        http, f"/v2/models/{MODEL}/infer", infer_json(images(1), latency_budget_ms=str(MIDDLE_BUDGET_MS))
     )
     assert body(as_string)["model_version"] == "int8"
 
@@ -299,24 +321,116 @@ def test_not_found_is_404(http):
     assert get(http, f"/v2/models/{MODEL}/versions/{REJECTED}").status == 404
 
 
-def test_unavailable_is_503(tiny_repository):
-    http = HttpAdapter(serve(tiny_repository, configured=("cpu", "gpu")).plane)
+def test_unavailable_is_503(serving):
+    http = HttpAdapter(serving(configured=(DEVICE, "gpu")).plane)
     status, error = infer_status(http, infer_json(images(1), device_class="gpu"))
     assert status == 503
     assert "gpu" in error
     assert infer_status(http, infer_json(images(1)), f"/v2/models/{BROKEN_MODEL}/infer")[0] == 503
 
 
-def test_overload_is_429_and_the_admitted_request_is_answered(tiny_repository):
-    http = HttpAdapter(serve(tiny_repository, batching=BatchingConfig(max_queue=1)).plane)
+def test_overload_is_429_and_the_admitted_requests_are_answered(serving):
+    served = serving(batching=BatchingConfig(max_queue=2))
+    http = HttpAdapter(served.plane)
     raw = json.dumps(infer_json(images(1))).encode()
     path = f"/v2/models/{MODEL}/versions/{REFERENCE}/infer"
 
     async def main():
-        return await asyncio.gather(*(http.handle("POST", path, JSON, raw) for _ in range(3)))
+        async with Gate(served.backend.executor, served.backend.times).held():
+            tasks = [
+                asyncio.ensure_future(http.handle("POST", path, JSON, raw)) for _ in range(4)
+            ]
+            await until(lambda: sum(t.done() for t in tasks) == 2)
+        return await asyncio.gather(*tasks)
 
-    statuses = sorted(response.status for response in run(main()))
-    assert statuses == [200, 429, 429]
+    responses = run(main())
+    assert [response.status for response in responses] == [200, 200, 429, 429]
+    assert "max_queue 2" in body(responses[2])["error"]
+
+
+def test_an_internal_error_is_500_and_says_nothing_more(tiny_repository):
+    failing = FakeBackend(DEVICE, error=RuntimeError("secret stack detail"))
+    plane = DataPlane(Catalog.load(tiny_repository), [failing], [DEVICE], RecordingMetrics())
+    status, error = infer_status(HttpAdapter(plane), infer_json(images(1)))
+    assert status == 500
+    assert "secret" not in error
+    assert error == f"internal error serving POST /v2/models/{MODEL}/infer"
+
+
+def test_health_and_readiness_are_503_before_the_warm_up(tiny_repository):
+    async def main():
+        async with started(tiny_repository, warm=False) as served:
+            http = HttpAdapter(served.plane)
+            before = [
+                await http.handle("GET", path, {}, b"")
+                for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready")
+            ]
+            servicer = GrpcServicer(served.plane)
+            grpc_before = await servicer.ServerReady(pb.ServerReadyRequest(), Context())
+            await served.plane.warm_up()
+            after = await http.handle("GET", "/v2/health/ready", {}, b"")
+            grpc_after = await servicer.ServerReady(pb.ServerReadyRequest(), Context())
+            return before, after, grpc_before, grpc_after
+
+    (live, ready, model_ready), after, grpc_before, grpc_after = run(main())
+    assert (live.status, body(live)) == (200, {"live": True})
+    assert (ready.status, body(ready)) == (503, {"ready": False})
+    assert (model_ready.status, body(model_ready)) == (503, {"name": MODEL, "ready": False})
+    assert (after.status, body(after)) == (200, {"ready": True})
+    assert (grpc_before.ready, grpc_after.ready) == (False, True)
+
+
+def test_the_latency_counts_from_the_clock_given_to_the_adapter(http):
+    # The server stamped the request a second before the adapter saw it.
+    raw = json.dumps(infer_json(images(1), latency_budget_ms=MIDDLE_BUDGET_MS)).encode()
+    clock = RequestClock(time.perf_counter() - 1.0)
+    response = run(http.handle("POST", f"/v2/models/{MODEL}/infer", JSON, raw, clock))
+    parameters = body(response)["parameters"]
+    assert parameters["latency_ms"] >= 1000
+    assert parameters["budget_met"] is False
+    assert parameters["latency_budget_ms"] == MIDDLE_BUDGET_MS
+    # Without a clock the adapter starts one itself.
+    fresh = body(run(http.handle("POST", f"/v2/models/{MODEL}/infer", JSON, raw)))
+    assert fresh["parameters"]["latency_ms"] < 1000
+
+
+def _answered_response():
+    logits = np.arange(20, dtype=np.float32).reshape(2, 10)
+    return InferResponse(MODEL, "int8", "r-1", (Tensor(OUTPUT, logits),), {"variant": "int8"})
+
+
+def test_encode_infer_response_finishes_once_the_outputs_are_encoded():
+    response = _answered_response()
+    finished = []
+
+    def finish(seen):
+        finished.append(seen)
+        return {**seen.parameters, "latency_ms": 1.5}
+
+    encoded = encode_infer_response(response, finish)
+    assert finished == [response]
+    document = json.loads(encoded.body)
+    assert document["parameters"] == {"variant": "int8", "latency_ms": 1.5}
+    assert document["outputs"][0]["data"] == list(range(20))
+    # Without ``finish`` the response's own parameters go out.
+    assert json.loads(encode_infer_response(response).body)["parameters"] == {"variant": "int8"}
+
+
+def test_response_to_proto_finishes_once_the_outputs_are_encoded():
+    response = _answered_response()
+    finished = []
+
+    def finish(seen):
+        finished.append(seen)
+        return {**seen.parameters, "budget_met": True}
+
+    message = response_to_proto(response, raw=False, finish=finish)
+    assert finished == [response]
+    assert parameters_from_proto(message.parameters) == {"variant": "int8", "budget_met": True}
+    assert list(message.outputs[0].contents.fp32_contents) == list(range(20))
+    raw = response_to_proto(response, raw=True)
+    assert parameters_from_proto(raw.parameters) == {"variant": "int8"}
+    assert np.frombuffer(raw.raw_output_contents[0], "<f4").tolist() == list(range(20))
 
 
 def test_a_bad_request_does_not_stop_the_next(http):
@@ -477,29 +591,29 @@ def raw_request(data, version=""):
 
 
 def test_grpc_health_and_server_metadata(grpc_adapter):
-    live, context = call(grpc_adapter.server_live, pb.ServerLiveRequest())
+    live, context = call(grpc_adapter.ServerLive, pb.ServerLiveRequest())
     assert live.live is True
     assert context.code is None
-    ready, _ = call(grpc_adapter.server_ready, pb.ServerReadyRequest())
+    ready, _ = call(grpc_adapter.ServerReady, pb.ServerReadyRequest())
     assert ready.ready is True
-    meta, _ = call(grpc_adapter.server_metadata, pb.ServerMetadataRequest())
+    meta, _ = call(grpc_adapter.ServerMetadata, pb.ServerMetadataRequest())
     assert meta.name == "gearbox"
     assert "binary_tensor_data" in meta.extensions
 
 
 def test_grpc_model_ready(grpc_adapter):
-    reply, context = call(grpc_adapter.model_ready, pb.ModelReadyRequest(name=MODEL))
+    reply, context = call(grpc_adapter.ModelReady, pb.ModelReadyRequest(name=MODEL))
     assert (reply.ready, context.code) == (True, None)
-    reply, _ = call(grpc_adapter.model_ready, pb.ModelReadyRequest(name=MODEL, version=REJECTED))
+    reply, _ = call(grpc_adapter.ModelReady, pb.ModelReadyRequest(name=MODEL, version=REJECTED))
     assert reply.ready is False
-    reply, context = call(grpc_adapter.model_ready, pb.ModelReadyRequest(name="nope"))
+    reply, context = call(grpc_adapter.ModelReady, pb.ModelReadyRequest(name="nope"))
     assert context.code == grpc.StatusCode.NOT_FOUND
     assert "'nope'" in context.details
     assert reply == pb.ModelReadyResponse()
 
 
 def test_grpc_model_metadata(grpc_adapter):
-    meta, context = call(grpc_adapter.model_metadata, pb.ModelMetadataRequest(name=MODEL))
+    meta, context = call(grpc_adapter.ModelMetadata, pb.ModelMetadataRequest(name=MODEL))
     assert context.code is None
     assert list(meta.versions) == list(READY)
     assert meta.platform == "onnxruntime_onnx"
@@ -509,10 +623,10 @@ def test_grpc_model_metadata(grpc_adapter):
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
         (OUTPUT, "FP32", [-1, 10])
     ]
-    one, _ = call(grpc_adapter.model_metadata, pb.ModelMetadataRequest(name=MODEL, version="int8"))
+    one, _ = call(grpc_adapter.ModelMetadata, pb.ModelMetadataRequest(name=MODEL, version="int8"))
     assert list(one.versions) == ["int8"]
     _, context = call(
-        grpc_adapter.model_metadata, pb.ModelMetadataRequest(name=MODEL, version=REJECTED)
+        grpc_adapter.ModelMetadata, pb.ModelMetadataRequest(name=MODEL, version=REJECTED)
     )
     assert context.code == grpc.StatusCode.NOT_FOUND
     assert "rejected" in context.details
@@ -520,7 +634,8 @@ def test_grpc_model_metadata(grpc_adapter):
 
 def test_grpc_infer_typed_contents(grpc_adapter, served):
     data = images(3, seed=31)
-    reply, context = call(grpc_adapter.model_infer, typed_request(data))
+    predicted = served.predicted_ms(REFERENCE, rows=3)
+    reply, context = call(grpc_adapter.ModelInfer, typed_request(data))
     assert context.code is None
     assert (reply.model_name, reply.model_version, reply.id) == (MODEL, REFERENCE, "g-1")
     assert not reply.raw_output_contents
@@ -535,14 +650,14 @@ def test_grpc_infer_typed_contents(grpc_adapter, served):
     assert parameters["device_class"] == "cpu"
     assert parameters["budget_met"] is True
     assert reply.parameters["budget_met"].WhichOneof("parameter_choice") == "bool_param"
-    assert reply.parameters["predicted_latency_ms"].double_param == SEEDED_MS[REFERENCE]
+    assert reply.parameters["predicted_latency_ms"].double_param == predicted
     assert reply.parameters["latency_ms"].WhichOneof("parameter_choice") == "double_param"
     assert served.metrics.requests[-1] == (MODEL, REFERENCE, "cpu", "grpc", "ok")
 
 
 def test_grpc_infer_raw_contents(grpc_adapter, served):
     data = images(2, seed=32)
-    reply, context = call(grpc_adapter.model_infer, raw_request(data, version="int8"))
+    reply, context = call(grpc_adapter.ModelInfer, raw_request(data, version="int8"))
     assert context.code is None
     assert reply.model_version == "int8"
     [raw] = reply.raw_output_contents
@@ -555,7 +670,7 @@ def test_grpc_infer_raw_contents(grpc_adapter, served):
 
 def test_grpc_and_http_answer_with_the_same_numbers(grpc_adapter, http):
     data = images(2, seed=33)
-    reply, _ = call(grpc_adapter.model_infer, typed_request(data, version=FASTEST))
+    reply, _ = call(grpc_adapter.ModelInfer, typed_request(data, version=FASTEST))
     over_grpc = np.asarray(reply.outputs[0].contents.fp32_contents, np.float32)
     over_http = np.asarray(
         body(post_json(http, f"/v2/models/{MODEL}/versions/{FASTEST}/infer", infer_json(data)))[
@@ -571,12 +686,12 @@ def test_grpc_and_http_answer_with_the_same_numbers(grpc_adapter, http):
     [
         (1_000_000, REFERENCE),  # int64_param
         (1e-6, FASTEST),  # double_param
-        ("2", "int8"),  # string_param
+        (str(MIDDLE_BUDGET_MS), "int8"),  # string_param
     ],
 )
 def test_grpc_budget_parameter_in_every_numeric_form(grpc_adapter, value, variant):
     reply, context = call(
-        grpc_adapter.model_infer, typed_request(images(1), latency_budget_ms=value)
+        grpc_adapter.ModelInfer, typed_request(images(1), latency_budget_ms=value)
     )
     assert context.code is None
     assert reply.model_version == variant
@@ -608,7 +723,7 @@ def test_grpc_budget_parameter_in_every_numeric_form(grpc_adapter, value, varian
 def test_grpc_malformed_requests_are_invalid_argument(grpc_adapter, mutate, match):
     request = typed_request(images(1))
     mutate(request)
-    reply, context = call(grpc_adapter.model_infer, request)
+    reply, context = call(grpc_adapter.ModelInfer, request)
     assert context.code == grpc.StatusCode.INVALID_ARGUMENT
     assert re.search(match, context.details), context.details
     assert reply == pb.ModelInferResponse()
@@ -617,12 +732,12 @@ def test_grpc_malformed_requests_are_invalid_argument(grpc_adapter, mutate, matc
 def test_grpc_raw_contents_must_match_inputs(grpc_adapter):
     request = raw_request(images(1))
     request.raw_input_contents.append(b"")
-    _, context = call(grpc_adapter.model_infer, request)
+    _, context = call(grpc_adapter.ModelInfer, request)
     assert context.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "2 entries for 1 inputs" in context.details
     short = raw_request(images(1))
     short.raw_input_contents[0] = short.raw_input_contents[0][:-1]
-    _, context = call(grpc_adapter.model_infer, short)
+    _, context = call(grpc_adapter.ModelInfer, short)
     assert context.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "'images'" in context.details and "255" in context.details
 
@@ -632,26 +747,63 @@ def test_grpc_huge_shape_is_invalid_argument(grpc_adapter):
     del request.inputs[0].shape[:]
     request.inputs[0].shape.extend([2**32, 2**32])
     request.raw_input_contents[0] = b""
-    _, context = call(grpc_adapter.model_infer, request)
+    _, context = call(grpc_adapter.ModelInfer, request)
     assert context.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_grpc_not_found(grpc_adapter):
     request = typed_request(images(1))
     request.model_name = "nope"
-    _, context = call(grpc_adapter.model_infer, request)
+    _, context = call(grpc_adapter.ModelInfer, request)
     assert context.code == grpc.StatusCode.NOT_FOUND
-    _, context = call(grpc_adapter.model_infer, typed_request(images(1), version=REJECTED))
+    _, context = call(grpc_adapter.ModelInfer, typed_request(images(1), version=REJECTED))
     assert context.code == grpc.StatusCode.NOT_FOUND
     assert "rejected" in context.details
+
+
+def test_grpc_unavailable_and_internal_errors(serving, tiny_repository):
+    servicer = GrpcServicer(serving(configured=(DEVICE, "gpu")).plane)
+    _, context = call(servicer.ModelInfer, typed_request(images(1), device_class="gpu"))
+    assert context.code == grpc.StatusCode.UNAVAILABLE
+    assert "gpu" in context.details
+    failing = FakeBackend(DEVICE, error=RuntimeError("secret stack detail"))
+    plane = DataPlane(Catalog.load(tiny_repository), [failing], [DEVICE], RecordingMetrics())
+    reply, context = call(GrpcServicer(plane).ModelInfer, typed_request(images(1)))
+    assert (context.code, context.details) == (grpc.StatusCode.INTERNAL, "internal error")
+    assert reply == pb.ModelInferResponse()
+
+
+def test_grpc_overload_is_resource_exhausted(serving):
+    served = serving(batching=BatchingConfig(max_queue=2))
+    servicer = GrpcServicer(served.plane)
+    contexts = [Context() for _ in range(4)]
+
+    async def main():
+        async with Gate(served.backend.executor, served.backend.times).held():
+            tasks = [
+                asyncio.ensure_future(
+                    servicer.ModelInfer(typed_request(images(1), version=REFERENCE), context)
+                )
+                for context in contexts
+            ]
+            await until(lambda: sum(t.done() for t in tasks) == 2)
+        return await asyncio.gather(*tasks)
+
+    replies = run(main())
+    assert [c.code for c in contexts] == [None, None, *[grpc.StatusCode.RESOURCE_EXHAUSTED] * 2]
+    assert "max_queue 2" in contexts[2].details
+    assert [reply.model_version for reply in replies[:2]] == [REFERENCE, REFERENCE]
+    assert replies[2] == pb.ModelInferResponse()
+    assert served.metrics.codes() == ["resource_exhausted"] * 2 + ["ok"] * 2
+    assert {protocol for *_, protocol, _ in served.metrics.requests} == {"grpc"}
 
 
 def test_grpc_a_bad_request_does_not_stop_the_next(grpc_adapter):
     bad = typed_request(images(1))
     bad.inputs[0].datatype = "NOPE"
-    _, context = call(grpc_adapter.model_infer, bad)
+    _, context = call(grpc_adapter.ModelInfer, bad)
     assert context.code == grpc.StatusCode.INVALID_ARGUMENT
-    reply, context = call(grpc_adapter.model_infer, typed_request(images(1)))
+    reply, context = call(grpc_adapter.ModelInfer, typed_request(images(1)))
     assert context.code is None
     assert reply.model_version == REFERENCE
 
@@ -695,7 +847,7 @@ def test_model_infer_request_survives_pickling(grpc_adapter, served, build):
     copy = pickle.loads(pickle.dumps(request))
     assert copy == request
     assert copy.SerializeToString() == request.SerializeToString()
-    reply, context = call(grpc_adapter.model_infer, copy)
+    reply, context = call(grpc_adapter.ModelInfer, copy)
     assert context.code is None
     assert reply.model_version == "int8"
     assert pickle.loads(pickle.dumps(reply)) == reply

@@ -1,4 +1,8 @@
-"""The routing rule of DESIGN.md §6: parameters, candidates, budget, queue, stickiness."""
+"""The routing rule of DESIGN.md §6: parameters, candidates, budget, predictions, stickiness.
+
+The router is given a ``predict(variant, device_class, rows)`` function (the data plane's
+queue model in production); here a table the test sets by hand.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import pytest
 
 from gearbox.compression.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from gearbox.serving.router import (
-    LatencyEstimator,
     Reason,
     Router,
     RoutingRequest,
@@ -22,27 +25,33 @@ SMALL = VariantChoice("small", 0.80)
 SEEDS = {"fp32": 4.0, "int8": 1.0, "small": 0.25}
 
 
-class Depths:
-    """A queue-depth function the test sets by hand."""
+class Predictions:
+    """A predict function the test sets by hand: ms per (variant, device class), plus ``extra``
+    ms per (variant, device class) standing for work queued ahead; records every call."""
 
-    def __init__(self) -> None:
-        self.depths: dict[tuple[str, str], int] = {}
+    def __init__(self, seeds) -> None:
+        self.ms = {
+            (variant, device): ms
+            for device, by_variant in seeds.items()
+            for variant, ms in by_variant.items()
+        }
+        self.extra: dict[tuple[str, str], float] = {}
+        self.calls: list[tuple[str, str, int]] = []
 
-    def __call__(self, variant: str, device_class: str) -> int:
-        return self.depths.get((variant, device_class), 0)
+    def __call__(self, variant: str, device_class: str, rows: int) -> float:
+        self.calls.append((variant, device_class, rows))
+        key = (variant, device_class)
+        return self.ms[key] + self.extra.get(key, 0.0)
 
 
 def make_router(
     variants=(FP32, INT8, SMALL),
     seeds=None,
     device_classes=("cpu",),
-    depths=None,
+    predictions=None,
 ):
-    estimator = LatencyEstimator()
-    for device, by_variant in (seeds or {"cpu": SEEDS}).items():
-        for variant, ms in by_variant.items():
-            estimator.seed(variant, device, ms)
-    return Router("tiny", list(variants), list(device_classes), estimator, depths or Depths())
+    predict = predictions or Predictions(seeds or {"cpu": SEEDS})
+    return Router("tiny", list(variants), list(device_classes), predict)
 
 
 def budget(ms, **extra):
@@ -162,7 +171,25 @@ def test_no_budget_gets_the_reference():
 
 def test_no_budget_and_no_reference_gets_the_best_quality():
     route = make_router([INT8, SMALL]).choose(RoutingRequest())
-    assert (route.variant, route.reason) == ("int8", Reason.REFERENCE)
+    assert (route.variant, route.reason) == ("int8", Reason.HIGHEST_QUALITY)
+
+
+def test_no_budget_and_min_quality_above_the_reference_gets_the_best_quality():
+    better = VariantChoice("distilled", 0.95)
+    seeds = {"cpu": {**SEEDS, "distilled": 9.0}}
+    router = make_router([FP32, INT8, better], seeds)
+    route = router.choose(RoutingRequest(min_quality=0.92))
+    assert (route.variant, route.reason) == ("distilled", Reason.HIGHEST_QUALITY)
+    # With the reference among the candidates, it answers (even though a better one exists).
+    route = router.choose(RoutingRequest(min_quality=0.9))
+    assert (route.variant, route.reason) == ("fp32", Reason.REFERENCE)
+
+
+def test_highest_quality_ties_go_to_the_faster():
+    twin = VariantChoice("twin", 0.88)
+    seeds = {"cpu": {**SEEDS, "twin": 0.5}}
+    route = make_router([INT8, twin, SMALL], seeds).choose(RoutingRequest())
+    assert (route.variant, route.reason) == ("twin", Reason.HIGHEST_QUALITY)
 
 
 def test_pinned_variant_is_served_whatever_the_budget():
@@ -187,7 +214,8 @@ def test_min_quality_filters_the_candidates():
     assert router.choose(RoutingRequest(min_quality=0.85)).variant == "fp32"
     # ... and the best qualifying variant when it does not.
     no_reference = make_router([INT8, SMALL])
-    assert no_reference.choose(RoutingRequest(min_quality=0.5)).variant == "int8"
+    route = no_reference.choose(RoutingRequest(min_quality=0.5))
+    assert (route.variant, route.reason) == ("int8", Reason.HIGHEST_QUALITY)
 
 
 def test_unreachable_min_quality_is_invalid_and_says_the_best():
@@ -195,28 +223,54 @@ def test_unreachable_min_quality_is_invalid_and_says_the_best():
         make_router().choose(RoutingRequest(min_quality=0.99))
 
 
-def test_queue_depth_raises_the_prediction_until_a_loaded_variant_no_longer_fits():
-    depths = Depths()
-    router = make_router(depths=depths)
+def test_work_ahead_raises_the_prediction_until_a_loaded_variant_no_longer_fits():
+    predictions = Predictions({"cpu": SEEDS})
+    router = make_router(predictions=predictions)
     assert router.choose(budget(5)).variant == "fp32"
 
-    depths.depths[("fp32", "cpu")] = 1  # one ahead: 4 ms x 2
+    predictions.extra[("fp32", "cpu")] = 4.0  # one batch ahead: 4 ms + 4 ms
     assert router.predicted_ms("fp32", "cpu") == 8.0
     route = router.choose(budget(5))
     assert (route.variant, route.predicted_ms) == ("int8", 1.0)
 
-    depths.depths[("int8", "cpu")] = 9  # 1 ms x 10
+    predictions.extra[("int8", "cpu")] = 9.0
     assert router.choose(budget(5)).variant == "small"
 
-    depths.depths.clear()
+    predictions.extra.clear()
     assert router.choose(budget(5)).variant == "fp32"
 
 
-def test_queue_depth_also_decides_the_fastest_over_budget():
-    depths = Depths()
-    depths.depths[("small", "cpu")] = 7  # 0.25 ms x 8 = 2 ms, slower than int8
-    route = make_router(depths=depths).choose(budget(0.01))
+def test_work_ahead_also_decides_the_fastest_over_budget():
+    predictions = Predictions({"cpu": SEEDS})
+    predictions.extra[("small", "cpu")] = 1.75  # 2 ms: slower than int8
+    route = make_router(predictions=predictions).choose(budget(0.01))
     assert (route.variant, route.predicted_ms) == ("int8", 1.0)
+
+
+def test_a_variant_faster_than_profiled_is_chosen_once_predicted_so():
+    predictions = Predictions({"cpu": SEEDS})
+    router = make_router(predictions=predictions)
+    assert router.choose(budget(2)).variant == "int8"
+    predictions.ms[("fp32", "cpu")] = 1.5  # live measurements: the reference is faster
+    assert router.choose(budget(2)).variant == "fp32"
+
+
+def test_every_candidate_is_predicted_at_the_request_rows():
+    predictions = Predictions({"cpu": SEEDS, "gpu": SEEDS})
+    router = make_router(predictions=predictions, device_classes=("cpu", "gpu"))
+    router.choose(budget(2), rows=3)
+    assert sorted(predictions.calls) == sorted(
+        (variant, device, 3) for variant in SEEDS for device in ("cpu", "gpu")
+    )
+    predictions.calls.clear()
+    router.choose(RoutingRequest(), pinned="int8", rows=5)
+    assert sorted(predictions.calls) == [("int8", "cpu", 5), ("int8", "gpu", 5)]
+    predictions.calls.clear()
+    router.choose(RoutingRequest.from_parameters({"device_class": "gpu"}, KNOWN))
+    assert {device for _, device, _ in predictions.calls} == {"gpu"}
+    assert {rows for *_, rows in predictions.calls} == {1}
+    assert router.predicted_ms("small", "gpu", 7) == 0.25
+    assert predictions.calls[-1] == ("small", "gpu", 7)
 
 
 # --- sticky routing ------------------------------------------------------------------------
@@ -295,86 +349,13 @@ def test_device_class_parameter_restricts_the_classes():
 
 
 def test_a_queue_on_one_device_class_moves_the_variant_to_the_other():
-    depths = Depths()
-    seeds = {"cpu": SEEDS, "gpu": {"fp32": 1.0, "int8": 1.0, "small": 1.0}}
-    router = make_router(seeds=seeds, device_classes=("cpu", "gpu"), depths=depths)
+    predictions = Predictions({"cpu": SEEDS, "gpu": {"fp32": 1.0, "int8": 1.0, "small": 1.0}})
+    router = make_router(predictions=predictions, device_classes=("cpu", "gpu"))
     assert router.choose(RoutingRequest(), pinned="small").device_class == "cpu"
-    depths.depths[("small", "cpu")] = 10
+    predictions.extra[("small", "cpu")] = 2.5  # ten requests queued ahead on cpu
     assert router.choose(RoutingRequest(), pinned="small").device_class == "gpu"
 
 
 def test_a_router_needs_a_variant():
     with pytest.raises(InvalidArgumentError, match="no ready variant"):
         make_router(variants=())
-
-
-# --- LatencyEstimator ----------------------------------------------------------------------
-
-
-def test_estimator_is_zero_before_anything_is_known():
-    assert LatencyEstimator().service_ms("fp32", "cpu") == 0.0
-
-
-def test_estimator_takes_the_first_observation_as_is():
-    estimator = LatencyEstimator(smoothing=0.2)
-    estimator.observe("fp32", "cpu", 3.0)
-    assert estimator.service_ms("fp32", "cpu") == 3.0
-
-
-def test_estimator_moves_from_the_seed_by_the_smoothing_factor():
-    estimator = LatencyEstimator(smoothing=0.25)
-    estimator.seed("fp32", "cpu", 4.0)
-    estimator.observe("fp32", "cpu", 8.0)
-    assert estimator.service_ms("fp32", "cpu") == pytest.approx(5.0)
-    estimator.observe("fp32", "cpu", 1.0)
-    assert estimator.service_ms("fp32", "cpu") == pytest.approx(4.0)
-    # Other keys are untouched.
-    assert estimator.service_ms("fp32", "gpu") == 0.0
-
-
-def test_estimator_converges_on_a_steady_service_time():
-    estimator = LatencyEstimator()
-    estimator.seed("int8", "cpu", 100.0)
-    for _ in range(100):
-        estimator.observe("int8", "cpu", 2.0)
-    assert estimator.service_ms("int8", "cpu") == pytest.approx(2.0, abs=1e-6)
-
-
-def test_estimator_smoothing_one_follows_the_last_observation():
-    estimator = LatencyEstimator(smoothing=1.0)
-    estimator.seed("fp32", "cpu", 4.0)
-    estimator.observe("fp32", "cpu", 7.5)
-    assert estimator.service_ms("fp32", "cpu") == 7.5
-
-
-def test_estimator_seed_replaces_and_clamps_negative():
-    estimator = LatencyEstimator()
-    estimator.observe("fp32", "cpu", 3.0)
-    estimator.seed("fp32", "cpu", -1.0)
-    assert estimator.service_ms("fp32", "cpu") == 0.0
-
-
-@pytest.mark.parametrize("smoothing", [0, -0.1, 1.5])
-def test_estimator_smoothing_must_lie_in_the_unit_interval(smoothing):
-    with pytest.raises(InvalidArgumentError, match="smoothing"):
-        LatencyEstimator(smoothing=smoothing)
-
-
-def test_live_observations_change_the_route():
-    estimator = LatencyEstimator(smoothing=1.0)
-    for variant, ms in SEEDS.items():
-        estimator.seed(variant, "cpu", ms)
-    router = Router("tiny", [FP32, INT8, SMALL], ["cpu"], estimator, Depths())
-    assert router.choose(budget(2)).variant == "int8"
-    estimator.observe("fp32", "cpu", 1.5)  # the reference turned out faster than profiled
-    assert router.choose(budget(2)).variant == "fp32"
-
-
-def test_one_stall_cannot_inflate_an_estimate_beyond_double_the_sample_weight():
-    estimator = LatencyEstimator(smoothing=0.5)
-    estimator.seed("v", "cpu", 1.0)
-    estimator.observe("v", "cpu", 100.0)  # a stall
-    assert estimator.service_ms("v", "cpu") == pytest.approx(1.5)  # 1 + 0.5 * (2 - 1)
-    for _ in range(20):  # a lasting slowdown still gets through
-        estimator.observe("v", "cpu", 10.0)
-    assert estimator.service_ms("v", "cpu") == pytest.approx(10.0, rel=0.01)

@@ -8,6 +8,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rich.console import Console
 
@@ -23,7 +24,7 @@ from gearbox.serving.config import (
 )
 from gearbox.serving.console import RichProgress, rejected_reasons, variant_table
 from gearbox.serving.demo import report_table, run_workload
-from gearbox.serving.ingress import INGRESS_SWITCH, Ingress, ray_environment, session_state_dir
+from gearbox.serving.ingress import INGRESS_SWITCH, Ingress, local_state_dir, ray_environment
 from gearbox.serving.server import (
     Endpoints,
     check_port_free,
@@ -273,12 +274,12 @@ def _serve_until_stopped(
         stop_gateway(started_serve)
 
 
-def _ray_environment(args: argparse.Namespace) -> dict[str, str]:
+def _ray_environment(args: argparse.Namespace, state_dir: Path | None) -> dict[str, str]:
     """What the Ray this command starts (or this job on a joined one) runs with: the chosen
     ingress's settings, where the environment already holds a value keeping it, unless
     --ingress was given, which decides the ingress itself."""
     ingress = Ingress.parse(args.ingress.value if args.ingress else None)
-    env = ray_environment(ingress, session_state_dir() if not args.address else None)
+    env = ray_environment(ingress, state_dir if not args.address else None)
     chosen = {INGRESS_SWITCH} if args.ingress else set()
     return {
         key: value if key in chosen else os.environ.get(key, value) for key, value in env.items()
@@ -289,16 +290,17 @@ def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
     models = check_repository(args.repo)
     config = _gateway_config(args)
     _check_ports(args, args.address)
-    env = _ray_environment(args)
-    session = ray_session(args.address, metrics_port=args.metrics_port, env=env)
-    with session, until_stopped() as stop:
-        started_serve = not serve_was_running()
+    with local_state_dir() as state:
+        env = _ray_environment(args, state)
+        session = ray_session(args.address, metrics_port=args.metrics_port, env=env)
+        with session, until_stopped() as stop:
+            started_serve = not serve_was_running()
 
-        def start() -> None:
-            endpoints = start_gateway(config, args.http_port, args.grpc_port)
-            _print_endpoints(out, endpoints, models)
+            def start() -> None:
+                endpoints = start_gateway(config, args.http_port, args.grpc_port)
+                _print_endpoints(out, endpoints, models)
 
-        _serve_until_stopped(out, stop, started_serve, start)
+            _serve_until_stopped(out, stop, started_serve, start)
     return 0
 
 
@@ -310,7 +312,10 @@ def _demo(args: argparse.Namespace, out: Console, err: Console) -> int:
     repository = ModelRepository(args.repo)
     repository.ensure_writable()
     args.address = None
-    with ray_session(None, metrics_port=args.metrics_port, env=_ray_environment(args)):
+    with (
+        local_state_dir() as state,
+        ray_session(None, metrics_port=args.metrics_port, env=_ray_environment(args, state)),
+    ):
         if args.reuse and spec.name in repository.models():
             manifests = repository.variants(spec.name)
         else:

@@ -14,10 +14,13 @@ or KubeRay gets them from :func:`ray_environment` through its own environment (s
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
+import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from gearbox.compression.errors import InvalidArgumentError
@@ -96,6 +99,16 @@ def session_state_dir() -> Path:
     """A fresh directory for one local cluster's HAProxy files (short: HAProxy limits socket
     paths to 97 bytes, and Ray nests them one hash deeper)."""
     return Path(tempfile.mkdtemp(prefix="gbx-", dir="/tmp"))
+
+
+@contextlib.contextmanager
+def local_state_dir() -> Iterator[Path]:
+    """:func:`session_state_dir` for the length of a block, removed afterwards."""
+    path = session_state_dir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _free_port() -> int:

@@ -573,3 +573,24 @@ def test_a_slow_variant_holds_up_neither_health_probes_nor_a_quick_model(gateway
     assert overlapped, f"the slow run ({alone_ms:.1f} ms alone) ended before the probes"
     assert probe_ms < alone_ms / 2, (probe_ms, alone_ms)
     assert quick_ms < alone_ms / 2, (quick_ms, alone_ms)
+
+
+def test_a_caller_that_goes_away_is_counted_as_cancelled(gateway, digits):
+    """A gRPC caller whose deadline passes while the slow variant runs (only this test calls
+    the slow model over gRPC, so its series start empty)."""
+    series = (  # Ray's exporter writes labels in alphabetical order
+        r'ray_gearbox_requests_total\{{[^}}]*code="{}"[^}}]*model="sleepy"[^}}]*protocol="grpc"'
+    )
+    assert _scrape(series.format("cancelled")) == 0
+    client = grpcclient.InferenceServerClient(url=gateway.grpc)
+    tensor = grpcclient.InferInput("images", [1, 1, 8, 8], "FP32")
+    tensor.set_data_from_numpy(digits[0][:1])
+    with pytest.raises(InferenceServerException) as error:
+        client.infer(SLOW, [tensor], model_version="fp32", client_timeout=0.02)
+    assert "DEADLINE_EXCEEDED" in str(error.value.status())
+    deadline = time.monotonic() + 60
+    while _scrape(series.format("cancelled")) < 1:
+        assert time.monotonic() < deadline, "the abandoned request was never counted"
+        time.sleep(2)
+    assert _scrape(series.format("cancelled")) == 1
+    assert _scrape(series.format("ok")) == 0  # never counted as answered

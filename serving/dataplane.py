@@ -97,7 +97,9 @@ class DataPlane:
         self._local = backends[0]
         self._configured = tuple(configured_device_classes)
         self._metrics = metrics
-        self._shadow = Shadow(shadow_fraction, self._local.infer, metrics)
+        self._shadow = Shadow(
+            shadow_fraction, self._local.infer, metrics, idle=lambda: self._local.depth() == 0
+        )
         self._overhead_ms = 0.0
         self._ready = False
         self._models = {name: self._serve(name, entry) for name, entry in catalog.models.items()}

@@ -2,7 +2,9 @@
 
 A share of the requests answered by a non-reference variant is run again on the reference
 variant after the caller has its answer; the running share of matching rows (equal top-1 for
-classification, mean cosine otherwise) is ``gearbox_variant_agreement``.
+classification, mean cosine otherwise) is ``gearbox_variant_agreement``. A comparison starts
+only while the gateway's own device class has nothing queued or running, so that callers never
+wait behind a shadow run that a busy moment would have put ahead of them.
 """
 
 from __future__ import annotations
@@ -54,10 +56,15 @@ class Shadow:
     """Samples ``fraction`` of non-reference answers and compares them with the reference."""
 
     def __init__(
-        self, fraction: float, run_reference: RunReference, metrics: GatewayMetrics
+        self,
+        fraction: float,
+        run_reference: RunReference,
+        metrics: GatewayMetrics,
+        idle: Callable[[], bool] = lambda: True,
     ) -> None:
         self._fraction = fraction
         self._run_reference = run_reference
+        self._idle = idle
         self._metrics = metrics
         self._credit = 0.0
         self._background: set[asyncio.Task[None]] = set()
@@ -72,8 +79,9 @@ class Shadow:
     ) -> None:
         if variant == record.reference_variant:
             return
-        self._credit += self._fraction
-        if self._credit < 1.0:
+        # Capped: a busy spell postpones comparisons, it does not bank a burst of them.
+        self._credit = min(self._credit + self._fraction, 1.0)
+        if self._credit < 1.0 or not self._idle():
             return
         self._credit -= 1.0
         task = asyncio.get_running_loop().create_task(

@@ -72,6 +72,9 @@ class _Pending:
     """The caller went away (cancelled): skipped when batches form."""
 
 
+_Answer = tuple[_Pending, "BatchResult | None", "BaseException | None"]
+
+
 @dataclass(eq=False)
 class _Variant:
     model: str
@@ -241,16 +244,19 @@ class DeviceExecutor:
                     return
                 running = _Running(entry, sum(p.rows for p in batch), time.perf_counter())
                 self._running.append(running)
+            answers: list[_Answer] = []
             try:
-                self._run(entry, batch, running.started)
+                answers = self._run(entry, batch, running.started)
             except Exception as error:  # a bug costs this batch, never the worker
                 logger.exception("%s: a batch failed outside the session", self._name(entry))
-                for pending in batch:
-                    _deliver(pending, error=error)
+                answers = [(pending, None, error) for pending in batch]
             finally:
+                # Released before the callers hear back: one answered may submit again at once.
                 with self._ready:
                     self._running.remove(running)
                     entry.admitted -= len(batch)
+                for pending, result, error in answers:
+                    _deliver(pending, result, error)
 
     def _next_batch(self) -> tuple[list[_Pending], _Variant | None]:
         """Waits for work, then takes the batch to run next (the lock is held)."""
@@ -316,24 +322,28 @@ class DeviceExecutor:
         entry.queue.extendleft(reversed(kept))
         return batch
 
-    def _run(self, entry: _Variant, batch: list[_Pending], started: float) -> None:
+    def _run(self, entry: _Variant, batch: list[_Pending], started: float) -> list[_Answer]:
+        """Runs the batch; what each caller is to be told."""
         try:
             outputs = self._run_merged(entry, batch)
         except Exception as error:
             if len(batch) > 1:
                 # One bad request must not fail the others it happened to be batched with.
-                for pending in batch:
-                    self._run(entry, [pending], time.perf_counter())
-                return
-            _deliver(batch[0], error=error)
-            return
+                return [
+                    answer
+                    for pending in batch
+                    for answer in self._run(entry, [pending], time.perf_counter())
+                ]
+            return [(batch[0], None, error)]
         service_s = time.perf_counter() - started
         rows = sum(p.rows for p in batch)
         self._times.observe(entry.key, self.device_class, rows, service_s * 1000)
         if self._on_batch is not None:
             self._on_batch(entry.model, entry.variant, rows, service_s)
-        for pending, result in zip(batch, outputs, strict=True):
-            _deliver(pending, BatchResult(result, service_s, started - pending.enqueued_at, rows))
+        return [
+            (pending, BatchResult(result, service_s, started - pending.enqueued_at, rows), None)
+            for pending, result in zip(batch, outputs, strict=True)
+        ]
 
     def _run_merged(self, entry: _Variant, batch: list[_Pending]) -> list[dict[str, np.ndarray]]:
         if len(batch) == 1:

@@ -11,6 +11,7 @@ against a simulated executor that forms batches by the same rule (:func:`batches
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -144,24 +145,33 @@ def predict_ms(
 ) -> float:
     """When a request of ``rows`` rows for ``variant`` arriving now would be answered, in ms.
 
-    Work ahead = what is left of the running batches + every queued batch, shared among the
-    executor's workers. The request joins its variant's last partial batch if it fits, and its
-    own time is that batch's run.
+    The executor's workers are laid out in time: each is free once what is left of its running
+    batch is done (an idle one at once), and every queued batch goes, in order, to the worker
+    free first. The request joins its variant's last partial batch if it fits; its batch
+    starts on the first worker free after the batches ahead and runs for its own service time.
     """
-    ahead = sum(
+    free_at = sorted(
         max(times.batch_ms(run.variant, device_class, run.rows) - run.elapsed_ms, 0.0)
         for run in state.running
     )
+    free_at = ([0.0] * max(state.workers - len(free_at), 0) + free_at)[: max(state.workers, 1)]
+    free_at = free_at or [0.0]
+    heapq.heapify(free_at)
+
+    def run_next(ms: float) -> float:
+        start = heapq.heappop(free_at)
+        heapq.heappush(free_at, start + ms)
+        return start
+
     for other, queued in state.queued_rows.items():
         if other != variant:
-            ahead += sum(
-                times.batch_ms(other, device_class, size)
-                for size in batches_of(queued, state.max_batch_size)
-            )
+            for size in batches_of(queued, state.max_batch_size):
+                run_next(times.batch_ms(other, device_class, size))
     mine = batches_of(state.queued_rows.get(variant, 0), state.max_batch_size)
     own_rows = rows
     if mine and mine[-1] + rows <= state.max_batch_size:
         own_rows += mine.pop()
-    ahead += sum(times.batch_ms(variant, device_class, size) for size in mine)
+    for size in mine:
+        run_next(times.batch_ms(variant, device_class, size))
     own = times.batch_ms(variant, device_class, own_rows)
-    return overhead_ms + ahead / max(state.workers, 1) + own
+    return overhead_ms + run_next(own) + own

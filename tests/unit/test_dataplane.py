@@ -158,7 +158,7 @@ def test_tiny_budget_gets_the_fastest_and_is_missed(served):
 
 
 def test_a_middle_budget_gets_the_best_variant_predicted_to_fit(served):
-    # fp32 is profiled at 40 ms, int8 at 10 ms: a 20 ms budget excludes only fp32.
+    # fp32 is profiled at 400 ms, int8 at 100 ms: a 200 ms budget excludes only fp32.
     response = run(served.answer(infer_request(latency_budget_ms=str(MIDDLE_BUDGET_MS))))
     assert response.version == "int8"
     assert served.metrics.selections == [(MODEL, "int8", "within_budget")]
@@ -236,7 +236,7 @@ def test_latency_counts_from_the_clock_the_adapter_started(served):
 def test_a_budget_spent_before_the_request_reached_the_plane_is_missed(served):
     clock = RequestClock(time.perf_counter() - 1.0)
     response = run(served.answer(infer_request(latency_budget_ms=MIDDLE_BUDGET_MS), clock))
-    # Routed on its prediction (int8 fits 20 ms), judged on the clock (over a second).
+    # Routed on its prediction (int8 fits 200 ms), judged on the clock (over a second).
     assert response.version == "int8"
     assert response.parameters["budget_met"] is False
     assert served.metrics.budgets == [(MODEL, "int8", False)]
@@ -636,10 +636,7 @@ def test_warm_up_measures_this_machine(tiny_repository):
     async def main():
         async with started(tiny_repository, pin=False) as served:
             return (
-                {
-                    v: served.backend.times.batch_ms(variant_key(MODEL, v), DEVICE, 1)
-                    for v in READY
-                },
+                {v: served.backend.times.batch_ms(variant_key(MODEL, v), DEVICE, 1) for v in READY},
                 served.backend.executor.hop_ms,
                 served.plane.overhead_ms,
                 served.predicted_ms(REFERENCE),
@@ -757,10 +754,10 @@ def test_catalog_keeps_rejected_manifests_but_serves_only_ready(tiny_repository)
 
 
 def test_profiled_cost_reads_batch_one_and_eight(tiny_repository):
-    manifest = tiny_repository.manifest(MODEL, "int8")  # 10 ms at batch 1, 30 ms at batch 8
+    manifest = tiny_repository.manifest(MODEL, "int8")  # 100 ms at batch 1, 300 at batch 8
     cost = profiled_cost(manifest, DEVICE)
-    assert cost.ms(1) == pytest.approx(10.0)
-    assert cost.ms(8) == pytest.approx(30.0)
+    assert cost.ms(1) == pytest.approx(SEEDED_MS["int8"])
+    assert cost.ms(8) == pytest.approx(3 * SEEDED_MS["int8"])
 
 
 def test_profiled_cost_of_an_unprofiled_class_is_the_fastest_known(tiny_repository):
@@ -807,13 +804,26 @@ def test_local_backend_predicts_with_the_queue_model_and_the_hop(served):
     key = variant_key(MODEL, "int8")
     run_ms = predict_ms(executor.work_state(), served.backend.times, DEVICE, key, 2)
     assert run_ms == pytest.approx(served.backend.times.batch_ms(key, DEVICE, 2))
-    # 10 ms is longer than the hop: it runs on a worker, and the hop is part of the wait.
+    # 100 ms is longer than the hop: it runs on a worker, and the hop is part of the wait.
     assert not executor.runs_inline(key, 2)
     assert served.backend.predict_ms(MODEL, "int8", 2) == pytest.approx(run_ms + executor.hop_ms)
     # A batch shorter than the hop runs inline, and no hop is added.
     served.backend.times.seed(key, DEVICE, BatchCost(0.0, executor.hop_ms / 100))
     assert executor.runs_inline(key, 2)
     assert served.backend.predict_ms(MODEL, "int8", 2) == pytest.approx(executor.hop_ms / 50)
+
+
+def test_local_backend_runs_as_many_workers_as_its_device_class(tiny_repository):
+    device = DeviceClass(DEVICE, ray_resources={"CPU": 2})
+    backend = LocalBackend(
+        tiny_repository, Catalog.load(tiny_repository), device, BatchingConfig(max_batch_size=4)
+    )
+    try:
+        assert backend.executor.workers == 2
+        state = backend.executor.work_state()
+        assert (state.workers, state.max_batch_size) == (2, 4)
+    finally:
+        backend.close()
 
 
 def test_synthetic_inputs_follow_the_signature(tiny_repository):
@@ -914,7 +924,7 @@ def test_remote_backend_learns_the_round_trip_and_counts_what_is_in_flight(tiny_
     assert result is answer
     assert backend.depth() == 0
     assert [(m, v) for m, v, _ in handle.calls] == [(MODEL, "int8")]
-    # The measured round trip (far below the seeded 10 ms) pulled the estimate down.
+    # The measured round trip (far below the seeded 100 ms) pulled the estimate down.
     assert backend.predict_ms(MODEL, "int8", 1) < alone
 
 

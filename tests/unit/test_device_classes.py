@@ -83,6 +83,14 @@ def test_unknown_keys_are_rejected_and_the_known_listed(tmp_path):
         ("{name: gpu, intra_op_threads: 0}", "intra_op_threads must be at least 1"),
         ("{name: gpu, intra_op_threads: two}", "intra_op_threads must be an integer"),
         ("{name: gpu, intra_op_threads: 1.5}", "intra_op_threads must be an integer"),
+        ("{name: gpu, workers: 0}", "workers must be at least 1"),
+        ("{name: gpu, workers: two}", "workers must be an integer"),
+        ("{name: gpu, workers: 1.5}", "workers must be an integer"),
+        ("{name: gpu, workers: true}", "workers must be an integer"),
+        (
+            "{name: cpu, workers: 3, ray_resources: {CPU: 2}}",
+            "3 workers x 1 intra-op threads need 3 CPUs, but it reserves 2",
+        ),
         ("{name: 'g p u'}", "must be letters, digits"),
         ("{name: ''}", "must be letters, digits"),
         ("{execution_provider: CPUExecutionProvider}", "needs at least a name"),
@@ -112,6 +120,84 @@ def test_invalid_yaml_is_rejected(tmp_path):
 def test_a_missing_file_is_invalid(tmp_path):
     with pytest.raises(InvalidArgumentError, match="does not exist"):
         load_device_classes(tmp_path / "nope.yaml")
+
+
+# --- workers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("resources", "intra_op_threads", "expected"),
+    [
+        ({}, 1, 1),  # no CPU reserved: one worker
+        ({"CPU": 1}, 1, 1),
+        ({"CPU": 4}, 1, 4),
+        ({"CPU": 4}, 2, 2),
+        ({"CPU": 0.5}, 1, 1),  # a fraction of a CPU still runs one
+        ({"CPU": 2.5}, 1, 3),
+        ({"CPU": 2}, 4, 1),  # never fewer than one
+        ({"CPU": 0}, 1, 1),
+        ({"GPU": 1}, 1, 1),
+    ],
+)
+def test_workers_default_to_what_the_reserved_cpus_hold(resources, intra_op_threads, expected):
+    device = DeviceClass("d", intra_op_threads=intra_op_threads, ray_resources=resources)
+    assert device.workers is None
+    assert device.worker_threads == expected
+
+
+def test_the_built_in_cpu_class_runs_one_worker():
+    assert CPU.worker_threads == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"workers": 3, "ray_resources": {"CPU": 4}}, 3),
+        ({"workers": 1, "ray_resources": {"CPU": 4}}, 1),
+        ({"workers": 2, "intra_op_threads": 2, "ray_resources": {"CPU": 4}}, 2),
+        ({"workers": 3, "ray_resources": {"CPU": 2.5}}, 3),
+        ({"workers": 4, "ray_resources": {"GPU": 1}}, 4),  # no CPU reserved: no CPU bound
+        ({"workers": 2}, 2),
+    ],
+)
+def test_explicit_workers_are_used(options, expected):
+    assert DeviceClass("d", **options).worker_threads == expected
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"workers": 0}, "workers must be at least 1"),
+        ({"workers": -2}, "workers must be at least 1"),
+        ({"workers": True}, "workers must be an integer"),
+        ({"workers": 1.5}, "workers must be an integer"),
+        ({"workers": "2"}, "workers must be an integer"),
+        (
+            {"workers": 3, "intra_op_threads": 2, "ray_resources": {"CPU": 4}},
+            "device class 'd': 3 workers x 2 intra-op threads need 6 CPUs, but it reserves 4",
+        ),
+        ({"workers": 4, "ray_resources": {"CPU": 2.5}}, "need 4 CPUs, but it reserves 2.5"),
+    ],
+)
+def test_invalid_workers_are_rejected(options, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        DeviceClass("d", **options)
+
+
+def test_workers_round_trip_through_json_and_yaml(tmp_path):
+    path = write(
+        tmp_path,
+        "device_classes:\n  - {name: cpu, workers: 2, ray_resources: {CPU: 2}}\n"
+        "  - {name: gpu, execution_provider: CUDAExecutionProvider}\n",
+    )
+    cpu, gpu = load_device_classes(path)
+    assert (cpu.workers, cpu.worker_threads) == (2, 2)
+    assert cpu.to_json()["workers"] == 2
+    assert DeviceClass.from_json(cpu.to_json()) == cpu
+    # Unset, it is left out, and the default applies again after a round trip.
+    assert gpu.workers is None
+    assert "workers" not in gpu.to_json()
+    assert DeviceClass.from_json(gpu.to_json()) == gpu
 
 
 # --- GatewayConfig -------------------------------------------------------------------------

@@ -227,6 +227,7 @@ class DeviceExecutor:
             self._stopped = True
             abandoned = [p for entry in self._variants.values() for p in entry.queue]
             for entry in self._variants.values():
+                entry.admitted -= len(entry.queue)
                 entry.queue.clear()
                 entry.queued_rows = 0
             self._queued = 0

@@ -99,6 +99,13 @@ class LocalBackend:
         )
         self._batching = batching
         self._records: dict[str, ModelRecord] = {}
+        try:
+            self._load(repository, catalog, device)
+        except BaseException:
+            self.executor.close()  # no worker thread outlives a replica that failed to start
+            raise
+
+    def _load(self, repository: ModelRepository, catalog: Catalog, device: DeviceClass) -> None:
         for manifest in catalog.ready_manifests():
             session = load_session(repository, manifest, device)
             runner = _SessionRunner(session, tuple(o.name for o in session.get_outputs()))
@@ -138,8 +145,10 @@ class LocalBackend:
 
     def predict_ms(self, model: str, variant: str, rows: int) -> float:
         key = variant_key(model, variant)
-        run = predict_ms(self.executor.work_state(), self.times, self.device_class, key, rows)
-        return run if self.executor.runs_inline(key, rows) else run + self.executor.hop_ms
+        if self.executor.runs_inline(key, rows):  # on the event loop, beside any worker's batch
+            return self.times.batch_ms(key, self.device_class, rows)
+        state = self.executor.work_state()
+        return predict_ms(state, self.times, self.device_class, key, rows) + self.executor.hop_ms
 
     def depth(self) -> int:
         return self.executor.depth()

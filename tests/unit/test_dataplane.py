@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 
 import numpy as np
@@ -518,10 +519,12 @@ def test_metrics_record_requests_selections_budgets_and_batches(served):
         await served.answer(infer_request(images(3)))
         await served.answer(infer_request(latency_budget_ms=1e6))
         await served.answer(infer_request(latency_budget_ms=1e-6))
+        # Each non-reference answer is compared with the reference (fraction 1), once the
+        # device class is idle: let the first comparison finish before the next answer.
+        await until(lambda: len(served.metrics.agreements) == before + 1)
         await served.answer(infer_request(version="int8"))
         with pytest.raises(InvalidArgumentError):
             await served.answer(infer_request(images(0)))
-        # The two non-reference answers are each compared with the reference (fraction 1).
         await until(lambda: len(served.metrics.agreements) == before + 2)
         return served.metrics.agreements[before:]
 
@@ -541,9 +544,9 @@ def test_metrics_record_requests_selections_budgets_and_batches(served):
         (MODEL, "int8", "pinned"),
     ]
     assert metrics.budgets == [(MODEL, REFERENCE, True), (MODEL, FASTEST, False)]
-    assert sorted(variant for _, variant, _ in compared) == ["int8", FASTEST]
+    assert [variant for _, variant, _ in compared] == [FASTEST, "int8"]
     # One batch per request (they ran one after the other), plus the shadow runs of the
-    # reference on the two non-reference answers' inputs (2 rows each, perhaps merged).
+    # reference on the two non-reference answers' inputs (2 rows each).
     batches = list(metrics.batches)
     for batch in [
         (MODEL, REFERENCE, DEVICE, 3),
@@ -552,8 +555,7 @@ def test_metrics_record_requests_selections_budgets_and_batches(served):
         (MODEL, "int8", DEVICE, 2),
     ]:
         batches.remove(batch)
-    assert {batch[:3] for batch in batches} == {(MODEL, REFERENCE, DEVICE)}
-    assert sum(rows for *_, rows in batches) == 4
+    assert batches == [(MODEL, REFERENCE, DEVICE, 2)] * 2
     # Every request left the in-flight gauge where it found it.
     assert sum(delta for *_, delta in metrics.inflight_deltas) == 0
     assert {delta for *_, delta in metrics.inflight_deltas} == {1, -1}
@@ -604,6 +606,35 @@ def test_no_shadow_comparison_when_the_fraction_is_zero(serving):
     run(main())
     assert all(value == OFFLINE_AGREEMENT for *_, value in served.metrics.agreements)
     assert [variant for _, variant, *_ in served.metrics.batches] == [FASTEST] * 3
+
+
+def test_shadow_comparisons_wait_for_an_idle_device_class_and_do_not_pile_up(serving):
+    served = serving(shadow_fraction=1.0)
+    # small runs inline (shorter than the hop), so it is answered beside a busy worker.
+    served.backend.times.seed(variant_key(MODEL, FASTEST), DEVICE, BatchCost(0.0, 1e-6))
+
+    async def main():
+        before = len(served.metrics.agreements)
+        async with Gate(served.backend.executor, served.backend.times).held():
+            for seed in range(3):
+                response = await served.answer(infer_request(images(2, seed), version=FASTEST))
+                assert response.version == FASTEST
+            for _ in range(20):
+                await asyncio.sleep(0)
+            busy = served.metrics.agreements[before:]
+        # Idle again: the next answer is compared, once (no burst for the three skipped).
+        await served.answer(infer_request(images(2, 7), version=FASTEST))
+        await until(lambda: len(served.metrics.agreements) == before + 1)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return busy, served.metrics.agreements[before:]
+
+    busy, compared = run(main())
+    assert busy == []
+    assert [(model, variant) for model, variant, _ in compared] == [(MODEL, FASTEST)]
+    assert [b for b in served.metrics.batches if b[1] == REFERENCE] == [
+        (MODEL, REFERENCE, DEVICE, 2)
+    ]
 
 
 # --- readiness and warm-up -----------------------------------------------------------------
@@ -813,6 +844,19 @@ def test_local_backend_predicts_with_the_queue_model_and_the_hop(served):
     assert served.backend.predict_ms(MODEL, "int8", 2) == pytest.approx(executor.hop_ms / 50)
 
 
+def test_a_batch_that_runs_inline_beside_a_long_one_is_not_predicted_to_wait_for_it(served):
+    key = variant_key(MODEL, FASTEST)
+    served.backend.times.seed(key, DEVICE, BatchCost(0.0, 1e-4))
+    executor = served.backend.executor
+
+    async def main():
+        async with Gate(executor, served.backend.times).held():  # a 60 s batch runs
+            assert executor.runs_inline(key, 1)
+            return served.backend.predict_ms(MODEL, FASTEST, 1)
+
+    assert run(main()) == pytest.approx(served.backend.times.batch_ms(key, DEVICE, 1))
+
+
 def test_local_backend_runs_as_many_workers_as_its_device_class(tiny_repository):
     device = DeviceClass(DEVICE, ray_resources={"CPU": 2})
     backend = LocalBackend(
@@ -857,6 +901,18 @@ def test_a_device_class_without_its_provider_is_unavailable(tiny_repository):
     missing = DeviceClass("npu", execution_provider="NoSuchExecutionProvider")
     with pytest.raises(UnavailableError, match="NoSuchExecutionProvider"):
         LocalBackend(tiny_repository, Catalog.load(tiny_repository), missing, BatchingConfig())
+
+
+def test_a_backend_that_fails_to_load_leaves_no_worker_thread_behind(tiny_repository):
+    missing = DeviceClass("leaky", execution_provider="NoSuchExecutionProvider")
+    with pytest.raises(UnavailableError):
+        LocalBackend(tiny_repository, Catalog.load(tiny_repository), missing, BatchingConfig())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(
+        t.name.startswith("gearbox-leaky-") for t in threading.enumerate()
+    ):
+        time.sleep(0.01)
+    assert not any(t.name.startswith("gearbox-leaky-") for t in threading.enumerate())
 
 
 def test_a_data_plane_needs_a_backend(tiny_repository):

@@ -572,6 +572,24 @@ def test_close_fails_queued_callers_and_lets_the_running_batch_finish(make):
     assert workers_alive() == []
 
 
+def test_callers_failed_by_close_no_longer_count_in_depth(make):
+    harness = make()
+    harness.host(Model())
+
+    async def main():
+        gate = harness.gate()
+        await gate.hold()
+        futures = [asyncio.ensure_future(harness.submit(rows(v))) for v in (1, 2, 3)]
+        await until(lambda: harness.queued() == 3)
+        harness.executor.close()
+        await asyncio.gather(*futures, return_exceptions=True)
+        await gate.open()
+        await until(lambda: not harness.executor.work_state().running)
+        return harness.executor.depth()
+
+    assert run(main()) == 0
+
+
 # --- what the queue model sees ----------------------------------------------------------------
 
 

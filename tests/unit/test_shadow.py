@@ -122,3 +122,30 @@ def test_a_busy_or_closing_reference_skips_the_comparison(error):
     asyncio.run(main())
     assert (tracker.rows, tracker.value) == (0, 0.9)
     assert metrics.agreements == []
+
+
+def test_comparisons_wait_for_idle_and_a_busy_spell_banks_no_burst():
+    run_reference, calls = reference_answer()
+    idle = {"now": False}
+    shadow = Shadow(0.5, run_reference, RecordingMetrics(), idle=lambda: idle["now"])
+    tracker = Agreement(0.9)
+
+    async def answer():
+        shadow.maybe_compare(RECORD, "int8", tracker, INPUTS, logits([0, 0]))
+        await settle()
+
+    async def main():
+        for _ in range(6):  # busy: nothing compared, however many answers go by
+            await answer()
+        busy = len(calls)
+        idle["now"] = True
+        counts = []
+        for _ in range(4):
+            await answer()
+            counts.append(len(calls))
+        return busy, counts
+
+    busy, counts = asyncio.run(main())
+    assert busy == 0
+    # The credit saved while busy is worth one comparison, not three; then every second one.
+    assert counts == [1, 1, 2, 2]

@@ -297,7 +297,7 @@ class DataPlane:
         parameters = {**response.parameters, "latency_ms": round(latency_ms, 4), "budget_met": met}
         if answer.budget_ms is not None:
             # Echoed so a caller sees the budget in force (a gRPC deadline becomes one).
-            parameters["latency_budget_ms"] = round(answer.budget_ms, 4)
+            parameters["latency_budget_ms"] = answer.budget_ms
         return parameters
 
     async def _run(

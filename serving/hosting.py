@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -201,10 +200,3 @@ class RemoteBackend:
 
     def depth(self) -> int:
         return self._inflight
-
-
-def close_all(backends: Mapping[str, Backend]) -> None:
-    for backend in backends.values():
-        close = getattr(backend, "close", None)
-        if close is not None:
-            close()

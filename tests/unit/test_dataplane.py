@@ -31,7 +31,6 @@ from gearbox.serving.executor import BatchResult
 from gearbox.serving.hosting import (
     LocalBackend,
     RemoteBackend,
-    close_all,
     load_session,
     synthetic_inputs,
 )
@@ -997,14 +996,3 @@ def test_remote_backend_errors_keep_their_code(tiny_repository, raised, expected
     with pytest.raises(expected, match=match):
         run(backend.infer(MODEL, "int8", {INPUT: images(1)}))
     assert backend.depth() == 0
-
-
-def test_close_all_closes_the_backends_that_can_be_closed(tiny_repository):
-    closed = []
-
-    class Closable(FakeBackend):
-        def close(self):
-            closed.append(self.device_class)
-
-    close_all({"cpu": Closable(DEVICE), "gpu": FakeBackend("gpu"), "npu": Closable("npu")})
-    assert closed == [DEVICE, "npu"]

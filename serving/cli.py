@@ -38,7 +38,7 @@ from gearbox.serving.server import (
 EXIT_ERROR = 1
 INGRESS_NOTES = {
     Ingress.HAPROXY: "Ray Serve's HAProxy ingress; --ingress proxy for the classic proxy",
-    Ingress.PROXY: "Ray Serve's classic proxy; about 2 ms slower than --ingress haproxy",
+    Ingress.PROXY: "Ray Serve's classic proxy: a second hop, several ms slower than haproxy",
 }
 EXIT_INTERRUPTED = 130
 

@@ -17,6 +17,7 @@ from typing import Any
 import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import LoggingConfig
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -143,11 +144,13 @@ def build_app(
 ) -> serve.Application:
     """The Gearbox application; ``extra_device_classes`` defaults to every configured one."""
     extra = config.device_classes[1:] if extra_device_classes is None else extra_device_classes
+    logging_config = LoggingConfig(enable_access_log=config.access_log)
     remote = {
         device.name: DeviceClassHost.options(
             name=f"DeviceClass-{device.name}",
             ray_actor_options=_actor_options(device),
             max_ongoing_requests=config.max_ongoing_requests,
+            logging_config=logging_config,
         ).bind(config, device.name)
         for device in extra
         if device.name != config.gateway_device_class.name
@@ -156,15 +159,17 @@ def build_app(
         num_replicas=config.replicas,
         ray_actor_options=_actor_options(config.gateway_device_class),
         max_ongoing_requests=config.max_ongoing_requests,
+        logging_config=logging_config,
     ).bind(config, remote)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """Entry point for Serve config files (``import_path: gearbox.serving.app:app_builder``).
 
-    ``args``: ``repository`` (required), ``device_classes_file``, ``replicas``.
+    ``args``: ``repository`` (required), ``device_classes_file``, ``replicas``,
+    ``shadow_fraction``, ``access_log``.
     """
-    options = {k: v for k, v in args.items() if k in {"replicas", "shadow_fraction"}}
+    options = {k: v for k, v in args.items() if k in {"replicas", "shadow_fraction", "access_log"}}
     config = GatewayConfig.create(args["repository"], args.get("device_classes_file"), **options)
     # Serve builds the app inside the cluster: a class it cannot host (no GPU) is left out
     # rather than leaving the application waiting forever for resources.

@@ -131,6 +131,10 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
         "--max-queue", type=_positive_int, default=BatchingConfig.max_queue, metavar="N",
         help="requests admitted per variant and device class before 429 / RESOURCE_EXHAUSTED",
     )  # fmt: skip
+    command.add_argument(
+        "--access-log", action="store_true",
+        help="write Ray Serve's access log line per request (off: it costs time on every answer)",
+    )  # fmt: skip
 
 
 def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
@@ -138,6 +142,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         args.repo,
         args.device_classes,
         replicas=args.replicas,
+        access_log=args.access_log,
         batching=BatchingConfig(
             max_batch_size=args.max_batch_size,
             max_wait_ms=args.max_batch_wait_ms,

@@ -48,6 +48,10 @@ class GatewayConfig:
     """Share of requests served by a non-reference variant that are also run, off the response
     path, on the reference variant to measure live agreement."""
     max_ongoing_requests: int = 256
+    access_log: bool = False
+    """Ray Serve's access log: a line per request in each replica's log. Off by default: it
+    is written on the response path and cost 0.05-0.1 ms per request on the development
+    machine (docs/BENCHMARKS.md); the metrics count every request either way."""
 
     def __post_init__(self) -> None:
         if not self.device_classes:

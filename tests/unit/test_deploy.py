@@ -33,7 +33,7 @@ DASHBOARD = DEPLOY / "grafana" / "gearbox-dashboard.json"
 
 IMPORT_PATH = "gearbox.serving.app:app_builder"
 GRPC_SERVICER = "gearbox.serving.clock.add_inference_service"
-APP_ARGS = {"repository", "device_classes_file", "replicas", "shadow_fraction"}
+APP_ARGS = {"repository", "device_classes_file", "replicas", "shadow_fraction", "access_log"}
 SERVICE_DISCOVERY_FILE = "/tmp/ray/prom_metrics_service_discovery.json"
 
 # DESIGN.md §7, as Ray's exporter names them (histograms add _bucket/_sum/_count).

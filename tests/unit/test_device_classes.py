@@ -273,3 +273,24 @@ def test_batching_accepts_the_smallest_valid_values():
 def test_batching_validation(options, match):
     with pytest.raises(InvalidArgumentError, match=match):
         BatchingConfig(**options)
+
+
+# --- the application ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("access_log", [False, True])
+def test_the_access_log_setting_reaches_every_deployment(tmp_path, access_log):
+    from gearbox.serving.app import build_app
+
+    gpu = DeviceClass("gpu", ray_resources={"CPU": 1})
+    config = GatewayConfig(str(tmp_path), device_classes=(CPU, gpu), access_log=access_log)
+    app = build_app(config)
+    gateway = app._bound_deployment
+    hosts = [host._bound_deployment for host in gateway.init_args[1].values()]
+    assert [host.name for host in hosts] == ["DeviceClass-gpu"]
+    for deployment in [gateway, *hosts]:
+        assert deployment.logging_config["enable_access_log"] is access_log
+
+
+def test_the_access_log_is_off_by_default(tmp_path):
+    assert GatewayConfig(str(tmp_path)).access_log is False

@@ -320,7 +320,7 @@ class _LoadState:
         self.errors: Counter[str] = Counter()
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
     """(status, body, whether the server closes the connection) of one HTTP/1.1 response."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
@@ -358,7 +358,7 @@ async def _load_connection(
             state.issued += 1
             started = time.perf_counter()
             writer.write(request)
-            status, body, closes = await _read_response(reader)
+            status, body, closes = await read_response(reader)
             elapsed_ms = (time.perf_counter() - started) * 1000
             if status == 200:
                 state.ok_total += 1

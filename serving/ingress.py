@@ -52,6 +52,9 @@ class Ingress(enum.StrEnum):
             ) from None
 
 
+WORKER_NICENESS = "RAY_worker_niceness"
+
+
 def ray_environment(ingress: Ingress, state_dir: str | Path | None = None) -> dict[str, str]:
     """The environment variables Ray needs for ``ingress``.
 
@@ -59,9 +62,15 @@ def ray_environment(ingress: Ingress, state_dir: str | Path | None = None) -> di
     own, and its exporter and stats pages free ports, so that two clusters on one machine
     (a test cluster beside a demo, say) do not share Ray's fixed defaults.
     """
-    # ONNX Runtime runs on the gateway's worker threads, never on the event loop, so the
-    # user code can share the server's loop: this saves a thread hop on every request.
-    env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    env = {
+        # ONNX Runtime runs on the gateway's worker threads, never on the event loop, so the
+        # user code can share the server's loop: this saves a thread hop on every request.
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+        # Ray starts its workers at nice 15, below everything else on the machine; a gateway
+        # replica (and the HAProxy it spawns) then loses the CPU to any busy neighbour, the
+        # caller's own client included, while requests wait.
+        WORKER_NICENESS: "0",
+    }
     if ingress is Ingress.PROXY:
         env[INGRESS_SWITCH] = "0"
         return env

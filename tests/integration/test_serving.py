@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import signal
 import socket
@@ -594,3 +595,32 @@ def test_a_caller_that_goes_away_is_counted_as_cancelled(gateway, digits):
         time.sleep(2)
     assert _scrape(series.format("cancelled")) == 1
     assert _scrape(series.format("ok")) == 0  # never counted as answered
+
+
+def _cluster_processes(ray_address: str, title: str) -> list[int]:
+    """Pids of this cluster's workers whose process title starts with ``title`` (a worker's
+    parent is its node's raylet, which names the cluster's GCS port)."""
+
+    def read(pid: str, name: str) -> str:
+        return Path(f"/proc/{pid}/{name}").read_bytes().replace(b"\0", b" ").decode()
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if not read(pid, "cmdline").startswith(title):
+                continue
+            parent = read(pid, "stat").rsplit(")", 1)[1].split()[1]
+            port = ray_address.rsplit(":", 1)[1]
+            if re.search(rf"--gcs-address=\S+:{port}\b", read(parent, "cmdline")):
+                found.append(int(pid))
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue  # a process that ended while we looked
+    return found
+
+
+def test_gateway_replicas_run_at_normal_priority(gateway, ray_address):
+    # Ray starts workers at nice 15; a replica there loses the CPU to any busy neighbour.
+    replicas = _cluster_processes(ray_address, "ray::ServeReplica:gearbox:Gateway")
+    assert replicas, "no live gateway replica in this cluster"
+    for pid in replicas:
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 0

@@ -282,5 +282,5 @@ def test_dashboard_variables_and_datasource():
 
 def test_the_image_runs_the_ingress_gearbox_serve_runs():
     text = CONTAINERFILE.read_text().replace("\\\n", " ")
-    declared = dict(re.findall(r"\b(RAY_SERVE_[A-Z_]+)=(\S+)", text))
+    declared = dict(re.findall(r"\b(RAY_(?:SERVE_[A-Z_]+|worker_niceness))=(\S+)", text))
     assert declared == ray_environment(Ingress.HAPROXY)

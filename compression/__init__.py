@@ -67,7 +67,10 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-EXAMPLES = {"digits": "gearbox.compression.examples.digits:spec"}
+EXAMPLES = {
+    "digits": "gearbox.compression.examples.digits:spec",
+    "minilm": "gearbox.compression.examples.minilm:spec",
+}
 
 __all__ = [
     "ALL_RECIPES",

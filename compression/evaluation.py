@@ -33,7 +33,9 @@ LatencyProfile = dict[str, dict[str, dict[str, float]]]
 
 @dataclass(frozen=True)
 class Evaluation:
-    quality: float
+    quality: float | None
+    """The absolute metric on the held-out split; None for a relative metric, which is scored
+    against the reference variant's outputs once both are built."""
     outputs: np.ndarray
     """First output on the held-out split, for agreement with the reference variant."""
 
@@ -79,9 +81,9 @@ def measure_latency(
 def evaluate_quality(model_bytes: bytes, spec: ModelSpec, data: DataSplits) -> Evaluation:
     """The spec's quality metric on the held-out split, and the outputs it was computed from."""
     outputs = run_onnx(model_bytes, spec, data.heldout)
-    return Evaluation(
-        quality=get_metric(spec.metric).score(outputs, data.heldout.labels), outputs=outputs
-    )
+    metric = get_metric(spec.metric)
+    quality = None if metric.relative else metric.score(outputs, data.heldout.labels)
+    return Evaluation(quality=quality, outputs=outputs)
 
 
 def profile_latency(

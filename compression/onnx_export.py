@@ -1,14 +1,25 @@
-"""Torch -> ONNX export, offline graph optimisation, and verification against torch."""
+"""Torch -> ONNX export, offline graph optimisation, and verification against torch.
+
+Transformer encoders ONNX Runtime's transformer optimizer knows (BERT and its kin) are
+exported with torch's TorchScript exporter, whose graph the optimizer's fusion patterns
+match, and then fused (attention, embedding and skip LayerNorm, bias+GELU) ahead of time;
+every other model goes through the dynamo exporter and ONNX Runtime's basic optimisations.
+"""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
 import tempfile
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -74,6 +85,90 @@ def export_onnx(model: nn.Module, spec: ModelSpec, sample: Split) -> bytes:
     return program.model_proto.SerializeToString()
 
 
+FUSABLE_MODEL_TYPES = ("bert",)
+"""Hugging Face model types whose fusion into ONNX Runtime's transformer operators is checked
+by the tests (the optimizer knows more; each would need its own check)."""
+TRANSFORMER_OPSET = 17
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """What ONNX Runtime's transformer optimizer needs to know of an encoder."""
+
+    model_type: str
+    num_heads: int
+    hidden_size: int
+
+
+def transformer_shape(model: nn.Module) -> TransformerShape | None:
+    """The shape of the first Hugging Face encoder of a fusable type inside ``model``."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "model_type", None) in FUSABLE_MODEL_TYPES:
+            return TransformerShape(
+                config.model_type, int(config.num_attention_heads), int(config.hidden_size)
+            )
+    return None
+
+
+def export_transformer(model: nn.Module, spec: ModelSpec, sample: Split) -> bytes:
+    """TorchScript export (the graph ONNX Runtime's fusions match), every -1 left dynamic."""
+    model.eval()
+    args = tuple(model_inputs(spec, sample.take(2)))
+    dynamic_axes = {
+        tensor.name: {axis: f"{tensor.name}_{axis}" for axis, size in enumerate(tensor.shape)
+                      if size == -1}
+        for tensor in (*spec.signature.inputs, *spec.signature.outputs)
+    }  # fmt: skip
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                args,
+                buffer,
+                dynamo=False,
+                input_names=spec.signature.input_names,
+                output_names=spec.signature.output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=TRANSFORMER_OPSET,
+                do_constant_folding=True,
+            )
+    except Exception as exc:
+        raise CompressionError(
+            f"model '{spec.name}': ONNX export failed: {_root_cause(exc)}"
+        ) from exc
+    return buffer.getvalue()
+
+
+def fuse_transformer(model_bytes: bytes, shape: TransformerShape) -> tuple[bytes, dict[str, int]]:
+    """ONNX Runtime's transformer optimizer, provider-independent fusions only (opt_level 0);
+    the fused graph and how many of each fused operator it holds."""
+    from onnxruntime.transformers import optimizer
+
+    transformers_logger = logging.getLogger("onnxruntime.transformers")
+    previous_level = transformers_logger.level
+    transformers_logger.setLevel(logging.ERROR)
+    try:
+        fused = optimizer.optimize_model(
+            onnx.load_from_string(model_bytes),
+            model_type=shape.model_type,
+            num_heads=shape.num_heads,
+            hidden_size=shape.hidden_size,
+            opt_level=0,
+        )
+    finally:
+        transformers_logger.setLevel(previous_level)
+    counts = {name: n for name, n in fused.get_fused_operator_statistics().items() if n}
+    # Saving sorts the graph and declares the com.microsoft domain of the fused operators.
+    with tempfile.TemporaryDirectory(prefix="gearbox-fuse-") as workdir:
+        target = os.path.join(workdir, "fused.onnx")
+        fused.save_model_to_file(target)
+        with open(target, "rb") as f:
+            return f.read(), counts
+
+
 def optimize_offline(model_bytes: bytes) -> bytes:
     """Apply ONNX Runtime's provider-independent (basic) graph optimisations ahead of time.
 
@@ -123,8 +218,31 @@ def verify_against_torch(
     return float(difference.max())
 
 
+@dataclass(frozen=True)
+class ExportedGraph:
+    onnx: bytes
+    description: Mapping[str, Any]
+    """How the graph was made, for the manifest's ``params``."""
+
+
+def export_described(model: nn.Module, spec: ModelSpec, heldout: Split) -> ExportedGraph:
+    """Export, optimise offline (fusing transformers), and verify the result against torch."""
+    shape = transformer_shape(model)
+    if shape is None:
+        optimized = optimize_offline(export_onnx(model, spec, heldout))
+        description: dict[str, Any] = {"exporter": "dynamo", "graph_optimization": "ort-basic"}
+    else:
+        optimized, fused = fuse_transformer(export_transformer(model, spec, heldout), shape)
+        description = {
+            "exporter": "torchscript",
+            "opset": TRANSFORMER_OPSET,
+            "graph_optimization": f"onnxruntime transformer optimizer ({shape.model_type})",
+            "fused_operators": fused,
+        }
+    verify_against_torch(optimized, model, spec, heldout)
+    return ExportedGraph(optimized, {**description, "verified": True})
+
+
 def export_verified(model: nn.Module, spec: ModelSpec, heldout: Split) -> bytes:
     """Export, optimise offline, and verify the optimised graph against torch."""
-    optimized = optimize_offline(export_onnx(model, spec, heldout))
-    verify_against_torch(optimized, model, spec, heldout)
-    return optimized
+    return export_described(model, spec, heldout).onnx

@@ -32,7 +32,7 @@ from gearbox.compression.evaluation import (
     profile_latency,
 )
 from gearbox.compression.progress import ProgressBoard, ProgressListener, SilentProgress
-from gearbox.compression.quality import DEFAULT_MAX_ACCURACY_DROP, get_metric
+from gearbox.compression.quality import get_metric
 from gearbox.compression.repository import (
     ModelRecord,
     ModelRepository,
@@ -203,8 +203,13 @@ def _gate(
     max_accuracy_drop: float,
 ) -> VariantManifest:
     metric = get_metric(spec.metric)
-    value = build.evaluation.quality
-    reference_value = reference.evaluation.quality
+    outputs, reference_outputs = build.evaluation.outputs, reference.evaluation.outputs
+    if metric.relative:
+        value = metric.score_against(outputs, reference_outputs)
+        reference_value = metric.score_against(reference_outputs, reference_outputs)
+    else:
+        assert build.evaluation.quality is not None and reference.evaluation.quality is not None
+        value, reference_value = build.evaluation.quality, reference.evaluation.quality
     drop = reference_value - value
     reason = None
     # The tolerance keeps a variant exactly at the limit (0.90 vs 0.88 with a 0.02 gate)
@@ -216,7 +221,7 @@ def _gate(
         )
     artifact = build.compressed.onnx
     config = build.config
-    agreement = metric.agreement(build.evaluation.outputs, reference.evaluation.outputs)
+    agreement = metric.agreement(outputs, reference_outputs)
     return VariantManifest(
         model=spec.name,
         variant=config.name,
@@ -233,6 +238,10 @@ def _gate(
             value=round(value, 6),
             reference=round(reference_value, 6),
             agreement=round(agreement, 6),
+            details={
+                key: round(figure, 6)
+                for key, figure in metric.details(outputs, reference_outputs).items()
+            },
         ),
         latency_ms=latency_ms,
         build={"node": build.node, "seconds": round(build.seconds, 2)},
@@ -243,7 +252,7 @@ def compress(
     spec: ModelSpec,
     repository: ModelRepository,
     recipes: Sequence[TechniqueConfig],
-    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    max_accuracy_drop: float | None = None,
     progress: ProgressListener | None = None,
     device_classes: Sequence[DeviceClass] = DEFAULT_DEVICE_CLASSES,
     latency_budget: LatencyBudget | None = None,
@@ -253,7 +262,10 @@ def compress(
 
     The reference variant must succeed, or nothing is published. Other variants that fail are
     listed in the report; the ones that succeed are published, each atomically.
+    ``max_accuracy_drop`` defaults to the metric's own gate (accuracy 0.02, cosine 0.05).
     """
+    if max_accuracy_drop is None:
+        max_accuracy_drop = get_metric(spec.metric).default_max_drop
     if not 0.0 <= max_accuracy_drop <= 1.0:
         raise InvalidArgumentError(
             f"--max-accuracy-drop must be between 0 and 1, got {max_accuracy_drop}"

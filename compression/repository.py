@@ -108,6 +108,9 @@ class Quality:
     value: float
     reference: float
     agreement: float
+    details: Mapping[str, float] = field(default_factory=dict)
+    """Figures beside the score, written as further keys (embeddings: ``min_cosine``,
+    ``neighbour_agreement``)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -115,7 +118,19 @@ class Quality:
             "value": self.value,
             "reference": self.reference,
             "agreement": self.agreement,
+            **self.details,
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Quality:
+        core = {"metric", "value", "reference", "agreement"}
+        return cls(
+            metric=str(data["metric"]),
+            value=float(data["value"]),
+            reference=float(data["reference"]),
+            agreement=float(data["agreement"]),
+            details={key: float(value) for key, value in data.items() if key not in core},
+        )
 
 
 @dataclass(frozen=True)
@@ -177,7 +192,7 @@ class VariantManifest:
                 sha256=data["sha256"],
                 size_bytes=int(data["size_bytes"]),
                 param_count=int(data["param_count"]),
-                quality=Quality(**data["quality"]),
+                quality=Quality.from_json(data["quality"]),
                 latency_ms=data.get("latency_ms", {}),
                 created_at=data.get("created_at", ""),
                 build=data.get("build", {}),

@@ -18,7 +18,8 @@ import numpy as np
 from gearbox.compression.errors import InvalidArgumentError
 from gearbox.compression.signature import Signature
 
-TASKS = ("classification",)
+TASKS: Mapping[str, str] = {"classification": "accuracy", "embedding": "cosine"}
+"""Each task and the quality metric it is judged by."""
 
 
 def import_object(path: str, what: str) -> Any:
@@ -108,6 +109,11 @@ class ModelSpec:
     metric: str = "accuracy"
     training: TrainingConfig | None = None
     student_factory: str | None = None
+    student_training: TrainingConfig | None = None
+    """How a distilled student is trained; default: ``training`` (a pretrained model without
+    one gets :class:`TrainingConfig`'s defaults, which suit small models trained from scratch)."""
+    default_variants: tuple[str, ...] = ()
+    """The variants built when none are asked for; empty: the core four."""
     description: str = ""
     source: str | None = field(default=None, compare=False)
 
@@ -121,6 +127,11 @@ class ModelSpec:
         if self.task not in TASKS:
             raise InvalidArgumentError(
                 f"model '{self.name}': unknown task '{self.task}' (known: {', '.join(TASKS)})"
+            )
+        if self.metric != TASKS[self.task]:
+            raise InvalidArgumentError(
+                f"model '{self.name}': task '{self.task}' is judged by metric "
+                f"'{TASKS[self.task]}', not '{self.metric}'"
             )
 
     def build_model(self) -> Any:

@@ -136,7 +136,9 @@ def distill(
     soft_weight: float,
     on_epoch: EpochCallback | None = None,
 ) -> nn.Module:
-    """Knowledge distillation (Hinton et al.): softened teacher targets plus the hard labels.
+    """Knowledge distillation. Classifiers (Hinton et al.): softened teacher targets plus the
+    hard labels. Encoders (task ``embedding``): one minus the cosine between the student's and
+    the teacher's embedding of each row.
 
     The teacher sees the same (augmented) batch as the student, so its targets are computed
     per batch rather than once up front.
@@ -148,6 +150,8 @@ def distill(
     ) -> torch.Tensor:
         with torch.no_grad():
             teacher_logits = first_output(teacher(*inputs))
+        if spec.task == "embedding":
+            return (1.0 - F.cosine_similarity(logits, teacher_logits, dim=-1)).mean()
         soft = F.kl_div(
             F.log_softmax(logits / temperature, dim=-1),
             F.softmax(teacher_logits / temperature, dim=-1),

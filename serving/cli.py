@@ -14,7 +14,7 @@ from rich.console import Console
 
 from gearbox.compression import EXAMPLES, GearboxError, ModelRepository
 from gearbox.compression.cluster import ray_session
-from gearbox.compression.quality import DEFAULT_MAX_ACCURACY_DROP
+from gearbox.compression.quality import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_COSINE_DROP
 from gearbox.serving.config import (
     GRPC_PORT,
     HTTP_PORT,
@@ -169,14 +169,16 @@ def _parser() -> argparse.ArgumentParser:
     compress_cmd.add_argument(
         "--variants",
         metavar="A,B,…|all",
-        help="variants to build (default: fp32,int8,pruned,distilled; 'all': every technique)",
+        help="variants to build (default: the model's own, else fp32,int8,pruned,distilled; "
+        "'all': every technique)",
     )
     compress_cmd.add_argument(
         "--max-accuracy-drop",
         type=_fraction,
-        default=DEFAULT_MAX_ACCURACY_DROP,
         metavar="X",
-        help="largest absolute quality drop below fp32 a ready variant may have (default 0.02)",
+        help="largest absolute quality drop below fp32 a ready variant may have (default: "
+        f"{DEFAULT_MAX_ACCURACY_DROP} in accuracy; {DEFAULT_MAX_COSINE_DROP} in mean cosine "
+        "for embeddings)",
     )
     compress_cmd.add_argument(
         "--address", metavar="RAY", help="Ray cluster to use ('auto': the one on this machine)"
@@ -215,8 +217,8 @@ def _compress(args: argparse.Namespace, out: Console, err: Console) -> int:
     # The training stack (torch) loads only for the commands that train.
     from gearbox.compression import compress, load_spec, resolve_recipes
 
-    recipes = resolve_recipes(args.variants)
     spec = load_spec(EXAMPLES[args.example] if args.example else args.spec)
+    recipes = resolve_recipes(args.variants or ",".join(spec.default_variants) or None)
     repository = ModelRepository(args.repo)
     repository.ensure_writable()  # fail in a second, before Ray starts (compress checks again)
     with ray_session(args.address), RichProgress(err) as progress:

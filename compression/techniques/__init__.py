@@ -31,7 +31,10 @@ CORE_RECIPES: tuple[TechniqueConfig, ...] = (
     PrunedConfig(),
     DistilledConfig(),
 )
-ALL_RECIPES: tuple[TechniqueConfig, ...] = CORE_RECIPES
+ALL_RECIPES: tuple[TechniqueConfig, ...] = (
+    *CORE_RECIPES,
+    Int8Config(name="distilled-int8", parent="distilled"),
+)
 
 
 def resolve_recipes(names: str | None) -> tuple[TechniqueConfig, ...]:

@@ -45,7 +45,7 @@ def distill_student(config: DistilledConfig, inputs: TechniqueInput) -> Compress
         student_origin = f"teacher architecture at width {config.width}"
     else:
         student_origin = spec.student_factory
-    training = spec.training or TrainingConfig()
+    training = spec.student_training or spec.training or TrainingConfig()
     epochs = config.epochs or training.epochs
     distill(
         student,
@@ -66,9 +66,13 @@ def distill_student(config: DistilledConfig, inputs: TechniqueInput) -> Compress
         param_count=count_parameters(student),
         params={
             "student": student_origin,
-            "temperature": config.temperature,
-            "soft_weight": config.soft_weight,
+            **(
+                {"loss": "1 - cosine to the teacher's embedding"}
+                if spec.task == "embedding"
+                else {"temperature": config.temperature, "soft_weight": config.soft_weight}
+            ),
             "epochs": epochs,
+            "learning_rate": training.learning_rate,
             "teacher_params": count_parameters(inputs.reference_model),
         },
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from gearbox.compression.onnx_export import export_verified
+from gearbox.compression.onnx_export import export_described
 from gearbox.compression.surgery import count_parameters
 from gearbox.compression.techniques.base import CompressedModel, TechniqueConfig, TechniqueInput
 from gearbox.compression.techniques.registry import register_technique
@@ -20,9 +20,9 @@ class Fp32Config(TechniqueConfig):
 @register_technique(Fp32Config)
 def export_fp32(config: Fp32Config, inputs: TechniqueInput) -> CompressedModel:
     inputs.report("exporting to ONNX", 0.1)
-    artifact = export_verified(inputs.reference_model, inputs.spec, inputs.data.heldout)
+    exported = export_described(inputs.reference_model, inputs.spec, inputs.data.heldout)
     return CompressedModel(
-        onnx=artifact,
+        onnx=exported.onnx,
         param_count=count_parameters(inputs.reference_model),
-        params={"opset": "exporter default", "graph_optimization": "ort-basic", "verified": True},
+        params=dict(exported.description),
     )

@@ -3,6 +3,11 @@
 Static QDQ quantisation, calibrated on the provider's calibration split, suits convolutional
 models (activations quantised too, so ORT runs QLinearConv on VNNI). Linear-heavy models with
 dynamic activation ranges (transformers) get dynamic quantisation of weights instead.
+
+Dynamic quantisation keeps the nodes most sensitive to it in FP32: a sensitivity pass
+quantises each candidate node alone and measures, on the calibration rows, how far the first
+output moves from the parent's (cosine per row); the worst are then left out one at a time
+until the least similar calibration row reaches ``min_calibration_cosine``.
 """
 
 from __future__ import annotations
@@ -10,8 +15,10 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
+import numpy as np
 import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -23,7 +30,9 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from gearbox.compression.devices import CPU
 from gearbox.compression.errors import CompressionError, InvalidArgumentError
+from gearbox.compression.quality import row_cosines
 from gearbox.compression.spec import Split
 from gearbox.compression.techniques.base import CompressedModel, TechniqueConfig, TechniqueInput
 from gearbox.compression.techniques.registry import register_technique
@@ -44,6 +53,11 @@ class Int8Config(TechniqueConfig):
     calibration_method: str = "minmax"
     calibration_batch_size: int = 32
     per_channel: bool = True
+    min_calibration_cosine: float | None = 0.99
+    """Dynamic mode: the least similar calibration row must reach this cosine to the parent's
+    output; None quantises every node."""
+    max_excluded_fraction: float = 0.25
+    """At most this share of the quantisable nodes is kept in FP32."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "static", "dynamic"):
@@ -55,6 +69,12 @@ class Int8Config(TechniqueConfig):
             raise InvalidArgumentError(
                 f"unknown calibration method '{self.calibration_method}' (known: {known})"
             )
+        if self.min_calibration_cosine is not None and not (
+            -1.0 <= self.min_calibration_cosine <= 1.0
+        ):
+            raise InvalidArgumentError("min_calibration_cosine must lie in [-1, 1]")
+        if not 0.0 <= self.max_excluded_fraction <= 1.0:
+            raise InvalidArgumentError("max_excluded_fraction must lie in [0, 1]")
 
 
 class _SplitReader(CalibrationDataReader):
@@ -71,6 +91,66 @@ def choose_mode(model: onnx.ModelProto) -> Literal["static", "dynamic"]:
     """Static for convolutional graphs, dynamic for Linear-heavy ones."""
     op_types = {node.op_type for node in model.graph.node}
     return "static" if op_types & {"Conv", "ConvTranspose"} else "dynamic"
+
+
+# Operators dynamic quantisation rewrites (ORT's defaults for dynamic mode).
+_DYNAMIC_OP_TYPES = ("MatMul", "Attention", "Gemm", "LSTM", "Gather", "EmbedLayerNormalization")
+
+
+def _quantize_dynamic(config: Int8Config, source: str, target: str, excluded: list[str]) -> None:
+    quantize_dynamic(
+        source,
+        target,
+        weight_type=QuantType.QInt8,
+        per_channel=config.per_channel,
+        nodes_to_exclude=excluded,
+        # Fused contrib operators (Attention, ...) have no ONNX type inference.
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+
+
+def _first_output(path: str, rows: dict[str, np.ndarray]) -> np.ndarray:
+    return CPU.create_session(Path(path).read_bytes()).run(None, rows)[0]
+
+
+def _quantize_dynamic_keeping_sensitive(
+    config: Int8Config, source: str, target: str, calibration: Split, inputs: TechniqueInput
+) -> tuple[list[str], float]:
+    """Quantises ``source`` into ``target``, leaving out the most sensitive nodes; returns
+    them and the least cosine of a calibration row to the parent's output."""
+    rows = calibration.take(len(calibration))
+    expected = _first_output(source, rows)
+
+    def least_cosine(path: str) -> float:
+        return float(np.min(row_cosines(_first_output(path, rows), expected)))
+
+    inputs.report("quantizing weights", 0.3)
+    _quantize_dynamic(config, source, target, [])
+    worst = least_cosine(target)
+    if config.min_calibration_cosine is None or worst >= config.min_calibration_cosine:
+        return [], worst
+    model = onnx.load(source)
+    candidates = [n.name for n in model.graph.node if n.op_type in _DYNAMIC_OP_TYPES and n.name]
+    limit = int(len(candidates) * config.max_excluded_fraction)
+    sensitivity: dict[str, float] = {}
+    probe = f"{target}.probe.onnx"
+    for index, node in enumerate(candidates):
+        inputs.report(
+            f"sensitivity of node {index + 1}/{len(candidates)}",
+            0.3 + 0.4 * index / len(candidates),
+        )
+        others = [name for name in candidates if name != node]
+        _quantize_dynamic(config, source, probe, others)
+        sensitivity[node] = least_cosine(probe)
+    excluded: list[str] = []
+    for node in sorted(candidates, key=sensitivity.__getitem__)[:limit]:
+        excluded.append(node)
+        inputs.report(f"keeping {len(excluded)} sensitive node(s) in FP32", 0.75)
+        _quantize_dynamic(config, source, target, excluded)
+        worst = least_cosine(target)
+        if worst >= config.min_calibration_cosine:
+            break
+    return excluded, worst
 
 
 @register_technique(Int8Config)
@@ -91,9 +171,9 @@ def quantize_int8(config: Int8Config, inputs: TechniqueInput) -> CompressedModel
         with open(source, "wb") as f:
             f.write(inputs.parent_artifact)
         try:
-            inputs.report("preparing graph for quantization", 0.2)
-            quant_pre_process(source, prepared, skip_symbolic_shape=False)
             if mode == "static":
+                inputs.report("preparing graph for quantization", 0.2)
+                quant_pre_process(source, prepared, skip_symbolic_shape=False)
                 inputs.report(f"calibrating on {len(calibration)} samples", 0.4)
                 quantize_static(
                     prepared,
@@ -112,9 +192,15 @@ def quantize_int8(config: Int8Config, inputs: TechniqueInput) -> CompressedModel
                     calibration_samples=len(calibration),
                 )
             else:
-                inputs.report("quantizing weights", 0.4)
-                quantize_dynamic(
-                    prepared, target, weight_type=QuantType.QInt8, per_channel=config.per_channel
+                # Dynamic mode rewrites weights only and needs no shape pre-processing, which
+                # cannot infer the shapes of fused transformer operators anyway.
+                excluded, min_cosine = _quantize_dynamic_keeping_sensitive(
+                    config, source, target, calibration, inputs
+                )
+                params.update(
+                    excluded_nodes=excluded,
+                    calibration_min_cosine=round(min_cosine, 6),
+                    calibration_samples=len(calibration),
                 )
         except CompressionError:
             raise

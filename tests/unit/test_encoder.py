@@ -1,0 +1,162 @@
+"""Sentence encoders: pooling, transformer export and fusion, int8 with sensitive nodes kept,
+distillation to fewer layers, and the embedding quality gate, on a tiny BERT built here."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from gearbox.compression import (
+    DistilledConfig,
+    Fp32Config,
+    Int8Config,
+    InvalidArgumentError,
+    ModelSpec,
+    apply_technique,
+)
+from gearbox.compression.evaluation import Evaluation
+from gearbox.compression.examples.minilm import keep_layers
+from gearbox.compression.onnx_export import run_onnx, transformer_shape
+from gearbox.compression.pipeline import VariantBuild, _gate
+from gearbox.compression.quality import row_cosines
+from gearbox.compression.techniques import CompressedModel, TechniqueInput
+from gearbox.compression.training import predict
+from tests.unit.tiny_encoder import HIDDEN, LAYERS, encoder_spec, tiny_encoder
+
+SPEC = encoder_spec()
+DATA = SPEC.load_data()
+
+
+def _inputs(model, parent=None, parent_params=None) -> TechniqueInput:
+    return TechniqueInput(
+        spec=SPEC,
+        data=DATA,
+        reference_model=model,
+        parent_artifact=parent,
+        parent_param_count=parent_params,
+    )
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    return apply_technique(Fp32Config(), _inputs(tiny_encoder()))
+
+
+def test_the_encoder_mean_pools_the_real_tokens_and_normalises():
+    encoder = tiny_encoder()
+    rows = DATA.heldout.take(8)
+    ids, mask = (torch.from_numpy(rows[name]) for name in ("input_ids", "attention_mask"))
+    with torch.no_grad():
+        embeddings = encoder(ids, mask).numpy()
+        hidden = encoder.bert(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    for row in range(8):
+        real = mask[row].numpy().astype(bool)
+        expected = hidden[row][real].mean(axis=0)
+        expected /= np.linalg.norm(expected)
+        # Trimming padding columns before the encoder changes nothing.
+        np.testing.assert_allclose(embeddings[row], expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-6)
+
+
+def test_fp32_of_a_bert_is_fused_and_matches_torch(fp32):
+    assert transformer_shape(tiny_encoder()).num_heads == 4
+    assert fp32.params["exporter"] == "torchscript"
+    assert fp32.params["fused_operators"]["Attention"] == LAYERS
+    ops = {node.op_type for node in onnx.load_from_string(fp32.onnx).graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops
+    expected = predict(tiny_encoder(), SPEC, DATA.heldout)
+    np.testing.assert_allclose(run_onnx(fp32.onnx, SPEC, DATA.heldout), expected, atol=1e-5)
+
+
+def test_the_fused_graph_takes_any_batch_and_sequence_length(fp32):
+    from gearbox.compression.devices import CPU
+
+    session = CPU.create_session(fp32.onnx)
+    for rows, length in ((1, 3), (5, 12), (2, 20)):
+        feed = {
+            "input_ids": np.full((rows, length), 7, dtype=np.int64),
+            "attention_mask": np.ones((rows, length), dtype=np.int64),
+        }
+        assert session.run(None, feed)[0].shape == (rows, HIDDEN)
+
+
+def test_int8_keeps_the_most_sensitive_nodes_in_fp32_until_the_target_holds(fp32):
+    strict = Int8Config(min_calibration_cosine=0.99999, max_excluded_fraction=0.5)
+    loose = Int8Config(min_calibration_cosine=None)
+    quantized = {
+        config: apply_technique(config, _inputs(tiny_encoder(), fp32.onnx, fp32.param_count))
+        for config in (strict, loose)
+    }
+    assert quantized[loose].params["excluded_nodes"] == []
+    excluded = quantized[strict].params["excluded_nodes"]
+    assert excluded, "a near-perfect target must keep some node in FP32"
+    names = {node.name for node in onnx.load_from_string(fp32.onnx).graph.node}
+    assert set(excluded) <= names
+    reference = run_onnx(fp32.onnx, SPEC, DATA.calibration)
+    closeness = {
+        config: float(np.min(row_cosines(run_onnx(result.onnx, SPEC, DATA.calibration), reference)))
+        for config, result in quantized.items()
+    }
+    assert closeness[strict] == pytest.approx(
+        quantized[strict].params["calibration_min_cosine"], abs=1e-5
+    )
+    assert closeness[strict] >= closeness[loose]
+
+
+def test_keep_layers_copies_the_chosen_teacher_layers():
+    teacher = tiny_encoder()
+    student = keep_layers(teacher, (0, 3))
+    assert len(student.bert.encoder.layer) == 2
+    for kept, source in zip(student.bert.encoder.layer, (0, 3), strict=True):
+        original = teacher.bert.encoder.layer[source].state_dict()
+        for name, value in kept.state_dict().items():
+            assert torch.equal(value, original[name]), name
+    assert len(teacher.bert.encoder.layer) == LAYERS  # the teacher is untouched
+    with pytest.raises(InvalidArgumentError, match="indices of the teacher's 4 layers"):
+        keep_layers(teacher, (0, 4))
+
+
+def test_distilling_an_encoder_brings_the_student_closer_to_the_teacher():
+    teacher = tiny_encoder()
+    expected = predict(teacher, SPEC, DATA.heldout)
+    untrained = predict(SPEC.build_student(), SPEC, DATA.heldout)
+    result = apply_technique(DistilledConfig(), _inputs(teacher))
+    trained = run_onnx(result.onnx, SPEC, DATA.heldout)
+    assert np.mean(row_cosines(trained, expected)) > np.mean(row_cosines(untrained, expected))
+    assert result.params["loss"] == "1 - cosine to the teacher's embedding"
+    assert result.params["epochs"] == SPEC.student_training.epochs
+    assert result.param_count < result.params["teacher_params"]
+
+
+def _build(config, outputs) -> VariantBuild:
+    return VariantBuild(
+        config=config,
+        compressed=CompressedModel(onnx=config.name.encode(), param_count=1, params={}),
+        evaluation=Evaluation(quality=None, outputs=outputs),
+        node="host/0",
+        seconds=1.0,
+    )
+
+
+def test_the_embedding_gate_reads_the_mean_cosine_to_the_reference():
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(32, HIDDEN))
+    close = reference + 0.05 * rng.normal(size=reference.shape)
+    far = reference + 0.8 * rng.normal(size=reference.shape)
+    fp32 = _build(Fp32Config(), reference)
+    ready = _gate(_build(Int8Config(), close), {}, fp32, SPEC, max_accuracy_drop=0.05)
+    rejected = _gate(_build(DistilledConfig(), far), {}, fp32, SPEC, max_accuracy_drop=0.05)
+    assert ready.status == "ready"
+    assert ready.quality.metric == "cosine"
+    assert ready.quality.reference == pytest.approx(1.0)
+    assert ready.quality.value == pytest.approx(np.mean(row_cosines(close, reference)), abs=1e-6)
+    assert ready.quality.agreement == ready.quality.value
+    assert set(ready.quality.details) == {"min_cosine", "neighbour_agreement"}
+    assert ready.to_json()["quality"]["min_cosine"] == ready.quality.details["min_cosine"]
+    assert rejected.status == "rejected"
+    assert rejected.reason.startswith("cosine ")
+
+
+def test_a_task_is_judged_by_its_own_metric():
+    with pytest.raises(InvalidArgumentError, match="task 'embedding' is judged by metric 'cosine'"):
+        ModelSpec(**{**SPEC.__dict__, "metric": "accuracy"})

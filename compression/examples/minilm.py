@@ -166,8 +166,8 @@ def corpus_sentences() -> list[str]:
     return sorted(sentences)
 
 
-def load_splits() -> DataSplits:
-    """Disjoint training, calibration and held-out sentences, tokenized."""
+def split_sentences() -> tuple[list[str], list[str], list[str]]:
+    """Disjoint training, calibration and held-out sentences of the corpus."""
     sentences = corpus_sentences()
     needed = TRAIN_SENTENCES + CALIBRATION_SENTENCES + HELDOUT_SENTENCES
     if len(sentences) < needed:
@@ -179,6 +179,12 @@ def load_splits() -> DataSplits:
     heldout = chosen[:HELDOUT_SENTENCES]
     calibration = chosen[HELDOUT_SENTENCES : HELDOUT_SENTENCES + CALIBRATION_SENTENCES]
     train = chosen[HELDOUT_SENTENCES + CALIBRATION_SENTENCES :]
+    return train, calibration, heldout
+
+
+def load_splits() -> DataSplits:
+    """Disjoint training, calibration and held-out sentences, tokenized."""
+    train, calibration, heldout = split_sentences()
     return DataSplits(
         train=Split(tokenize(train)),
         calibration=Split(tokenize(calibration)),
@@ -195,7 +201,7 @@ def spec() -> ModelSpec:
         task="embedding",
         metric="cosine",
         student_training=TrainingConfig(
-            epochs=2, batch_size=32, learning_rate=1e-4, weight_decay=0.01
+            epochs=4, batch_size=32, learning_rate=5e-4, weight_decay=0.01
         ),
         default_variants=("fp32", "int8", "distilled", "distilled-int8"),
         signature=Signature(

@@ -22,7 +22,7 @@ from gearbox.compression.repository import ModelRecord, ModelRepository, Variant
 from gearbox.serving.catalog import Catalog, profiled_cost
 from gearbox.serving.config import BatchingConfig
 from gearbox.serving.executor import Arrays, BatchResult, DeviceExecutor, OnBatch
-from gearbox.serving.queue_model import ServiceTimes, predict_ms, variant_key
+from gearbox.serving.queue_model import BatchCost, ServiceTimes, predict_ms, variant_key
 
 WARM_UP_RUNS = 5
 """Timed runs per session and batch size before a replica says ready (after one untimed)."""
@@ -80,6 +80,10 @@ def synthetic_inputs(record: ModelRecord, rows: int) -> dict[str, np.ndarray]:
     }
 
 
+def _has_dynamic_row_shape(record: ModelRecord) -> bool:
+    return any(-1 in spec.shape[1:] for spec in record.signature.inputs)
+
+
 class LocalBackend:
     """Every ready variant of the catalog, in sessions on this process's device class."""
 
@@ -98,6 +102,7 @@ class LocalBackend:
         )
         self._batching = batching
         self._records: dict[str, ModelRecord] = {}
+        self._profiled: dict[str, BatchCost] = {}
         try:
             self._load(repository, catalog, device)
         except BaseException:
@@ -109,7 +114,8 @@ class LocalBackend:
             session = load_session(repository, manifest, device)
             runner = _SessionRunner(session, tuple(o.name for o in session.get_outputs()))
             key = variant_key(manifest.model, manifest.variant)
-            self.times.seed(key, device.name, profiled_cost(manifest, device.name))
+            self._profiled[key] = profiled_cost(manifest, device.name)
+            self.times.seed(key, device.name, self._profiled[key])
             self.executor.host(manifest.model, manifest.variant, runner)
             self._records[manifest.model] = catalog.models[manifest.model].record
 
@@ -120,7 +126,11 @@ class LocalBackend:
     async def warm_up(self, runs: int = WARM_UP_RUNS) -> None:
         """Runs every session at batch 1 and at the largest batch, and calibrates the live
         service times from what this machine measured, so predictions hold from the first
-        request rather than after the first few; then measures the worker hop."""
+        request rather than after the first few; then measures the worker hop.
+
+        A model with dynamic dimensions beyond the batch (tokens of a sentence, say) is warmed
+        but keeps its manifest's figures: zeros one token long would time a request no caller
+        sends, where the manifest was profiled on the model's own held-out rows."""
         for model, variant in self.hosted:
             record = self._records[model]
             measured = {}
@@ -130,7 +140,8 @@ class LocalBackend:
                 measured[rows] = statistics.median(
                     self.executor.run_now(model, variant, inputs)[1] * 1000 for _ in range(runs)
                 )
-            self.times.calibrate(variant_key(model, variant), self.device_class, measured)
+            if not _has_dynamic_row_shape(record):
+                self.times.calibrate(variant_key(model, variant), self.device_class, measured)
         if self.hosted:
             model, variant = min(
                 self.hosted,
@@ -138,6 +149,10 @@ class LocalBackend:
             )
             inputs = synthetic_inputs(self._records[model], 1)
             await self.executor.measure_hop(model, variant, inputs)
+        for model, variant in self.hosted:  # the hop's runs are observed like any other
+            if _has_dynamic_row_shape(self._records[model]):
+                key = variant_key(model, variant)
+                self.times.seed(key, self.device_class, self._profiled[key])
 
     async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
         return await self.executor.submit(model, variant, inputs)

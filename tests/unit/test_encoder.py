@@ -160,3 +160,33 @@ def test_the_embedding_gate_reads_the_mean_cosine_to_the_reference():
 def test_a_task_is_judged_by_its_own_metric():
     with pytest.raises(InvalidArgumentError, match="task 'embedding' is judged by metric 'cosine'"):
         ModelSpec(**{**SPEC.__dict__, "metric": "accuracy"})
+
+
+def test_a_replica_keeps_the_manifest_figures_of_a_model_with_dynamic_token_length(tmp_path, fp32):
+    import asyncio
+    import dataclasses
+
+    from gearbox.compression import ModelRecord, ModelRepository
+    from gearbox.compression.devices import CPU
+    from gearbox.serving.catalog import Catalog
+    from gearbox.serving.config import BatchingConfig
+    from gearbox.serving.hosting import LocalBackend
+    from gearbox.serving.queue_model import variant_key
+    from tests.unit.tiny_model import make_manifest
+
+    repository = ModelRepository(tmp_path)
+    repository.ensure_writable()
+    repository.register_model(ModelRecord.for_spec(SPEC, reference_variant="fp32"))
+    profiled = {"cpu": {"1": {"p50": 7.0, "p95": 9.0}, "8": {"p50": 21.0, "p95": 25.0}}}
+    manifest = dataclasses.replace(make_manifest(fp32.onnx, model=SPEC.name), latency_ms=profiled)
+    repository.publish_variant(manifest, fp32.onnx)
+    backend = LocalBackend(repository, Catalog.load(repository), CPU, BatchingConfig())
+    try:
+        asyncio.run(backend.warm_up(runs=2))
+        key = variant_key(SPEC.name, "fp32")
+        # Warmed on one-token zeros, which time no real sentence: the profile stands.
+        assert backend.times.batch_ms(key, "cpu", 1) == pytest.approx(7.0)
+        assert backend.times.batch_ms(key, "cpu", 8) == pytest.approx(21.0)
+        assert backend.executor.hop_ms > 0
+    finally:
+        backend.close()

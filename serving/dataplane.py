@@ -148,6 +148,8 @@ class DataPlane:
                 spans.append(clock.elapsed_ms() - response.answer.work_ms)
         if spans:
             self._overhead_ms = statistics.median(spans)
+        for backend in self._backends.values():
+            backend.settle()
         self._ready = True
 
     # -- health and metadata -------------------------------------------------------------------

@@ -44,6 +44,11 @@ class Backend(Protocol):
         """Requests admitted on this device class and not yet answered."""
         ...
 
+    def settle(self) -> None:
+        """Called once the gateway's own warm-up requests have run: forget what synthetic
+        requests taught the predictions where they time no real request."""
+        ...
+
 
 @dataclass(frozen=True)
 class _SessionRunner:
@@ -149,7 +154,12 @@ class LocalBackend:
             )
             inputs = synthetic_inputs(self._records[model], 1)
             await self.executor.measure_hop(model, variant, inputs)
-        for model, variant in self.hosted:  # the hop's runs are observed like any other
+        self.settle()
+
+    def settle(self) -> None:
+        """Every model with dynamic dimensions beyond the batch goes back to its manifest's
+        figures (the warm-up's runs, the hop's included, are observed like any other)."""
+        for model, variant in self.hosted:
             if _has_dynamic_row_shape(self._records[model]):
                 key = variant_key(model, variant)
                 self.times.seed(key, self.device_class, self._profiled[key])
@@ -186,6 +196,9 @@ class RemoteBackend:
         for manifest in catalog.ready_manifests():
             key = variant_key(manifest.model, manifest.variant)
             self.times.seed(key, device_class, profiled_cost(manifest, device_class))
+
+    def settle(self) -> None:
+        """Nothing to forget here: its own replicas settle their predictions."""
 
     async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
         self._inflight += 1

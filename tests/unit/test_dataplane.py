@@ -471,6 +471,9 @@ class FakeBackend:
     def depth(self):
         return 0
 
+    def settle(self):
+        pass
+
 
 def test_an_unexpected_backend_failure_is_recorded_as_internal(tiny_repository):
     metrics = RecordingMetrics()

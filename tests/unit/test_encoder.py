@@ -190,3 +190,39 @@ def test_a_replica_keeps_the_manifest_figures_of_a_model_with_dynamic_token_leng
         assert backend.executor.hop_ms > 0
     finally:
         backend.close()
+
+
+def test_the_gateways_own_warm_up_requests_leave_an_encoders_figures_alone(tmp_path, fp32):
+    import asyncio
+    import dataclasses
+
+    from gearbox.compression import ModelRecord, ModelRepository
+    from gearbox.compression.devices import CPU
+    from gearbox.serving.catalog import Catalog
+    from gearbox.serving.config import BatchingConfig
+    from gearbox.serving.dataplane import DataPlane
+    from gearbox.serving.hosting import LocalBackend
+    from gearbox.serving.queue_model import variant_key
+    from tests.unit.serving_fixtures import RecordingMetrics
+    from tests.unit.tiny_model import make_manifest
+
+    repository = ModelRepository(tmp_path)
+    repository.ensure_writable()
+    repository.register_model(ModelRecord.for_spec(SPEC, reference_variant="fp32"))
+    profiled = {"cpu": {"1": {"p50": 7.0, "p95": 9.0}, "8": {"p50": 21.0, "p95": 25.0}}}
+    manifest = dataclasses.replace(make_manifest(fp32.onnx, model=SPEC.name), latency_ms=profiled)
+    repository.publish_variant(manifest, fp32.onnx)
+    catalog = Catalog.load(repository)
+    backend = LocalBackend(repository, catalog, CPU, BatchingConfig())
+
+    async def warm() -> float:
+        await backend.warm_up(runs=2)
+        plane = DataPlane(catalog, [backend], ["cpu"], RecordingMetrics(), shadow_fraction=0)
+        await plane.warm_up()
+        assert plane.ready()
+        return backend.times.batch_ms(variant_key(SPEC.name, "fp32"), "cpu", 1)
+
+    try:
+        assert asyncio.run(warm()) == pytest.approx(7.0)
+    finally:
+        backend.close()

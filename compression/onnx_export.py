@@ -8,13 +8,14 @@ every other model goes through the dynamo exporter and ONNX Runtime's basic opti
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import re
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,24 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {reason}"
 
 
+@contextlib.contextmanager
+def _exporting(spec: ModelSpec) -> Iterator[None]:
+    """Quiets the exporter's logs and warnings; any failure becomes one clear error."""
+    onnx_logger = logging.getLogger("torch.onnx")
+    previous_level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except Exception as exc:
+        raise CompressionError(
+            f"model '{spec.name}': ONNX export failed: {_root_cause(exc)}"
+        ) from exc
+    finally:
+        onnx_logger.setLevel(previous_level)
+
+
 def export_onnx(model: nn.Module, spec: ModelSpec, sample: Split) -> bytes:
     """Export ``model`` with the signature's names and every -1 dimension left dynamic."""
     model.eval()
@@ -58,28 +77,17 @@ def export_onnx(model: nn.Module, spec: ModelSpec, sample: Split) -> bytes:
         {axis: torch.export.Dim.DYNAMIC for axis, size in enumerate(t.shape) if size == -1}
         for t in spec.signature.inputs
     )
-    onnx_logger = logging.getLogger("torch.onnx")
-    previous_level = onnx_logger.level
-    onnx_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                model,
-                args,
-                dynamo=True,
-                input_names=spec.signature.input_names,
-                output_names=spec.signature.output_names,
-                dynamic_shapes=dynamic_shapes,
-                optimize=True,
-                verbose=False,
-            )
-    except Exception as exc:
-        raise CompressionError(
-            f"model '{spec.name}': ONNX export failed: {_root_cause(exc)}"
-        ) from exc
-    finally:
-        onnx_logger.setLevel(previous_level)
+    with _exporting(spec):
+        program = torch.onnx.export(
+            model,
+            args,
+            dynamo=True,
+            input_names=spec.signature.input_names,
+            output_names=spec.signature.output_names,
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            verbose=False,
+        )
     if program is None:
         raise CompressionError(f"model '{spec.name}': ONNX export produced no program")
     return program.model_proto.SerializeToString()
@@ -121,24 +129,18 @@ def export_transformer(model: nn.Module, spec: ModelSpec, sample: Split) -> byte
         for tensor in (*spec.signature.inputs, *spec.signature.outputs)
     }  # fmt: skip
     buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                args,
-                buffer,
-                dynamo=False,
-                input_names=spec.signature.input_names,
-                output_names=spec.signature.output_names,
-                dynamic_axes=dynamic_axes,
-                opset_version=TRANSFORMER_OPSET,
-                do_constant_folding=True,
-            )
-    except Exception as exc:
-        raise CompressionError(
-            f"model '{spec.name}': ONNX export failed: {_root_cause(exc)}"
-        ) from exc
+    with _exporting(spec):
+        torch.onnx.export(
+            model,
+            args,
+            buffer,
+            dynamo=False,
+            input_names=spec.signature.input_names,
+            output_names=spec.signature.output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=TRANSFORMER_OPSET,
+            do_constant_folding=True,
+        )
     return buffer.getvalue()
 
 

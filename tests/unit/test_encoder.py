@@ -162,8 +162,13 @@ def test_a_task_is_judged_by_its_own_metric():
         ModelSpec(**{**SPEC.__dict__, "metric": "accuracy"})
 
 
-def test_a_replica_keeps_the_manifest_figures_of_a_model_with_dynamic_token_length(tmp_path, fp32):
-    import asyncio
+PROFILED = {"cpu": {"1": {"p50": 7.0, "p95": 9.0}, "8": {"p50": 21.0, "p95": 25.0}}}
+
+
+@pytest.fixture
+def encoder_backend(tmp_path, fp32):
+    """The tiny encoder's fp32, published with a profile of 7 ms at batch 1 and 21 ms at 8,
+    in a gateway backend."""
     import dataclasses
 
     from gearbox.compression import ModelRecord, ModelRepository
@@ -171,58 +176,51 @@ def test_a_replica_keeps_the_manifest_figures_of_a_model_with_dynamic_token_leng
     from gearbox.serving.catalog import Catalog
     from gearbox.serving.config import BatchingConfig
     from gearbox.serving.hosting import LocalBackend
-    from gearbox.serving.queue_model import variant_key
     from tests.unit.tiny_model import make_manifest
 
     repository = ModelRepository(tmp_path)
     repository.ensure_writable()
     repository.register_model(ModelRecord.for_spec(SPEC, reference_variant="fp32"))
-    profiled = {"cpu": {"1": {"p50": 7.0, "p95": 9.0}, "8": {"p50": 21.0, "p95": 25.0}}}
-    manifest = dataclasses.replace(make_manifest(fp32.onnx, model=SPEC.name), latency_ms=profiled)
-    repository.publish_variant(manifest, fp32.onnx)
-    backend = LocalBackend(repository, Catalog.load(repository), CPU, BatchingConfig())
-    try:
-        asyncio.run(backend.warm_up(runs=2))
-        key = variant_key(SPEC.name, "fp32")
-        # Warmed on one-token zeros, which time no real sentence: the profile stands.
-        assert backend.times.batch_ms(key, "cpu", 1) == pytest.approx(7.0)
-        assert backend.times.batch_ms(key, "cpu", 8) == pytest.approx(21.0)
-        assert backend.executor.hop_ms > 0
-    finally:
-        backend.close()
-
-
-def test_the_gateways_own_warm_up_requests_leave_an_encoders_figures_alone(tmp_path, fp32):
-    import asyncio
-    import dataclasses
-
-    from gearbox.compression import ModelRecord, ModelRepository
-    from gearbox.compression.devices import CPU
-    from gearbox.serving.catalog import Catalog
-    from gearbox.serving.config import BatchingConfig
-    from gearbox.serving.dataplane import DataPlane
-    from gearbox.serving.hosting import LocalBackend
-    from gearbox.serving.queue_model import variant_key
-    from tests.unit.serving_fixtures import RecordingMetrics
-    from tests.unit.tiny_model import make_manifest
-
-    repository = ModelRepository(tmp_path)
-    repository.ensure_writable()
-    repository.register_model(ModelRecord.for_spec(SPEC, reference_variant="fp32"))
-    profiled = {"cpu": {"1": {"p50": 7.0, "p95": 9.0}, "8": {"p50": 21.0, "p95": 25.0}}}
-    manifest = dataclasses.replace(make_manifest(fp32.onnx, model=SPEC.name), latency_ms=profiled)
+    manifest = dataclasses.replace(make_manifest(fp32.onnx, model=SPEC.name), latency_ms=PROFILED)
     repository.publish_variant(manifest, fp32.onnx)
     catalog = Catalog.load(repository)
     backend = LocalBackend(repository, catalog, CPU, BatchingConfig())
+    yield catalog, backend
+    backend.close()
 
-    async def warm() -> float:
+
+def _predicted(backend, rows: int) -> float:
+    from gearbox.serving.queue_model import variant_key
+
+    return backend.times.batch_ms(variant_key(SPEC.name, "fp32"), "cpu", rows)
+
+
+def test_a_replica_keeps_the_manifest_figures_of_a_model_with_dynamic_token_length(
+    encoder_backend,
+):
+    import asyncio
+
+    _, backend = encoder_backend
+    asyncio.run(backend.warm_up(runs=2))
+    # Warmed on one-token zeros, which time no real sentence: the profile stands.
+    assert _predicted(backend, 1) == pytest.approx(7.0)
+    assert _predicted(backend, 8) == pytest.approx(21.0)
+    assert backend.executor.hop_ms > 0
+
+
+def test_the_gateways_own_warm_up_requests_leave_an_encoders_figures_alone(encoder_backend):
+    import asyncio
+
+    from gearbox.serving.dataplane import DataPlane
+    from tests.unit.serving_fixtures import RecordingMetrics
+
+    catalog, backend = encoder_backend
+
+    async def warm() -> None:
         await backend.warm_up(runs=2)
         plane = DataPlane(catalog, [backend], ["cpu"], RecordingMetrics(), shadow_fraction=0)
         await plane.warm_up()
         assert plane.ready()
-        return backend.times.batch_ms(variant_key(SPEC.name, "fp32"), "cpu", 1)
 
-    try:
-        assert asyncio.run(warm()) == pytest.approx(7.0)
-    finally:
-        backend.close()
+    asyncio.run(warm())
+    assert _predicted(backend, 1) == pytest.approx(7.0)

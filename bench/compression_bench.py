@@ -129,7 +129,7 @@ def main() -> int:
         started = time.perf_counter()
         subprocess.run(
             [GEARBOX, "compress", "--example", args.example, "--repo", str(repo_dir)],
-            check=False,
+            check=True,
             stdout=subprocess.DEVNULL,
         )
         compress_seconds = time.perf_counter() - started

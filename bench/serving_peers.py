@@ -320,6 +320,14 @@ class _LoadState:
         self.errors: Counter[str] = Counter()
 
 
+def http_request(port: int, path: str, body: bytes) -> bytes:
+    """One pre-encoded HTTP/1.1 POST of a JSON body to 127.0.0.1:``port``."""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
     """(status, body, whether the server closes the connection) of one HTTP/1.1 response."""
     head = await reader.readuntil(b"\r\n\r\n")
@@ -378,11 +386,7 @@ async def _load_connection(
 
 
 async def _load(args: argparse.Namespace) -> dict[str, Any]:
-    body = Path(args.body).read_bytes()
-    request = (
-        f"POST {args.path} HTTP/1.1\r\nHost: {LOOPBACK}:{args.port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    request = http_request(args.port, args.path, Path(args.body).read_bytes())
     state = _LoadState(args.max_requests)
     loop_started = time.perf_counter()
     stop_at = loop_started + args.warmup_s + args.duration_s

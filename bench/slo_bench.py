@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from serving_peers import LOOPBACK, read_response
+from serving_peers import LOOPBACK, http_request, read_response
 
 GEARBOX = str(Path(sys.executable).with_name("gearbox"))
 MODEL = "digits"
@@ -93,13 +93,6 @@ def _bodies(images: np.ndarray, budgets: list[float | None]) -> list[bytes]:
             document["parameters"] = {"latency_budget_ms": budget}
         bodies.append(json.dumps(document).encode())
     return bodies
-
-
-def _http_request(port: int, path: str, body: bytes) -> bytes:
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
 
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -252,7 +245,7 @@ def _wait_ready(base: str, process: subprocess.Popen, log: Path) -> None:
 def _unloaded_p50(port: int, variant: str, body: bytes) -> float:
     path = f"/v2/models/{MODEL}/versions/{variant}/infer"
     samples = in_client_process(
-        {"kind": "sequential", "port": port, "request": _http_request(port, path, body),
+        {"kind": "sequential", "port": port, "request": http_request(port, path, body),
          "count": UNLOADED_REQUESTS, "warmup": 50}
     )  # fmt: skip
     return float(np.percentile(samples, 50))
@@ -433,7 +426,7 @@ def run(
     routed_path = f"/v2/models/{MODEL}/infer"
     capacity = in_client_process(
         {"kind": "closed", "port": args.http_port,
-         "requests": [_http_request(args.http_port, routed_path, b) for b in mix_bodies],
+         "requests": [http_request(args.http_port, routed_path, b) for b in mix_bodies],
          "seconds": 5.0}
     )  # fmt: skip
     rate = args.rate or capacity / 2
@@ -461,7 +454,7 @@ def run(
     for policy, (paths, bodies) in plans.items():
         time.sleep(2)  # let the previous policy's queue drain
         requests = [
-            _http_request(args.http_port, path, body)
+            http_request(args.http_port, path, body)
             for path, body in zip(paths, bodies, strict=True)
         ]
         results = in_client_process(

@@ -51,21 +51,28 @@ def _root_cause(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Only errors from ``logger_name`` while the block runs."""
+    logger = logging.getLogger(logger_name)
+    previous_level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous_level)
+
+
+@contextlib.contextmanager
 def _exporting(spec: ModelSpec) -> Iterator[None]:
     """Quiets the exporter's logs and warnings; any failure becomes one clear error."""
-    onnx_logger = logging.getLogger("torch.onnx")
-    previous_level = onnx_logger.level
-    onnx_logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with _quiet("torch.onnx"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     except Exception as exc:
         raise CompressionError(
             f"model '{spec.name}': ONNX export failed: {_root_cause(exc)}"
         ) from exc
-    finally:
-        onnx_logger.setLevel(previous_level)
 
 
 def export_onnx(model: nn.Module, spec: ModelSpec, sample: Split) -> bytes:
@@ -149,10 +156,7 @@ def fuse_transformer(model_bytes: bytes, shape: TransformerShape) -> tuple[bytes
     the fused graph and how many of each fused operator it holds."""
     from onnxruntime.transformers import optimizer
 
-    transformers_logger = logging.getLogger("onnxruntime.transformers")
-    previous_level = transformers_logger.level
-    transformers_logger.setLevel(logging.ERROR)
-    try:
+    with _quiet("onnxruntime.transformers"):
         fused = optimizer.optimize_model(
             onnx.load_from_string(model_bytes),
             model_type=shape.model_type,
@@ -160,8 +164,6 @@ def fuse_transformer(model_bytes: bytes, shape: TransformerShape) -> tuple[bytes
             hidden_size=shape.hidden_size,
             opt_level=0,
         )
-    finally:
-        transformers_logger.setLevel(previous_level)
     counts = {name: n for name, n in fused.get_fused_operator_statistics().items() if n}
     # Saving sorts the graph and declares the com.microsoft domain of the fused operators.
     with tempfile.TemporaryDirectory(prefix="gearbox-fuse-") as workdir:

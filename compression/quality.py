@@ -69,10 +69,11 @@ class QualityMetric:
         raise InvalidArgumentError(f"metric '{self.name}' is scored against the labels")
 
     def agreement(self, outputs: np.ndarray, reference: np.ndarray) -> float:
-        """Top-1 agreement with the reference for classification, mean cosine for embeddings."""
+        """Top-1 agreement with the reference for classification; a relative metric's own
+        score (mean cosine for embeddings)."""
+        if self.relative:
+            return self.score_against(outputs, reference)
         self._check_shapes(outputs, reference)
-        if self.name == "cosine":
-            return float(np.mean(row_cosines(outputs, reference)))
         return float(np.mean(np.argmax(outputs, axis=-1) == np.argmax(reference, axis=-1)))
 
     def details(self, outputs: np.ndarray, reference: np.ndarray) -> Mapping[str, float]:

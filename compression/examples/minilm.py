@@ -13,6 +13,7 @@ sentences (for quality), each tokenized by the model's own tokenizer.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import os
@@ -108,8 +109,6 @@ def load_encoder() -> SentenceEncoder:
 
 def keep_layers(encoder: SentenceEncoder, layers: tuple[int, ...]) -> SentenceEncoder:
     """A student: a copy of ``encoder`` with only ``layers`` of its transformer stack."""
-    import copy
-
     student = copy.deepcopy(encoder)
     stack = student.bert.encoder.layer
     if not layers or any(not 0 <= index < len(stack) for index in layers):

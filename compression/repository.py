@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired, TypedDict
 
 from gearbox.compression.errors import (
     IntegrityError,
@@ -32,6 +33,30 @@ MANIFEST_FILE = "variant.json"
 ARTIFACT_FILE = "model.onnx"
 
 VariantStatus = Literal["ready", "rejected"]
+
+
+class LatencyFigures(TypedDict):
+    """Milliseconds of one ``session.run`` call."""
+
+    p50: float
+    p95: float
+
+
+class BatchLatency(TypedDict):
+    """One batch size's figures on one device class.
+
+    ``p50``/``p95`` are the figures every reader knows; for a model whose inputs have a length
+    (token sequences) they are those at the default length, and ``tokens`` holds the same per
+    profiled length, keyed by the token count as a string (JSON).
+    """
+
+    p50: float
+    p95: float
+    tokens: NotRequired[dict[str, LatencyFigures]]
+
+
+LatencyProfile = dict[str, dict[str, BatchLatency]]
+"""``{device_class: {batch_size: BatchLatency}}``, batch sizes as strings (JSON)."""
 
 
 def utc_now() -> str:
@@ -148,7 +173,7 @@ class VariantManifest:
     size_bytes: int
     param_count: int
     quality: Quality
-    latency_ms: Mapping[str, Mapping[str, Mapping[str, float]]]
+    latency_ms: Mapping[str, Mapping[str, BatchLatency]]
     created_at: str = field(default_factory=utc_now)
     build: Mapping[str, Any] = field(default_factory=dict)
     """Provenance: which Ray node built the variant and how long it took."""
@@ -156,6 +181,31 @@ class VariantManifest:
     @property
     def is_ready(self) -> bool:
         return self.status == "ready"
+
+    def latency_at(
+        self, device_class: str, batch: int, tokens: int | None = None
+    ) -> LatencyFigures | None:
+        """p50/p95 (ms) of one call of ``batch`` rows on ``device_class``, or None where that
+        device class or batch size was not profiled.
+
+        ``tokens``, the length of the call's token sequences, matters only for a model profiled
+        per length (a ``tokens`` level): between two profiled lengths the figures are
+        interpolated linearly; below the shortest they are the shortest's; beyond the longest
+        they follow the line through the two longest, never below the longest's figures (a
+        transformer's time keeps growing with its input, so the longest's figures alone would
+        promise too little). Without ``tokens``, or for a model whose cost does not depend on
+        length, they are the batch size's own figures (for a length-dependent model: those at
+        the default length).
+        """
+        if tokens is not None and tokens < 1:
+            raise InvalidArgumentError(f"a token count must be at least 1, got {tokens}")
+        figures = self.latency_ms.get(device_class, {}).get(str(batch))
+        if figures is None:
+            return None
+        by_tokens = figures.get("tokens")
+        if tokens is None or not by_tokens:
+            return LatencyFigures(p50=figures["p50"], p95=figures["p95"])
+        return _figures_at_length(by_tokens, tokens)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -171,7 +221,7 @@ class VariantManifest:
             "param_count": self.param_count,
             "quality": self.quality.to_json(),
             "latency_ms": {
-                device: {batch: dict(figures) for batch, figures in by_batch.items()}
+                device: {batch: _batch_latency_json(figures) for batch, figures in by_batch.items()}
                 for device, by_batch in self.latency_ms.items()
             },
             "created_at": self.created_at,
@@ -193,12 +243,94 @@ class VariantManifest:
                 size_bytes=int(data["size_bytes"]),
                 param_count=int(data["param_count"]),
                 quality=Quality.from_json(data["quality"]),
-                latency_ms=data.get("latency_ms", {}),
+                latency_ms=_parse_latency(data.get("latency_ms", {})),
                 created_at=data.get("created_at", ""),
                 build=data.get("build", {}),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise RepositoryError(f"malformed variant manifest: {exc!r}") from exc
+        except KeyError as exc:
+            raise RepositoryError(f"malformed variant manifest: missing {exc}") from exc
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise RepositoryError(f"malformed variant manifest: {exc}") from exc
+
+
+def _figures_at_length(by_tokens: Mapping[str, LatencyFigures], tokens: int) -> LatencyFigures:
+    """The figures at ``tokens`` from those profiled per length (see ``latency_at``)."""
+    points = sorted((int(length), figures) for length, figures in by_tokens.items())
+    exact = dict(points).get(tokens)
+    if exact is not None:
+        return LatencyFigures(p50=exact["p50"], p95=exact["p95"])
+    shortest, longest = points[0], points[-1]
+    if tokens < shortest[0] or len(points) == 1:
+        return LatencyFigures(p50=shortest[1]["p50"], p95=shortest[1]["p95"])
+    # The pair around ``tokens``; past the longest, the two longest.
+    upper = next((i for i, (length, _) in enumerate(points) if length > tokens), len(points) - 1)
+    (low_length, low), (high_length, high) = points[upper - 1], points[upper]
+    weight = (tokens - low_length) / (high_length - low_length)
+    p50 = low["p50"] + weight * (high["p50"] - low["p50"])
+    p95 = low["p95"] + weight * (high["p95"] - low["p95"])
+    if tokens > longest[0]:
+        p50, p95 = max(p50, longest[1]["p50"]), max(p95, longest[1]["p95"])
+    return LatencyFigures(p50=p50, p95=p95)
+
+
+def _batch_latency_json(figures: BatchLatency) -> dict[str, Any]:
+    data: dict[str, Any] = {"p50": figures["p50"], "p95": figures["p95"]}
+    if "tokens" in figures:
+        data["tokens"] = {length: dict(each) for length, each in figures["tokens"].items()}
+    return data
+
+
+def _parse_latency(data: Any) -> LatencyProfile:
+    """``latency_ms`` as :meth:`VariantManifest.to_json` writes it, or a ValueError naming the
+    first part that is not (keys beside ``p50``, ``p95`` and ``tokens`` are ignored)."""
+    profile: LatencyProfile = {}
+    for device, by_batch in _mapping(data, "latency_ms").items():
+        profile[device] = {}
+        for batch, figures in _mapping(by_batch, f"latency_ms.{device}").items():
+            where = f"latency_ms.{device}.{batch}"
+            _check_count(batch, where, "batch size")
+            parsed = BatchLatency(**_figures(figures, where))
+            if "tokens" in figures:
+                parsed["tokens"] = _figures_by_length(figures["tokens"], f"{where}.tokens")
+            profile[device][batch] = parsed
+    return profile
+
+
+def _figures_by_length(value: Any, where: str) -> dict[str, LatencyFigures]:
+    by_tokens = _mapping(value, where)
+    if not by_tokens:
+        raise ValueError(f"{where} lists no lengths")
+    for length in by_tokens:
+        _check_count(length, f"{where}.{length}", "token count")
+    return {length: _figures(each, f"{where}.{length}") for length, each in by_tokens.items()}
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be an object, not {type(value).__name__}")
+    return value
+
+
+def _check_count(key: Any, where: str, what: str) -> None:
+    """Raise unless ``key`` spells a positive integer as ``str(int)`` writes it."""
+    if not (isinstance(key, str) and key.isdecimal() and key == str(int(key)) and int(key) > 0):
+        raise ValueError(f"{where}: {key!r} is not a {what} (a positive integer)")
+
+
+def _figures(value: Any, where: str) -> LatencyFigures:
+    figures = _mapping(value, where)
+    parsed: dict[str, float] = {}
+    for stat in ("p50", "p95"):
+        if stat not in figures:
+            raise ValueError(f"{where}: missing '{stat}'")
+        figure = figures[stat]
+        # bool is an int to Python, but true is no number of milliseconds.
+        if isinstance(figure, bool) or not isinstance(figure, int | float):
+            raise ValueError(f"{where}.{stat} must be a number of milliseconds, not {figure!r}")
+        if not math.isfinite(figure) or figure < 0:
+            raise ValueError(f"{where}.{stat} must be finite and not negative, not {figure!r}")
+        parsed[stat] = float(figure)
+    return LatencyFigures(p50=parsed["p50"], p95=parsed["p95"])
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -332,7 +464,10 @@ class ModelRepository:
             data = _read_json(self.root / model / variant / MANIFEST_FILE)
         except FileNotFoundError:
             raise NotFoundError(f"variant '{variant}' of model '{model}' not found") from None
-        return VariantManifest.from_json(data)
+        try:
+            return VariantManifest.from_json(data)
+        except RepositoryError as exc:
+            raise RepositoryError(f"{model}/{variant}/{MANIFEST_FILE}: {exc.message}") from exc
 
     def read_artifact(self, manifest: VariantManifest) -> bytes:
         """The variant's ONNX bytes, verified against the manifest's sha256."""

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 
@@ -279,3 +280,145 @@ def test_malformed_model_json_is_a_repository_error(repo):
         RepositoryError, match=re.escape("malformed tiny/model.json: missing 'reference_variant'")
     ):
         repo.model(MODEL)
+
+
+# --- latency per token length ---------------------------------------------------------------
+
+
+def _by_tokens(base_ms):
+    """Figures that grow with length: 16 -> base, 32 -> 2x, 64 -> 4x, 128 -> 8x (p95 +10%)."""
+    return {
+        str(length): {"p50": base_ms * length / 16, "p95": 1.1 * base_ms * length / 16}
+        for length in (16, 32, 64, 128)
+    }
+
+
+def _with_latency(manifest, latency_ms):
+    return dataclasses.replace(manifest, latency_ms=latency_ms)
+
+
+ENCODER_LATENCY = {
+    "cpu": {
+        "1": {"p50": 4.0, "p95": 4.4, "tokens": _by_tokens(1.0)},
+        "8": {"p50": 32.0, "p95": 35.2, "tokens": _by_tokens(8.0)},
+    }
+}
+
+
+def test_latency_per_token_length_survives_the_round_trip(repo):
+    artifact = linear_onnx()
+    repo.publish_variant(_with_latency(make_manifest(artifact), ENCODER_LATENCY), artifact)
+    raw = json.loads((repo.root / MODEL / "fp32" / MANIFEST_FILE).read_text())
+    assert raw["latency_ms"] == ENCODER_LATENCY
+    manifest = repo.manifest(MODEL, "fp32")
+    assert manifest.latency_ms == ENCODER_LATENCY
+    assert manifest.to_json()["latency_ms"] == ENCODER_LATENCY
+    # What readers that know nothing of lengths look at is where it always was.
+    assert manifest.latency_ms["cpu"]["1"]["p50"] == 4.0
+
+
+def test_latency_at_a_profiled_length_is_its_own_figures():
+    manifest = _with_latency(make_manifest(linear_onnx()), ENCODER_LATENCY)
+    assert manifest.latency_at("cpu", 1, tokens=32) == {"p50": 2.0, "p95": 2.2}
+    assert manifest.latency_at("cpu", 8, tokens=128) == {"p50": 64.0, "p95": pytest.approx(70.4)}
+
+
+def test_latency_between_two_lengths_is_interpolated_linearly():
+    manifest = _with_latency(make_manifest(linear_onnx()), ENCODER_LATENCY)
+    at_48 = manifest.latency_at("cpu", 1, tokens=48)  # halfway from 32 (2 ms) to 64 (4 ms)
+    assert at_48 == {"p50": pytest.approx(3.0), "p95": pytest.approx(3.3)}
+    at_40 = manifest.latency_at("cpu", 8, tokens=40)  # a quarter from 32 (16 ms) to 64 (32 ms)
+    assert at_40 == {"p50": pytest.approx(20.0), "p95": pytest.approx(22.0)}
+
+
+def test_latency_outside_the_profiled_lengths():
+    manifest = _with_latency(make_manifest(linear_onnx()), ENCODER_LATENCY)
+    # Shorter than the shortest: the shortest's figures.
+    assert manifest.latency_at("cpu", 1, tokens=3) == {"p50": 1.0, "p95": 1.1}
+    # Longer than the longest: on along the line through the two longest (64 -> 4, 128 -> 8).
+    assert manifest.latency_at("cpu", 1, tokens=256) == {
+        "p50": pytest.approx(16.0),
+        "p95": pytest.approx(17.6),
+    }
+    # A noisy profile whose longest length measured faster never predicts below it.
+    noisy = {
+        "cpu": {
+            "1": {
+                "p50": 5.0,
+                "p95": 6.0,
+                "tokens": {"64": {"p50": 5.0, "p95": 6.0}, "128": {"p50": 4.0, "p95": 5.0}},
+            }
+        }
+    }
+    at_512 = _with_latency(make_manifest(linear_onnx()), noisy).latency_at("cpu", 1, tokens=512)
+    assert at_512 == {"p50": 4.0, "p95": 5.0}
+
+
+def test_latency_without_a_length_or_of_a_fixed_shape_model_is_the_batch_figures():
+    encoder = _with_latency(make_manifest(linear_onnx()), ENCODER_LATENCY)
+    assert encoder.latency_at("cpu", 8) == {"p50": 32.0, "p95": 35.2}
+    digits = make_manifest(linear_onnx())
+    assert digits.latency_at("cpu", 1) == {"p50": 0.1, "p95": 0.2}
+    assert digits.latency_at("cpu", 8, tokens=100) == {"p50": 0.3, "p95": 0.4}
+
+
+def test_latency_of_an_unprofiled_device_class_or_batch_size_is_none():
+    manifest = _with_latency(make_manifest(linear_onnx()), ENCODER_LATENCY)
+    assert manifest.latency_at("gpu", 1, tokens=64) is None
+    assert manifest.latency_at("cpu", 4, tokens=64) is None
+    assert _with_latency(make_manifest(linear_onnx()), {}).latency_at("cpu", 1) is None
+
+
+def test_latency_at_refuses_a_length_below_one():
+    manifest = _with_latency(make_manifest(linear_onnx()), ENCODER_LATENCY)
+    with pytest.raises(InvalidArgumentError, match="at least 1"):
+        manifest.latency_at("cpu", 1, tokens=0)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda lat: lat.update(cpu=[1, 2]), "latency_ms.cpu must be an object, not list"),
+        (lambda lat: lat["cpu"].update(one={"p50": 1, "p95": 2}), "'one' is not a batch size"),
+        (lambda lat: lat["cpu"]["1"].pop("p95"), "latency_ms.cpu.1: missing 'p95'"),
+        (
+            lambda lat: lat["cpu"]["8"].update(p50="fast"),
+            "latency_ms.cpu.8.p50 must be a number of milliseconds, not 'fast'",
+        ),
+        (lambda lat: lat["cpu"]["8"].update(p50=True), "latency_ms.cpu.8.p50 must be a number"),
+        (lambda lat: lat["cpu"]["8"].update(p95=-1.0), "latency_ms.cpu.8.p95 must be finite"),
+        (lambda lat: lat["cpu"]["1"].update(tokens=[]), "latency_ms.cpu.1.tokens must be an obj"),
+        (lambda lat: lat["cpu"]["1"].update(tokens={}), "latency_ms.cpu.1.tokens lists no lengths"),
+        (
+            lambda lat: lat["cpu"]["1"]["tokens"].update({"016": {"p50": 1, "p95": 2}}),
+            "latency_ms.cpu.1.tokens.016: '016' is not a token count",
+        ),
+        (
+            lambda lat: lat["cpu"]["1"]["tokens"]["32"].pop("p50"),
+            "latency_ms.cpu.1.tokens.32: missing 'p50'",
+        ),
+    ],
+    ids=[
+        "batches-not-an-object",
+        "batch-not-a-number",
+        "missing-p95",
+        "p50-not-a-number",
+        "p50-a-boolean",
+        "negative-p95",
+        "tokens-not-an-object",
+        "tokens-empty",
+        "token-count-not-canonical",
+        "length-missing-p50",
+    ],
+)
+def test_malformed_latency_is_a_repository_error_naming_the_figure(repo, damage, message):
+    artifact = linear_onnx()
+    repo.publish_variant(_with_latency(make_manifest(artifact), ENCODER_LATENCY), artifact)
+    path = repo.root / MODEL / "fp32" / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    damage(data["latency_ms"])
+    path.write_text(json.dumps(data))
+    with pytest.raises(RepositoryError) as caught:
+        repo.manifest(MODEL, "fp32")
+    assert caught.value.message.startswith(f"{MODEL}/fp32/{MANIFEST_FILE}: malformed variant ")
+    assert message in caught.value.message

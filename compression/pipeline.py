@@ -40,6 +40,7 @@ from gearbox.compression.repository import (
     VariantManifest,
     sha256_hex,
 )
+from gearbox.compression.signature import Signature
 from gearbox.compression.spec import DataSplits, ModelSpec
 from gearbox.compression.techniques import (
     REFERENCE_VARIANT,
@@ -171,8 +172,11 @@ def _profile_variant(
     data: DataSplits,
     device_classes: Sequence[DeviceClass],
     budget: LatencyBudget,
+    signature: Signature,
 ) -> LatencyProfile:
-    return profile_latency(build.compressed.onnx, data.heldout, device_classes, budget)
+    return profile_latency(
+        build.compressed.onnx, data.heldout, device_classes, budget, signature=signature
+    )
 
 
 # --- driver ---------------------------------------------------------------------------------
@@ -352,7 +356,7 @@ def compress(
         try:
             latency = ray.get(
                 _profile_variant.options(num_cpus=cpus_per_variant).remote(
-                    jobs[name], data_ref, device_classes, budget
+                    jobs[name], data_ref, device_classes, budget, spec.signature
                 )
             )
         except RayError as exc:

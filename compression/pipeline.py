@@ -280,6 +280,7 @@ def compress(
     progress = progress or SilentProgress()
     started = time.perf_counter()
     repository.ensure_writable()
+    tokenizer = spec.read_tokenizer()  # before any training: a missing file fails at once
     data = spec.load_data()
 
     board = ProgressBoard.remote()
@@ -343,7 +344,10 @@ def compress(
         )
 
     reference: VariantBuild = results[REFERENCE_VARIANT]
-    repository.register_model(ModelRecord.for_spec(spec, reference_variant=REFERENCE_VARIANT))
+    repository.register_model(
+        ModelRecord.for_spec(spec, reference_variant=REFERENCE_VARIANT, tokenizer=tokenizer),
+        tokenizer,
+    )
     # Latency is profiled one variant at a time once every build is done, so that no
     # variant is timed while another one trains on the same cores.
     budget = latency_budget or LatencyBudget()

@@ -25,12 +25,13 @@ from gearbox.compression.errors import (
     NotFoundError,
     RepositoryError,
 )
-from gearbox.compression.signature import Signature
+from gearbox.compression.signature import Signature, TextInput
 from gearbox.compression.spec import ModelSpec
 
 MODEL_FILE = "model.json"
 MANIFEST_FILE = "variant.json"
 ARTIFACT_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
 
 VariantStatus = Literal["ready", "rejected"]
 
@@ -85,9 +86,14 @@ class ModelRecord:
     model_factory: str | None = None
     description: str = ""
     created_at: str = field(default_factory=utc_now)
+    text: TextInput | None = None
+    tokenizer_sha256: str | None = None
+    """sha256 of the text model's ``tokenizer.json`` beside ``model.json``."""
 
     @classmethod
-    def for_spec(cls, spec: ModelSpec, reference_variant: str) -> ModelRecord:
+    def for_spec(
+        cls, spec: ModelSpec, reference_variant: str, tokenizer: bytes | None = None
+    ) -> ModelRecord:
         return cls(
             name=spec.name,
             signature=spec.signature,
@@ -97,9 +103,16 @@ class ModelRecord:
             spec=spec.source,
             model_factory=spec.model_factory,
             description=spec.description,
+            text=spec.text,
+            tokenizer_sha256=None if tokenizer is None else sha256_hex(tokenizer),
         )
 
     def to_json(self) -> dict[str, Any]:
+        text = (
+            {}
+            if self.text is None
+            else {"text": {**self.text.to_json(), "tokenizer_sha256": self.tokenizer_sha256}}
+        )
         return {
             "name": self.name,
             **self.signature.to_json(),
@@ -110,10 +123,14 @@ class ModelRecord:
             "model_factory": self.model_factory,
             "description": self.description,
             "created_at": self.created_at,
+            **text,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ModelRecord:
+        text = data.get("text")
+        if text is not None and not isinstance(text, Mapping):
+            raise InvalidArgumentError("'text' must be an object")
         return cls(
             name=data["name"],
             signature=Signature.from_json(data),
@@ -124,6 +141,8 @@ class ModelRecord:
             model_factory=data.get("model_factory"),
             description=data.get("description", ""),
             created_at=data.get("created_at", ""),
+            text=None if text is None else TextInput.from_json(text),
+            tokenizer_sha256=None if text is None else text["tokenizer_sha256"],
         )
 
 
@@ -376,11 +395,23 @@ class ModelRepository:
             reason = exc.strerror or str(exc)
             raise RepositoryError(f"repository {self.root} is not writable: {reason}") from exc
 
-    def register_model(self, record: ModelRecord) -> None:
-        """Write ``model.json`` atomically (replacing any earlier registration)."""
+    def register_model(self, record: ModelRecord, tokenizer: bytes | None = None) -> None:
+        """Write ``model.json`` atomically (replacing any earlier registration), and first the
+        text model's ``tokenizer.json`` it names, so that neither is ever seen without the other."""
         _check_name(record.name, "model")
+        if (record.text is None) != (tokenizer is None) or (
+            tokenizer is not None and sha256_hex(tokenizer) != record.tokenizer_sha256
+        ):
+            raise InvalidArgumentError(
+                f"model '{record.name}': a text model is registered with the tokenizer its "
+                "record names, and only a text model with one"
+            )
         model_dir = self.root / record.name
         model_dir.mkdir(parents=True, exist_ok=True)
+        if tokenizer is not None:
+            staging = model_dir / f".{TOKENIZER_FILE}.{uuid.uuid4().hex}"
+            _write_file(staging, tokenizer)
+            os.replace(staging, model_dir / TOKENIZER_FILE)
         staging = model_dir / f".{MODEL_FILE}.{uuid.uuid4().hex}"
         _write_file(staging, _json_bytes(record.to_json()))
         os.replace(staging, model_dir / MODEL_FILE)
@@ -468,6 +499,19 @@ class ModelRepository:
             return VariantManifest.from_json(data)
         except RepositoryError as exc:
             raise RepositoryError(f"{model}/{variant}/{MANIFEST_FILE}: {exc.message}") from exc
+
+    def read_tokenizer(self, record: ModelRecord) -> bytes:
+        """A text model's ``tokenizer.json``, verified against ``model.json``'s sha256."""
+        if record.text is None:
+            raise InvalidArgumentError(f"model '{record.name}' takes no text")
+        path = self.root / record.name / TOKENIZER_FILE
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise RepositoryError(f"cannot read tokenizer {path}: {exc}") from exc
+        if sha256_hex(data) != record.tokenizer_sha256:
+            raise IntegrityError(f"tokenizer {path} does not match the sha256 in {MODEL_FILE}")
+        return data
 
     def read_artifact(self, manifest: VariantManifest) -> bytes:
         """The variant's ONNX bytes, verified against the manifest's sha256."""

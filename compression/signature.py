@@ -31,6 +31,8 @@ NUMPY_TO_OIP: Mapping[np.dtype, str] = {dtype: name for name, dtype in OIP_TO_NU
 
 def oip_datatype(dtype: np.dtype) -> str:
     """The OIP name of a numpy dtype, or the numpy name where OIP has none."""
+    if np.dtype(dtype) == object:
+        return "BYTES"  # how OIP's variable-length strings arrive
     return NUMPY_TO_OIP.get(np.dtype(dtype), str(dtype))
 
 
@@ -141,4 +143,69 @@ class Signature:
         return cls(
             inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
             outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+        )
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """A text model's BYTES input: UTF-8 sentences the gateway tokenizes with the model's own
+    tokenizer into the graph's token-id inputs (which clients that tokenize may send instead).
+
+    ``max_tokens`` is the longest token sequence the model was trained for: a longer sentence is
+    cut to it (the response says how many were), and one beyond ``refuse_factor`` times it is
+    refused as a mistake rather than silently reduced to its first few words.
+    """
+
+    name: str = "text"
+    max_tokens: int = 256
+    ids_input: str = "input_ids"
+    mask_input: str = "attention_mask"
+    refuse_factor: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise InvalidArgumentError("text input name must not be empty")
+        if self.max_tokens < 2 or self.refuse_factor < 1:
+            raise InvalidArgumentError(
+                f"text input '{self.name}': max_tokens must be at least 2 and refuse_factor at "
+                "least 1"
+            )
+
+    def check_against(self, signature: Signature) -> None:
+        """Raise unless the graph takes this input's token ids and mask as INT64 [-1, -1]."""
+        if self.name in signature.input_names:
+            raise InvalidArgumentError(
+                f"text input '{self.name}' clashes with a graph input of the same name"
+            )
+        by_name = {t.name: t for t in signature.inputs}
+        for name in (self.ids_input, self.mask_input):
+            spec = by_name.get(name)
+            if spec is None or spec.datatype != "INT64" or spec.shape != (-1, -1):
+                raise InvalidArgumentError(
+                    f"text input '{self.name}' needs a graph input '{name}' of INT64 [-1, -1]"
+                )
+        extra = sorted(set(by_name) - {self.ids_input, self.mask_input})
+        if extra:
+            raise InvalidArgumentError(
+                f"text input '{self.name}': the graph takes inputs the tokenizer does not make: "
+                f"{', '.join(extra)}"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "max_tokens": self.max_tokens,
+            "ids_input": self.ids_input,
+            "mask_input": self.mask_input,
+            "refuse_factor": self.refuse_factor,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TextInput:
+        return cls(
+            name=data["name"],
+            max_tokens=int(data["max_tokens"]),
+            ids_input=data.get("ids_input", "input_ids"),
+            mask_input=data.get("mask_input", "attention_mask"),
+            refuse_factor=int(data.get("refuse_factor", 4)),
         )

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from gearbox.compression.errors import InvalidArgumentError
-from gearbox.compression.signature import Signature
+from gearbox.compression.signature import Signature, TextInput
 
 TASKS: Mapping[str, str] = {"classification": "accuracy", "embedding": "cosine"}
 """Each task and the quality metric it is judged by."""
@@ -99,6 +99,8 @@ class ModelSpec:
     - ``data_provider``: ``() -> DataSplits``.
     - ``student_factory``: ``() -> torch.nn.Module`` for distillation; without one the student is
       the teacher's own architecture at a fraction of its width.
+    - ``tokenizer_file``: ``() -> path`` of a text model's ``tokenizer.json`` (the ``tokenizers``
+      library's format), copied into the repository so that serving needs nothing else.
     """
 
     name: str
@@ -114,6 +116,9 @@ class ModelSpec:
     one gets :class:`TrainingConfig`'s defaults, which suit small models trained from scratch)."""
     default_variants: tuple[str, ...] = ()
     """The variants built when none are asked for; empty: the core four."""
+    text: TextInput | None = None
+    """Set for a model that takes sentences: the gateway tokenizes them (``tokenizer_file``)."""
+    tokenizer_file: str | None = None
     description: str = ""
     source: str | None = field(default=None, compare=False)
 
@@ -133,6 +138,26 @@ class ModelSpec:
                 f"model '{self.name}': task '{self.task}' is judged by metric "
                 f"'{TASKS[self.task]}', not '{self.metric}'"
             )
+        if (self.text is None) != (self.tokenizer_file is None):
+            raise InvalidArgumentError(
+                f"model '{self.name}': a text input and a tokenizer_file go together"
+            )
+        if self.text is not None:
+            self.text.check_against(self.signature)
+
+    def read_tokenizer(self) -> bytes | None:
+        """The text model's ``tokenizer.json``; None for a model that takes no text."""
+        if self.tokenizer_file is None:
+            return None
+        locate: Callable[[], Any] = import_object(self.tokenizer_file, "tokenizer file")
+        path = locate()
+        try:
+            with open(path, "rb") as file:
+                return file.read()
+        except OSError as exc:
+            raise InvalidArgumentError(
+                f"model '{self.name}': cannot read tokenizer file {path}: {exc.strerror or exc}"
+            ) from exc
 
     def build_model(self) -> Any:
         factory: Callable[[], Any] = import_object(self.model_factory, "model factory")

@@ -14,6 +14,8 @@ class CatalogEntry:
     record: ModelRecord
     manifests: Mapping[str, VariantManifest]
     """Every published variant, rejected ones included (to say why they are not served)."""
+    tokenizer: bytes | None = None
+    """A text model's ``tokenizer.json``, verified against ``model.json``."""
 
     @property
     def ready(self) -> tuple[str, ...]:
@@ -31,13 +33,29 @@ class Catalog:
         entries = {}
         for name in repository.models():
             manifests = {m.variant: m for m in repository.variants(name)}
-            entries[name] = CatalogEntry(repository.model(name), manifests)
+            record = repository.model(name)
+            tokenizer = repository.read_tokenizer(record) if record.text is not None else None
+            entries[name] = CatalogEntry(record, manifests, tokenizer)
         return cls(entries)
 
     def ready_manifests(self) -> list[VariantManifest]:
         return [
             entry.manifests[variant] for entry in self.models.values() for variant in entry.ready
         ]
+
+
+def profiled_costs_by_tokens(manifest: VariantManifest, device_class: str) -> dict[int, BatchCost]:
+    """A text model's batch cost at each profiled sequence length on ``device_class`` (empty for
+    a model profiled at one input size): ``latency_ms[device][batch]["tokens"][length]``."""
+    profile = manifest.latency_ms.get(device_class, {})
+    b1 = profile.get("1", {}).get("tokens", {})
+    b8 = profile.get("8", {}).get("tokens", {})
+    return {
+        int(length): BatchCost.from_profile(
+            float(figures["p50"]), float(b8[length]["p50"]) if length in b8 else None
+        )
+        for length, figures in b1.items()
+    }
 
 
 def profiled_cost(manifest: VariantManifest, device_class: str) -> BatchCost:

@@ -31,11 +31,13 @@ from gearbox.compression.errors import (
     UnavailableError,
 )
 from gearbox.compression.repository import ModelRecord, VariantManifest
+from gearbox.compression.signature import oip_datatype
 from gearbox.serving.catalog import Catalog, CatalogEntry
 from gearbox.serving.clock import RequestClock
 from gearbox.serving.executor import BatchResult
 from gearbox.serving.hosting import Backend, synthetic_inputs
 from gearbox.serving.inference import (
+    BYTES,
     InferRequest,
     InferResponse,
     ModelMetadata,
@@ -47,6 +49,7 @@ from gearbox.serving.inference import (
 from gearbox.serving.metrics import CANCELLED, OK, GatewayMetrics
 from gearbox.serving.router import Route, Router, RoutingRequest, VariantChoice
 from gearbox.serving.shadow import Agreement, Shadow
+from gearbox.serving.text import TOKENS_PARAMETER, TRUNCATED_PARAMETER, SentenceTokenizer
 
 PLATFORM = "onnxruntime_onnx"
 OVERHEAD_SMOOTHING = 0.1
@@ -66,6 +69,7 @@ class _ServedModel:
     entry: CatalogEntry
     router: Router | None
     agreement: dict[str, Agreement]
+    tokenizer: SentenceTokenizer | None = None
 
 
 @dataclass(frozen=True)
@@ -119,12 +123,18 @@ class DataPlane:
         router = None
         if choices:
 
-            def predict(variant: str, device: str, rows: int) -> float:
+            def predict(variant: str, device: str, rows: int, tokens: int | None) -> float:
                 backend = self._backends[device]
-                return self._overhead_ms + backend.predict_ms(name, variant, rows)
+                return self._overhead_ms + backend.predict_ms(name, variant, rows, tokens)
 
             router = Router(name, choices, list(self._backends), predict)
-        return _ServedModel(entry, router, agreement)
+        text = entry.record.text
+        tokenizer = None
+        if text is not None:
+            if entry.tokenizer is None:
+                raise InvalidArgumentError(f"text model '{name}' is served without its tokenizer")
+            tokenizer = SentenceTokenizer(text, entry.tokenizer)
+        return _ServedModel(entry, router, agreement, tokenizer)
 
     # -- readiness -----------------------------------------------------------------------------
 
@@ -187,11 +197,18 @@ class DataPlane:
             parameters.update(_manifest_parameters(served.entry.manifests[version]))
         else:
             versions = served.entry.ready
+        inputs = tuple(TensorMetadata(t.name, t.datatype, t.shape) for t in signature.inputs)
+        text = served.entry.record.text
+        if text is not None:
+            # Sentences first: most callers send text; token ids remain for those who tokenize.
+            inputs = (TensorMetadata(text.name, BYTES, (-1,)), *inputs)
+            parameters["text_input"] = text.name
+            parameters["max_tokens"] = text.max_tokens
         return ModelMetadata(
             name=model,
             versions=versions,
             platform=PLATFORM,
-            inputs=tuple(TensorMetadata(t.name, t.datatype, t.shape) for t in signature.inputs),
+            inputs=inputs,
             outputs=tuple(TensorMetadata(t.name, t.datatype, t.shape) for t in signature.outputs),
             parameters=parameters,
         )
@@ -234,6 +251,9 @@ class DataPlane:
             router = self._router(served, request.version)
             record = served.entry.record
             inputs = _arrays(request.inputs, record)
+            text_parameters: dict[str, ParameterValue] = {}
+            if served.tokenizer is not None:
+                inputs, text_parameters = _tokenized(inputs, served.tokenizer, record.name)
             rows = record.signature.check_inputs(inputs, f"model '{record.name}'")
             requested = _check_outputs(record, request)
             routing = RoutingRequest.from_parameters(request.parameters, self._configured)
@@ -242,7 +262,10 @@ class DataPlane:
                 routing = dataclasses.replace(
                     routing, latency_budget_ms=max(clock.deadline_ms, 1e-3)
                 )
-            route = router.choose(routing, request.version, rows)
+            tokens = text_parameters.get(TOKENS_PARAMETER)
+            route = router.choose(
+                routing, request.version, rows, tokens if isinstance(tokens, int) else None
+            )
             variant, device = route.variant, route.device_class
             if recorded:
                 self._metrics.variant_selected(request.model, variant, route.reason)
@@ -260,6 +283,7 @@ class DataPlane:
                     "variant": variant,
                     "device_class": device,
                     "predicted_latency_ms": round(route.predicted_ms, 4),
+                    **text_parameters,
                 },
                 binary_outputs=frozenset(o.name for o in request.outputs if o.binary),
                 all_outputs_binary=request.all_outputs_binary and not request.outputs,
@@ -383,6 +407,35 @@ def _arrays(tensors: Sequence[Tensor], record: ModelRecord) -> dict[str, np.ndar
             )
         arrays[tensor.name] = tensor.data
     return arrays
+
+
+def _tokenized(
+    inputs: dict[str, np.ndarray], tokenizer: SentenceTokenizer, model: str
+) -> tuple[dict[str, np.ndarray], dict[str, ParameterValue]]:
+    """A text model's inputs as token ids (sentences tokenized here), and what the response
+    says of them: the token length run and how many sentences were cut."""
+    text = tokenizer.text
+    sentences = inputs.get(text.name)
+    if sentences is None:
+        ids = inputs.get(text.ids_input)
+        tokens = int(ids.shape[1]) if ids is not None and ids.ndim == 2 else 0
+        return inputs, {TOKENS_PARAMETER: tokens} if tokens else {}
+    given = sorted(set(inputs) - {text.name})
+    if given:
+        raise InvalidArgumentError(
+            f"model '{model}': give sentences in '{text.name}' or token ids in "
+            f"'{text.ids_input}' and '{text.mask_input}', not both (also got {', '.join(given)})"
+        )
+    if sentences.dtype != object:
+        raise InvalidArgumentError(
+            f"model '{model}': input '{text.name}' has datatype "
+            f"{oip_datatype(sentences.dtype)}, the model expects BYTES"
+        )
+    tokenized = tokenizer.tokenize(sentences)
+    return tokenized.inputs, {
+        TOKENS_PARAMETER: tokenized.tokens,
+        TRUNCATED_PARAMETER: tokenized.truncated,
+    }
 
 
 def _check_outputs(record: ModelRecord, request: InferRequest) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +80,9 @@ class _Variant:
     model: str
     variant: str
     run_batch: RunBatch
+    pads_sequences: bool = False
+    """Requests whose token sequences differ in length merge, zero-padded to the longest (a
+    text model: padding is masked out, so each row's answer is what it alone would get)."""
     queue: deque[_Pending] = field(default_factory=deque)
     queued_rows: int = 0
 
@@ -131,8 +134,10 @@ class DeviceExecutor:
 
     # -- hosting -------------------------------------------------------------------------------
 
-    def host(self, model: str, variant: str, run_batch: RunBatch) -> None:
-        self._variants[(model, variant)] = _Variant(model, variant, run_batch)
+    def host(
+        self, model: str, variant: str, run_batch: RunBatch, pads_sequences: bool = False
+    ) -> None:
+        self._variants[(model, variant)] = _Variant(model, variant, run_batch, pads_sequences)
 
     @property
     def hosted(self) -> list[tuple[str, str]]:
@@ -159,7 +164,7 @@ class DeviceExecutor:
         pending = _Pending(
             inputs,
             rows,
-            tuple(sorted((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items())),
+            _layout(inputs, entry.pads_sequences),
             loop.create_future(),
             loop,
         )
@@ -190,7 +195,8 @@ class DeviceExecutor:
         started = time.perf_counter()
         outputs = entry.run_batch(inputs)
         service_s = time.perf_counter() - started
-        self._times.observe(entry.key, self.device_class, rows, service_s * 1000)
+        tokens = _sequence_length([inputs]) if entry.pads_sequences else None
+        self._times.observe(entry.key, self.device_class, rows, service_s * 1000, tokens)
         if self._on_batch is not None:
             self._on_batch(entry.model, entry.variant, rows, service_s)
         return BatchResult(outputs, service_s, 0.0, rows)
@@ -338,7 +344,8 @@ class DeviceExecutor:
             return [(batch[0], None, error)]
         service_s = time.perf_counter() - started
         rows = sum(p.rows for p in batch)
-        self._times.observe(entry.key, self.device_class, rows, service_s * 1000)
+        tokens = _sequence_length([p.inputs for p in batch]) if entry.pads_sequences else None
+        self._times.observe(entry.key, self.device_class, rows, service_s * 1000, tokens)
         if self._on_batch is not None:
             self._on_batch(entry.model, entry.variant, rows, service_s)
         return [
@@ -349,7 +356,15 @@ class DeviceExecutor:
     def _run_merged(self, entry: _Variant, batch: list[_Pending]) -> list[dict[str, np.ndarray]]:
         if len(batch) == 1:
             return [entry.run_batch(batch[0].inputs)]
-        merged = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+        if entry.pads_sequences:
+            merged = {
+                name: _padded_concatenation([p.inputs[name] for p in batch])
+                for name in batch[0].inputs
+            }
+        else:
+            merged = {
+                name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs
+            }
         outputs = entry.run_batch(merged)
         total = sum(p.rows for p in batch)
         for name, array in outputs.items():
@@ -374,6 +389,37 @@ class DeviceExecutor:
 
     def _name(self, entry: _Variant) -> str:
         return f"{entry.model}/{entry.variant} on {self.device_class}"
+
+
+def _layout(inputs: Arrays, pads_sequences: bool) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    """What requests must share to merge: names, dtypes, and trailing shapes (only their rank
+    where sequences are padded to merge)."""
+    return tuple(
+        sorted(
+            (name, array.dtype.str, (array.ndim,) if pads_sequences else array.shape[1:])
+            for name, array in inputs.items()
+        )
+    )
+
+
+def _sequence_length(inputs: Sequence[Arrays]) -> int | None:
+    """The token length a batch of these requests runs at (its longest), if it has one."""
+    lengths = [a.shape[1] for request in inputs for a in request.values() if a.ndim >= 2]
+    return max(lengths) if lengths else None
+
+
+def _padded_concatenation(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Rows of every array, zero-padded at the end of the sequence axis to the longest."""
+    if all(a.ndim < 2 for a in arrays) or len({a.shape[1:] for a in arrays}) == 1:
+        return np.concatenate(arrays)
+    length = max(a.shape[1] for a in arrays)
+    rows = sum(a.shape[0] for a in arrays)
+    merged = np.zeros((rows, length, *arrays[0].shape[2:]), dtype=arrays[0].dtype)
+    start = 0
+    for array in arrays:
+        merged[start : start + array.shape[0], : array.shape[1]] = array
+        start += array.shape[0]
+    return merged
 
 
 def _batch_rows(inputs: Arrays) -> int:

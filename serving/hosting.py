@@ -19,7 +19,7 @@ import onnxruntime as ort
 from gearbox.compression.devices import DeviceClass
 from gearbox.compression.errors import GearboxError, UnavailableError
 from gearbox.compression.repository import ModelRecord, ModelRepository, VariantManifest
-from gearbox.serving.catalog import Catalog, profiled_cost
+from gearbox.serving.catalog import Catalog, profiled_cost, profiled_costs_by_tokens
 from gearbox.serving.config import BatchingConfig
 from gearbox.serving.executor import Arrays, BatchResult, DeviceExecutor, OnBatch
 from gearbox.serving.queue_model import BatchCost, ServiceTimes, predict_ms, variant_key
@@ -35,9 +35,10 @@ class Backend(Protocol):
 
     async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult: ...
 
-    def predict_ms(self, model: str, variant: str, rows: int) -> float:
-        """How long ``infer`` would take for a request arriving now: queueing, the hop to
-        the session and back, and the run (the gateway's own overhead is not included)."""
+    def predict_ms(self, model: str, variant: str, rows: int, tokens: int | None = None) -> float:
+        """How long ``infer`` would take for a request of ``rows`` rows (of ``tokens`` tokens,
+        for a text model) arriving now: queueing, the hop to the session and back, and the run
+        (the gateway's own overhead is not included)."""
         ...
 
     def depth(self) -> int:
@@ -108,6 +109,7 @@ class LocalBackend:
         self._batching = batching
         self._records: dict[str, ModelRecord] = {}
         self._profiled: dict[str, BatchCost] = {}
+        self._by_tokens: dict[str, dict[int, BatchCost]] = {}
         try:
             self._load(repository, catalog, device)
         except BaseException:
@@ -120,9 +122,13 @@ class LocalBackend:
             runner = _SessionRunner(session, tuple(o.name for o in session.get_outputs()))
             key = variant_key(manifest.model, manifest.variant)
             self._profiled[key] = profiled_cost(manifest, device.name)
-            self.times.seed(key, device.name, self._profiled[key])
-            self.executor.host(manifest.model, manifest.variant, runner)
-            self._records[manifest.model] = catalog.models[manifest.model].record
+            self._by_tokens[key] = profiled_costs_by_tokens(manifest, device.name)
+            self.times.seed(key, device.name, self._profiled[key], self._by_tokens[key])
+            record = catalog.models[manifest.model].record
+            self.executor.host(
+                manifest.model, manifest.variant, runner, pads_sequences=record.text is not None
+            )
+            self._records[manifest.model] = record
 
     @property
     def hosted(self) -> list[tuple[str, str]]:
@@ -162,17 +168,18 @@ class LocalBackend:
         for model, variant in self.hosted:
             if _has_dynamic_row_shape(self._records[model]):
                 key = variant_key(model, variant)
-                self.times.seed(key, self.device_class, self._profiled[key])
+                self.times.seed(key, self.device_class, self._profiled[key], self._by_tokens[key])
 
     async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
         return await self.executor.submit(model, variant, inputs)
 
-    def predict_ms(self, model: str, variant: str, rows: int) -> float:
+    def predict_ms(self, model: str, variant: str, rows: int, tokens: int | None = None) -> float:
         key = variant_key(model, variant)
         if self.executor.runs_inline(key, rows):  # on the event loop, beside any worker's batch
-            return self.times.batch_ms(key, self.device_class, rows)
+            return self.times.batch_ms(key, self.device_class, rows, tokens)
         state = self.executor.work_state()
-        return predict_ms(state, self.times, self.device_class, key, rows) + self.executor.hop_ms
+        queued = predict_ms(state, self.times, self.device_class, key, rows, tokens=tokens)
+        return queued + self.executor.hop_ms
 
     def depth(self) -> int:
         return self.executor.depth()
@@ -222,8 +229,8 @@ class RemoteBackend:
         )
         return result
 
-    def predict_ms(self, model: str, variant: str, rows: int) -> float:
-        own = self.times.batch_ms(variant_key(model, variant), self.device_class, rows)
+    def predict_ms(self, model: str, variant: str, rows: int, tokens: int | None = None) -> float:
+        own = self.times.batch_ms(variant_key(model, variant), self.device_class, rows, tokens)
         return own * (1 + self._inflight)
 
     def depth(self) -> int:

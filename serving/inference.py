@@ -7,6 +7,7 @@ wire format into them and back, so both protocols share one validated code path.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,6 +19,10 @@ from gearbox.compression.signature import NUMPY_TO_OIP, OIP_TO_NUMPY
 
 ParameterValue = bool | int | float | str
 Protocol = Literal["http", "grpc"]
+
+BYTES = "BYTES"
+"""OIP's variable-length datatype (text): numpy object arrays of ``bytes`` or ``str`` here."""
+_LENGTH_PREFIX = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,8 @@ class ServerMetadata:
 
 
 def datatype_of(array: np.ndarray) -> str:
+    if array.dtype == object:
+        return BYTES
     try:
         return NUMPY_TO_OIP[array.dtype]
     except KeyError:
@@ -107,7 +114,7 @@ def numpy_dtype(name: str, datatype: str) -> np.dtype:
     try:
         return OIP_TO_NUMPY[datatype]
     except KeyError:
-        known = ", ".join(OIP_TO_NUMPY)
+        known = ", ".join([*OIP_TO_NUMPY, BYTES])
         raise InvalidArgumentError(
             f"input '{name}': unknown or unsupported datatype '{datatype}' (supported: {known})"
         ) from None
@@ -134,6 +141,8 @@ def _element_count(shape: tuple[int, ...]) -> int:
 
 def tensor_from_values(name: str, datatype: str, shape: object, values: object) -> Tensor:
     """A tensor from JSON ``data`` or gRPC typed contents: flat or nested, row-major."""
+    if datatype == BYTES:
+        return _bytes_from_values(name, checked_shape(name, shape), values)
     dtype = numpy_dtype(name, datatype)
     dims = checked_shape(name, shape)
     if isinstance(values, str | bytes) or values is None:
@@ -154,6 +163,8 @@ def tensor_from_values(name: str, datatype: str, shape: object, values: object) 
 
 def tensor_from_bytes(name: str, datatype: str, shape: object, raw: bytes) -> Tensor:
     """A tensor from raw little-endian bytes (gRPC ``raw_input_contents``, HTTP binary data)."""
+    if datatype == BYTES:
+        return _bytes_from_raw(name, checked_shape(name, shape), raw)
     dtype = numpy_dtype(name, datatype)
     dims = checked_shape(name, shape)
     expected = _element_count(dims) * dtype.itemsize
@@ -166,5 +177,68 @@ def tensor_from_bytes(name: str, datatype: str, shape: object, raw: bytes) -> Te
     return Tensor(name, array.reshape(dims))
 
 
+def _bytes_from_values(name: str, dims: tuple[int, ...], values: object) -> Tensor:
+    """BYTES elements from JSON strings or gRPC ``bytes_contents``, flat or nested."""
+    if not isinstance(values, list | tuple):
+        raise InvalidArgumentError(f"input '{name}': BYTES data must be a list of strings")
+    flat: list[object] = []
+    pending: list[object] = [values]
+    while pending:  # iterative: a deeply nested body must not exhaust the stack
+        item = pending.pop()
+        if isinstance(item, list | tuple):
+            pending.extend(reversed(item))
+        elif isinstance(item, str | bytes):
+            flat.append(item)
+        else:
+            raise InvalidArgumentError(
+                f"input '{name}': BYTES element {len(flat)} is a {type(item).__name__}, "
+                "not a string"
+            )
+    expected = _element_count(dims)
+    if len(flat) != expected:
+        raise InvalidArgumentError(
+            f"input '{name}': shape {list(dims)} needs {expected} elements, data has {len(flat)}"
+        )
+    array = np.empty(len(flat), dtype=object)
+    array[:] = flat
+    return Tensor(name, array.reshape(dims))
+
+
+def _bytes_from_raw(name: str, dims: tuple[int, ...], raw: bytes) -> Tensor:
+    """BYTES elements serialised as Triton does: each a 4-byte little-endian length, then it."""
+    expected = _element_count(dims)
+    elements: list[bytes] = []
+    offset = 0
+    view = memoryview(raw)
+    while offset < len(raw) and len(elements) < expected:
+        if offset + _LENGTH_PREFIX.size > len(raw):
+            break
+        (length,) = _LENGTH_PREFIX.unpack_from(raw, offset)
+        offset += _LENGTH_PREFIX.size
+        if offset + length > len(raw):
+            raise InvalidArgumentError(
+                f"input '{name}': BYTES element {len(elements)} claims {length} bytes, only "
+                f"{len(raw) - offset} remain"
+            )
+        elements.append(bytes(view[offset : offset + length]))
+        offset += length
+    if len(elements) != expected or offset != len(raw):
+        raise InvalidArgumentError(
+            f"input '{name}': shape {list(dims)} needs {expected} length-prefixed BYTES "
+            f"elements; the {len(raw)} bytes hold {len(elements)}"
+            + ("" if offset == len(raw) else f" and {len(raw) - offset} bytes more")
+        )
+    array = np.empty(expected, dtype=object)
+    array[:] = elements
+    return Tensor(name, array.reshape(dims))
+
+
 def tensor_to_bytes(tensor: Tensor) -> bytes:
+    if tensor.data.dtype == object:
+        return b"".join(
+            _LENGTH_PREFIX.pack(len(element)) + element
+            for element in (
+                e.encode("utf-8") if isinstance(e, str) else bytes(e) for e in tensor.data.flat
+            )
+        )
     return np.ascontiguousarray(tensor.data, dtype=tensor.data.dtype.newbyteorder("<")).tobytes()

@@ -11,6 +11,7 @@ against a simulated executor that forms batches by the same rule (:func:`batches
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,11 +53,13 @@ class BatchCost:
 
 
 class ServiceTimes:
-    """Live service time per (variant, device class) and batch size.
+    """Live service time per (variant, device class), batch size and, for a model whose cost
+    grows with its input (a transformer's tokens), sequence length.
 
-    The manifest's profile fixes the shape (fixed and per-row cost); live measurements of whole
-    batches scale it by an exponential average, so that a machine slower or faster than the
-    profiling one is learnt from a few requests at any batch size.
+    The manifest's profile fixes the shape (fixed and per-row cost, and how that cost changes
+    from one profiled length to the next); live measurements of whole batches scale it by an
+    exponential average, so that a machine slower or faster than the profiling one is learnt
+    from a few requests at any batch size and length.
     """
 
     def __init__(self, smoothing: float = 0.2) -> None:
@@ -65,15 +68,54 @@ class ServiceTimes:
         self._smoothing = smoothing
         self._costs: dict[tuple[str, str], BatchCost] = {}
         self._scales: dict[tuple[str, str], float] = {}
+        self._by_tokens: dict[tuple[str, str], tuple[tuple[int, BatchCost], ...]] = {}
 
-    def seed(self, variant: str, device_class: str, cost: BatchCost) -> None:
-        self._costs[(variant, device_class)] = cost
-        self._scales[(variant, device_class)] = 1.0
+    def seed(
+        self,
+        variant: str,
+        device_class: str,
+        cost: BatchCost,
+        by_tokens: Mapping[int, BatchCost] | None = None,
+    ) -> None:
+        """``cost`` is the variant's at its usual input; ``by_tokens`` (a text model's profile
+        at several sequence lengths) says how the cost changes with the length."""
+        key = (variant, device_class)
+        self._costs[key] = cost
+        self._scales[key] = 1.0
+        if by_tokens:
+            self._by_tokens[key] = tuple(sorted(by_tokens.items()))
+        else:
+            self._by_tokens.pop(key, None)
 
-    def observe(self, variant: str, device_class: str, rows: int, milliseconds: float) -> None:
+    def _length_factor(self, key: tuple[str, str], rows: int, tokens: int | None) -> float:
+        """How much a batch at ``tokens`` costs relative to the usual input, by the profile:
+        linear between profiled lengths, extended along the nearest two beyond them."""
+        profile = self._by_tokens.get(key)
+        cost = self._costs.get(key)
+        if tokens is None or not profile or cost is None or cost.ms(rows) <= 0:
+            return 1.0
+        if len(profile) == 1:
+            return 1.0
+        lengths = [length for length, _ in profile]
+        upper = min(max(bisect.bisect_left(lengths, tokens), 1), len(profile) - 1)
+        (low, low_cost), (high, high_cost) = profile[upper - 1], profile[upper]
+        weight = (tokens - low) / (high - low)
+        at_length = low_cost.ms(rows) + weight * (high_cost.ms(rows) - low_cost.ms(rows))
+        # Never below a tenth of the usual cost: a line extended past the shortest profiled
+        # length must not predict a free batch.
+        return max(at_length / cost.ms(rows), 0.1)
+
+    def observe(
+        self,
+        variant: str,
+        device_class: str,
+        rows: int,
+        milliseconds: float,
+        tokens: int | None = None,
+    ) -> None:
         key = (variant, device_class)
         cost = self._costs.get(key)
-        base = cost.ms(rows) if cost is not None else 0.0
+        base = cost.ms(rows) * self._length_factor(key, rows, tokens) if cost is not None else 0.0
         if base <= 0:
             # Nothing to scale: the first measurement becomes the cost of one row.
             self._costs[key] = BatchCost(0.0, milliseconds / max(rows, 1))
@@ -104,12 +146,14 @@ class ServiceTimes:
         else:
             self._scales[key] = ms / cost.ms(rows)
 
-    def batch_ms(self, variant: str, device_class: str, rows: int = 1) -> float:
+    def batch_ms(
+        self, variant: str, device_class: str, rows: int = 1, tokens: int | None = None
+    ) -> float:
         key = (variant, device_class)
         cost = self._costs.get(key)
         if cost is None:
             return 0.0
-        return self._scales[key] * cost.ms(rows)
+        return self._scales[key] * cost.ms(rows) * self._length_factor(key, rows, tokens)
 
 
 @dataclass(frozen=True)
@@ -142,6 +186,7 @@ def predict_ms(
     variant: str,
     rows: int = 1,
     overhead_ms: float = 0.0,
+    tokens: int | None = None,
 ) -> float:
     """When a request of ``rows`` rows for ``variant`` arriving now would be answered, in ms.
 
@@ -173,5 +218,6 @@ def predict_ms(
         own_rows += mine.pop()
     for size in mine:
         run_next(times.batch_ms(variant, device_class, size))
-    own = times.batch_ms(variant, device_class, own_rows)
+    # Batches ahead are taken at the variant's usual length; the request's own at its own.
+    own = times.batch_ms(variant, device_class, own_rows, tokens)
     return overhead_ms + run_next(own) + own

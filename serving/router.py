@@ -122,8 +122,9 @@ class Route:
     reason: str
 
 
-Predict = Callable[[str, str, int], float]
-"""Predicted latency in ms of a request of ``rows`` rows for (variant, device class)."""
+Predict = Callable[[str, str, int, int | None], float]
+"""Predicted latency in ms of a request of ``rows`` rows (and, for a text model, ``tokens``
+tokens; None: its usual length) for (variant, device class)."""
 
 
 class Router:
@@ -147,15 +148,21 @@ class Router:
     def device_classes(self) -> tuple[str, ...]:
         return self._device_classes
 
-    def predicted_ms(self, variant: str, device_class: str, rows: int = 1) -> float:
-        return self._predict(variant, device_class, rows)
+    def predicted_ms(
+        self, variant: str, device_class: str, rows: int = 1, tokens: int | None = None
+    ) -> float:
+        return self._predict(variant, device_class, rows, tokens)
 
-    def choose(self, routing: RoutingRequest, pinned: str = "", rows: int = 1) -> Route:
+    def choose(
+        self, routing: RoutingRequest, pinned: str = "", rows: int = 1, tokens: int | None = None
+    ) -> Route:
         devices = self._allowed_devices(routing)
         if pinned:
             if pinned not in self._variants:
                 raise NotFoundError(f"variant '{pinned}' of model '{self._model}' is not served")
-            return self._fastest([self._option(pinned, d, rows) for d in devices], Reason.PINNED)
+            return self._fastest(
+                [self._option(pinned, d, rows, tokens) for d in devices], Reason.PINNED
+            )
 
         variants = list(self._variants.values())
         if routing.min_quality is not None:
@@ -166,7 +173,7 @@ class Router:
                     f"no variant of model '{self._model}' reaches {MIN_QUALITY_PARAMETER} "
                     f"{routing.min_quality:g} (best: {best:.4f})"
                 )
-        options = [self._option(v.variant, d, rows) for v in variants for d in devices]
+        options = [self._option(v.variant, d, rows, tokens) for v in variants for d in devices]
 
         if routing.latency_budget_ms is None:
             if routing.routing_key is not None:
@@ -194,8 +201,8 @@ class Router:
             )
         return served
 
-    def _option(self, variant: str, device_class: str, rows: int) -> Route:
-        return Route(variant, device_class, self._predict(variant, device_class, rows), "")
+    def _option(self, variant: str, device_class: str, rows: int, tokens: int | None) -> Route:
+        return Route(variant, device_class, self._predict(variant, device_class, rows, tokens), "")
 
     def _fastest(self, options: Sequence[Route], reason: str) -> Route:
         best = min(options, key=lambda o: (o.predicted_ms, o.variant, o.device_class))

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from gearbox.compression.errors import InvalidArgumentError
-from gearbox.compression.signature import Signature, TensorSpec
+from gearbox.compression.signature import Signature, TensorSpec, TextInput
 from gearbox.compression.spec import DataSplits, ModelSpec, Split, TrainingConfig
 
 EMBEDDING_SIZE = 384
@@ -125,6 +125,11 @@ def load_student() -> SentenceEncoder:
     return keep_layers(load_encoder(), STUDENT_LAYERS)
 
 
+def tokenizer_file() -> Path:
+    """The model's own ``tokenizer.json``, which the repository carries for serving."""
+    return model_dir() / "tokenizer.json"
+
+
 @cache
 def tokenizer() -> Tokenizer:
     """The model's own fast tokenizer (the ``tokenizers`` library)."""
@@ -203,6 +208,9 @@ def spec() -> ModelSpec:
             epochs=4, batch_size=32, learning_rate=5e-4, weight_decay=0.01
         ),
         default_variants=("fp32", "int8", "distilled", "distilled-int8"),
+        # sentence-transformers' max_seq_length for this model.
+        text=TextInput(name="text", max_tokens=256),
+        tokenizer_file="gearbox.compression.examples.minilm:tokenizer_file",
         signature=Signature(
             inputs=(
                 TensorSpec("input_ids", "INT64", (-1, -1)),

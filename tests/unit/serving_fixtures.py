@@ -39,7 +39,7 @@ import pytest
 from gearbox.compression import ModelRepository, VariantManifest
 from gearbox.compression.devices import DeviceClass
 from gearbox.compression.repository import Quality
-from gearbox.serving.catalog import Catalog, profiled_cost
+from gearbox.serving.catalog import Catalog, profiled_cost, profiled_costs_by_tokens
 from gearbox.serving.clock import RequestClock
 from gearbox.serving.config import BatchingConfig
 from gearbox.serving.dataplane import DataPlane
@@ -225,7 +225,12 @@ def pin_profiled_times(backend: LocalBackend, catalog: Catalog) -> None:
     """Puts the manifests' profiled costs back in place of what the warm-up measured."""
     for manifest in catalog.ready_manifests():
         key = variant_key(manifest.model, manifest.variant)
-        backend.times.seed(key, backend.device_class, profiled_cost(manifest, DEVICE))
+        backend.times.seed(
+            key,
+            backend.device_class,
+            profiled_cost(manifest, DEVICE),
+            profiled_costs_by_tokens(manifest, DEVICE),
+        )
 
 
 async def start(

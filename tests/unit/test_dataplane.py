@@ -465,7 +465,7 @@ class FakeBackend:
             raise self.error
         return BatchResult({OUTPUT: np.full((rows, 10), self.value, np.float32)}, 0.0, 0.0, rows)
 
-    def predict_ms(self, model, variant, rows):
+    def predict_ms(self, model, variant, rows, tokens=None):
         return self.predicted
 
     def depth(self):

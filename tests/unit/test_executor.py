@@ -856,3 +856,57 @@ def test_running_batches_report_their_elapsed_time(make):
     assert isinstance(first, RunningBatch)
     assert (first.variant, first.rows) == (GATE_KEY, 2)
     assert second.elapsed_ms > first.elapsed_ms
+
+
+class MaskedSum:
+    """A text model's shape: ``total`` = sum of ids where the mask is 1, per row."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, ...]] = []
+
+    def __call__(self, inputs):
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        self.seen.append(ids.shape)
+        return {"total": (ids * mask).sum(axis=1)}
+
+
+def tokens(*lengths: int) -> dict[str, np.ndarray]:
+    """One row per length, padded to the longest: ids 1..n, mask 1 over them."""
+    longest = max(lengths)
+    ids = np.zeros((len(lengths), longest), np.int64)
+    mask = np.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = np.arange(1, length + 1)
+        mask[row, :length] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_token_sequences_of_different_lengths_merge_padded_where_the_model_pads(make):
+    harness = make(max_batch_size=8)
+    model = MaskedSum()
+    harness.executor.host("m", "v", model, pads_sequences=True)
+    requests = [tokens(3), tokens(7, 2), tokens(5)]
+
+    def submit():
+        return [asyncio.ensure_future(harness.submit(r)) for r in requests]
+
+    results = run(held_then(harness, submit, queued=4))
+    assert model.seen == [(4, 7)]  # one batch, padded to the longest sequence
+    expected = [[6], [28, 3], [15]]
+    for result, want in zip(results, expected, strict=True):
+        np.testing.assert_array_equal(result.outputs["total"], want)
+        assert result.batch_rows == 4
+
+
+def test_token_sequences_of_different_lengths_never_merge_where_the_model_does_not_pad(make):
+    harness = make(max_batch_size=8)
+    model = MaskedSum()
+    harness.executor.host("m", "v", model)
+    requests = [tokens(3), tokens(7), tokens(3)]
+
+    def submit():
+        return [asyncio.ensure_future(harness.submit(r)) for r in requests]
+
+    results = run(held_then(harness, submit, queued=3))
+    assert model.seen == [(2, 3), (1, 7)]
+    assert [r.outputs["total"].tolist() for r in results] == [[6], [28], [6]]

@@ -388,3 +388,46 @@ def test_predictions_match_a_simulated_two_worker_executor():
     mean_latency = outcome.actual.mean()
     assert np.median(outcome.errors) < 0.10 * mean_latency
     assert abs((outcome.predicted - outcome.actual).mean()) < 0.05 * mean_latency
+
+
+# --- cost that grows with the input's length --------------------------------------------------
+
+BY_TOKENS = {16: BatchCost(1.0, 0.0), 64: BatchCost(4.0, 0.0), 128: BatchCost(10.0, 0.0)}
+
+
+def length_times() -> ServiceTimes:
+    times = ServiceTimes()
+    times.seed("m/v", "cpu", BY_TOKENS[64], BY_TOKENS)
+    return times
+
+
+def test_a_text_models_cost_follows_its_profile_between_and_beyond_lengths():
+    times = length_times()
+    assert times.batch_ms("m/v", "cpu", 1) == pytest.approx(4.0)  # its usual length
+    assert times.batch_ms("m/v", "cpu", 1, tokens=64) == pytest.approx(4.0)
+    assert times.batch_ms("m/v", "cpu", 1, tokens=16) == pytest.approx(1.0)
+    assert times.batch_ms("m/v", "cpu", 1, tokens=40) == pytest.approx(2.5)  # halfway
+    assert times.batch_ms("m/v", "cpu", 1, tokens=256) == pytest.approx(22.0)  # along 64..128
+    assert times.batch_ms("m/v", "cpu", 1, tokens=1) == pytest.approx(0.4)  # floored at 1/10
+
+
+def test_a_long_batch_measured_slow_teaches_the_speed_not_the_length():
+    times = length_times()
+    # 128 tokens took twice their profile: the machine is slower, at every length alike.
+    times.observe("m/v", "cpu", 1, 20.0, tokens=128)
+    scale = 1 + 0.2 * (2.0 - 1)
+    assert times.batch_ms("m/v", "cpu", 1, tokens=128) == pytest.approx(10.0 * scale)
+    assert times.batch_ms("m/v", "cpu", 1, tokens=16) == pytest.approx(1.0 * scale)
+
+
+def test_reseeding_without_lengths_forgets_them():
+    times = length_times()
+    times.seed("m/v", "cpu", BatchCost(4.0, 0.0))
+    assert times.batch_ms("m/v", "cpu", 1, tokens=16) == pytest.approx(4.0)
+
+
+def test_the_prediction_of_a_request_uses_its_own_length():
+    times = length_times()
+    idle = WorkState(workers=1, max_batch_size=8)
+    assert predict_ms(idle, times, "cpu", "m/v", tokens=16) == pytest.approx(1.0)
+    assert predict_ms(idle, times, "cpu", "m/v", tokens=128) == pytest.approx(10.0)

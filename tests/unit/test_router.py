@@ -38,7 +38,9 @@ class Predictions:
         self.extra: dict[tuple[str, str], float] = {}
         self.calls: list[tuple[str, str, int]] = []
 
-    def __call__(self, variant: str, device_class: str, rows: int) -> float:
+    def __call__(
+        self, variant: str, device_class: str, rows: int, tokens: int | None = None
+    ) -> float:
         self.calls.append((variant, device_class, rows))
         key = (variant, device_class)
         return self.ms[key] + self.extra.get(key, 0.0)

@@ -6,11 +6,15 @@ with eager attention) at a size that exports, quantises and distils in seconds.
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from gearbox.compression.examples.minilm import SentenceEncoder, keep_layers
-from gearbox.compression.signature import Signature, TensorSpec
+from gearbox.compression.signature import Signature, TensorSpec, TextInput
 from gearbox.compression.spec import DataSplits, ModelSpec, Split, TrainingConfig
 
 VOCAB = 100
@@ -73,4 +77,46 @@ def encoder_spec() -> ModelSpec:
             outputs=(TensorSpec("sentence_embedding", "FP32", (-1, HIDDEN)),),
         ),
         student_training=TrainingConfig(epochs=3, batch_size=16, learning_rate=1e-3),
+    )
+
+
+WORDS = [f"w{i}" for i in range(4, VOCAB)]
+"""The tiny tokenizer's vocabulary: "w4" is id 4, ... (0 [PAD], 1 [UNK], 2 [CLS], 3 [SEP])."""
+TEXT_MAX_TOKENS = 10
+
+
+def tiny_tokenizer_json() -> bytes:
+    """A real ``tokenizers`` word-level tokenizer over :data:`WORDS`, BERT's specials around."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3} | {
+        w: i + 4 for i, w in enumerate(WORDS)
+    }
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return tokenizer.to_str().encode()
+
+
+def tiny_tokenizer_file() -> Path:
+    data = tiny_tokenizer_json()
+    path = (
+        Path(tempfile.gettempdir()) / f"gearbox-tiny-{hashlib.sha256(data).hexdigest()[:12]}.json"
+    )
+    if not path.exists():
+        path.write_bytes(data)
+    return path
+
+
+def text_encoder_spec() -> ModelSpec:
+    """The tiny encoder taking sentences of :data:`WORDS` through :func:`tiny_tokenizer_file`."""
+    import dataclasses
+
+    return dataclasses.replace(
+        encoder_spec(),
+        name="tiny-text",
+        text=TextInput(name="text", max_tokens=TEXT_MAX_TOKENS, refuse_factor=3),
+        tokenizer_file=f"{MODULE}:tiny_tokenizer_file",
     )

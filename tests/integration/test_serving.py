@@ -31,17 +31,22 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from gearbox.compression import CORE_RECIPES, ModelRepository, compress, load_spec
+from gearbox.compression import CORE_RECIPES, ModelRecord, ModelRepository, compress, load_spec
 from gearbox.compression.examples.digits import load_splits
+from gearbox.compression.techniques import Fp32Config, TechniqueInput, apply_technique
 from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
 from gearbox.serving.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures.slow_model import chain_onnx
 from tests.integration.conftest import ROOT, _free_port
+from tests.unit.tiny_encoder import text_encoder_spec, tiny_encoder, tiny_tokenizer_json
 from tests.unit.tiny_model import make_manifest, make_record
+
+TEXT_SPEC = text_encoder_spec()
 
 MODEL = "digits"
 GATED = "blind-student"  # its distilled variant is rejected by the accuracy gate
 SLOW = "sleepy"  # its reference variant runs for tens of milliseconds
+TEXT = TEXT_SPEC.name  # a tiny BERT that takes sentences, tokenized by the gateway
 SLOW_DEPTH = 4000
 
 
@@ -66,6 +71,19 @@ def repository(digits_repository) -> ModelRepository:
         for variant, depth in (("fp32", SLOW_DEPTH), ("fast", 1)):
             artifact = chain_onnx(depth)
             repo.publish_variant(make_manifest(artifact, variant=variant, model=SLOW), artifact)
+    if TEXT not in repo.models():
+        tokenizer = tiny_tokenizer_json()
+        repo.register_model(
+            ModelRecord.for_spec(TEXT_SPEC, reference_variant="fp32", tokenizer=tokenizer),
+            tokenizer,
+        )
+        built = apply_technique(
+            Fp32Config(),
+            TechniqueInput(
+                spec=TEXT_SPEC, data=TEXT_SPEC.load_data(), reference_model=tiny_encoder()
+            ),
+        )
+        repo.publish_variant(make_manifest(built.onnx, model=TEXT), built.onnx)
     return repo
 
 
@@ -624,3 +642,131 @@ def test_gateway_replicas_run_at_normal_priority(gateway, ray_address):
     assert replicas, "no live gateway replica in this cluster"
     for pid in replicas:
         assert os.getpriority(os.PRIO_PROCESS, pid) == 0
+
+
+# --- text in ----------------------------------------------------------------------------------
+
+SENTENCES = np.array([b"w5 w6 w7", b"w9", "w10 w11 \u00e9".encode()], dtype=object)
+
+
+def _token_ids(sentences: np.ndarray) -> dict[str, np.ndarray]:
+    from gearbox.serving.text import SentenceTokenizer
+
+    assert TEXT_SPEC.text is not None
+    return SentenceTokenizer(TEXT_SPEC.text, tiny_tokenizer_json()).tokenize(sentences).inputs
+
+
+KSERVE_CLIENTS = """
+import asyncio, json, sys
+import numpy as np
+from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+http, grpc_address, model = sys.argv[1:4]
+sentences = np.array([s.encode() for s in json.loads(sys.stdin.read())], dtype=object)
+
+
+def text(binary):
+    tensor = InferInput(name="text", shape=[len(sentences)], datatype="BYTES")
+    tensor.set_data_from_numpy(sentences, binary_data=binary)
+    return InferRequest(model_name=model, infer_inputs=[tensor])
+
+
+async def main():
+    answers = {}
+    rest = InferenceRESTClient(RESTConfig(protocol="v2", retries=0))
+    for binary in (False, True):
+        response = await rest.infer(http, text(binary), model_name=model)
+        answers[f"kserve rest binary={binary}"] = response.outputs[0].as_numpy().tolist()
+    response = await InferenceGRPCClient(url=grpc_address, retries=0).infer(text(False))
+    answers["kserve grpc"] = response.outputs[0].as_numpy().tolist()
+    print(json.dumps(answers))
+
+
+asyncio.run(main())
+"""
+
+
+def test_text_through_unmodified_clients_equals_its_token_ids(gateway):
+    """Sentences through tritonclient (HTTP JSON and binary, gRPC) and KServe's clients (REST,
+    gRPC) give the embedding that the same sentences' token ids give."""
+    http = httpclient.InferenceServerClient(url=gateway.http.removeprefix("http://"))
+    ids = []
+    for name, array in _token_ids(SENTENCES).items():
+        tensor = httpclient.InferInput(name, list(array.shape), "INT64")
+        tensor.set_data_from_numpy(array)
+        ids.append(tensor)
+    expected = http.infer(TEXT, ids).as_numpy("sentence_embedding")
+    assert expected.shape == (3, 32)
+
+    answers = {}
+    for binary in (False, True):
+        tensor = httpclient.InferInput("text", [len(SENTENCES)], "BYTES")
+        tensor.set_data_from_numpy(SENTENCES, binary_data=binary)
+        result = http.infer(TEXT, [tensor])
+        answers[f"tritonclient http binary={binary}"] = result.as_numpy("sentence_embedding")
+        assert result.get_response()["parameters"]["tokens"] == 5
+        assert result.get_response()["parameters"]["truncated_sentences"] == 0
+
+    grpc_client = grpcclient.InferenceServerClient(url=gateway.grpc)
+    tensor = grpcclient.InferInput("text", [len(SENTENCES)], "BYTES")
+    tensor.set_data_from_numpy(SENTENCES)
+    answers["tritonclient grpc"] = grpc_client.infer(TEXT, [tensor]).as_numpy("sentence_embedding")
+
+    # Its own process: KServe's and tritonclient's gRPC stubs both claim protobuf's default
+    # pool for the package "inference", so the two clients cannot share one interpreter.
+    kserve = subprocess.run(
+        [sys.executable, "-c", KSERVE_CLIENTS, gateway.http, gateway.grpc, TEXT],
+        input=json.dumps([s.decode() for s in SENTENCES]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert kserve.returncode == 0, kserve.stderr
+    answers.update({k: np.asarray(v) for k, v in json.loads(kserve.stdout).items()})
+    assert len(answers) == 6
+    for client, embedding in answers.items():
+        np.testing.assert_allclose(embedding, expected, atol=1e-5, err_msg=client)
+
+
+def _text_body(data: object, shape: list[int], datatype: str = "BYTES") -> dict:
+    return {"inputs": [{"name": "text", "datatype": datatype, "shape": shape, "data": data}]}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (_text_body(["w5", 7], [2]), "BYTES element 1 is a int, not a string"),
+        (_text_body([], [0]), "the batch is empty"),
+        (_text_body(["w5 " * 100], [1]), "sentence 0 has 102 tokens, more than 3x"),
+    ],
+)
+def test_malformed_text_over_http_is_400_and_the_gateway_keeps_serving(gateway, body, message):
+    answer = requests.post(f"{gateway.http}/v2/models/{TEXT}/infer", json=body, timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert message in answer.json()["error"]
+    good = requests.post(
+        f"{gateway.http}/v2/models/{TEXT}/infer", json=_text_body(["w5"], [1]), timeout=30
+    )
+    assert good.status_code == 200, good.text
+
+
+def test_text_that_is_not_utf8_over_grpc_is_invalid_argument(gateway):
+    client = grpcclient.InferenceServerClient(url=gateway.grpc)
+    tensor = grpcclient.InferInput("text", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array([b"w5", b"w6 \xff\xfe"], dtype=object))
+    with pytest.raises(InferenceServerException) as failure:
+        client.infer(TEXT, [tensor])
+    assert failure.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "sentence 1 is not valid UTF-8" in failure.value.message()
+    tensor.set_data_from_numpy(np.array([b"w5", b"w6"], dtype=object))
+    assert client.infer(TEXT, [tensor]).as_numpy("sentence_embedding").shape == (2, 32)
+
+
+def test_text_model_metadata_lists_the_sentence_input(gateway):
+    client = grpcclient.InferenceServerClient(url=gateway.grpc)
+    metadata = client.get_model_metadata(TEXT)
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
+        ("text", "BYTES", [-1]),
+        ("input_ids", "INT64", [-1, -1]),
+        ("attention_mask", "INT64", [-1, -1]),
+    ]

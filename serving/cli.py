@@ -23,7 +23,13 @@ from gearbox.serving.config import (
     GatewayConfig,
 )
 from gearbox.serving.console import RichProgress, rejected_reasons, variant_table
-from gearbox.serving.demo import report_table, run_workload
+from gearbox.serving.demo import (
+    DigitsWorkload,
+    Workload,
+    report_table,
+    run_workload,
+    sentence_workload,
+)
 from gearbox.serving.ingress import INGRESS_SWITCH, Ingress, local_state_dir, ray_environment
 from gearbox.serving.server import (
     Endpoints,
@@ -191,7 +197,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_gateway_options(serve_cmd)
 
     demo_cmd = commands.add_parser(
-        "demo", help="compress the digits example, serve it, drive a mixed-budget workload"
+        "demo", help="compress an example (digits), serve it, drive a mixed-budget workload"
+    )
+    demo_cmd.add_argument(
+        "--example",
+        choices=sorted(EXAMPLES),
+        default="digits",
+        help="which built-in example (default: digits; minilm takes several minutes to compress)",
     )
     demo_cmd.add_argument(
         "--repo", default="demo-repo", metavar="DIR", help="repository (default: demo-repo)"
@@ -315,7 +327,7 @@ def _demo(args: argparse.Namespace, out: Console, err: Console) -> int:
     from gearbox.compression import compress, load_spec, resolve_recipes
 
     _check_ports(args, None)
-    spec = load_spec(EXAMPLES["digits"])
+    spec = load_spec(EXAMPLES[args.example])
     repository = ModelRepository(args.repo)
     repository.ensure_writable()
     args.address = None
@@ -339,21 +351,29 @@ def _demo(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
-def _demo_report(args: argparse.Namespace, out: Console, model: str) -> None:
+def _demo_workload(example: str, http_address: str, grpc_address: str) -> Workload:
+    if example == "minilm":
+        from gearbox.compression.examples.minilm import split_sentences
+
+        _train, _calibration, heldout = split_sentences()
+        sentences = heldout[:64]
+        return sentence_workload(http_address, grpc_address, sentences, "fp32")
     from gearbox.compression.examples.digits import load_splits
 
-    endpoints = start_gateway(_gateway_config(args), args.http_port, args.grpc_port)
-    _print_endpoints(out, endpoints, [model])
     heldout = load_splits().heldout
     assert heldout.labels is not None
+    return DigitsWorkload(heldout.inputs["images"], heldout.labels)
+    return 0
+
+
+def _demo_report(args: argparse.Namespace, out: Console, model: str) -> None:
+    endpoints = start_gateway(_gateway_config(args), args.http_port, args.grpc_port)
+    _print_endpoints(out, endpoints, [model])
+    workload = _demo_workload(args.example, endpoints.http, endpoints.grpc)
     reports = run_workload(
-        endpoints.http,
-        endpoints.grpc,
-        heldout.inputs["images"],
-        heldout.labels,
-        requests_per_budget=args.requests,
+        endpoints.http, endpoints.grpc, workload, requests_per_budget=args.requests
     )
-    out.print(report_table(reports))
+    out.print(report_table(reports, workload))
     out.print(
         "Budgets count from a request's arrival at the gateway replica's server to its encoded "
         f"answer (the {endpoints.ingress.value} ingress in front is outside that span); "

@@ -339,7 +339,8 @@ def _demo(args: argparse.Namespace, out: Console, err: Console) -> int:
             manifests = repository.variants(spec.name)
         else:
             with RichProgress(err) as progress:
-                report = compress(spec, repository, resolve_recipes(None), progress=progress)
+                recipes = resolve_recipes(",".join(spec.default_variants) or None)
+                report = compress(spec, repository, recipes, progress=progress)
             manifests = report.published
         out.print(variant_table(spec.name, manifests))
         for line in rejected_reasons(manifests):

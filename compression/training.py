@@ -40,15 +40,41 @@ def predict(model: nn.Module, spec: ModelSpec, split: Split, batch_size: int = 2
     return np.concatenate(chunks)
 
 
+BUCKET_BATCHES = 50
+"""Length bucketing: sentences are sorted by length within windows of this many batches."""
+
+
+def _bucketed_by_length(
+    order: torch.Tensor, lengths: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Batches of ``order`` whose sentences have similar lengths, in random order.
+
+    An encoder drops the padding columns past a batch's longest sentence, so a batch of short
+    sentences costs what their length does: on docstring sentences (about 19 of 64 tokens)
+    this halves a distillation epoch. Sorting only within windows of the shuffled order keeps
+    each batch's sentences, and the order of the batches, random.
+    """
+    window = batch_size * BUCKET_BATCHES
+    sorted_windows = [
+        rows[torch.argsort(lengths[rows], stable=True)] for rows in order.split(window)
+    ]
+    batches = list(torch.cat(sorted_windows).split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+
+
 def _batches(
     split: Split, spec: ModelSpec, batch_size: int, generator: torch.Generator
 ) -> list[tuple[list[torch.Tensor], torch.Tensor | None]]:
     order = torch.randperm(len(split), generator=generator)
     tensors = {name: torch.from_numpy(array) for name, array in split.inputs.items()}
     labels = None if split.labels is None else torch.from_numpy(split.labels).long()
+    mask = tensors.get("attention_mask")
+    if mask is not None:  # sentences of different lengths
+        row_batches = _bucketed_by_length(order, mask.sum(dim=1), batch_size, generator)
+    else:
+        row_batches = list(order.split(batch_size))
     batches = []
-    for start in range(0, len(split), batch_size):
-        rows = order[start : start + batch_size]
+    for rows in row_batches:
         inputs = [tensors[name][rows] for name in spec.signature.input_names]
         batches.append((inputs, None if labels is None else labels[rows]))
     return batches

@@ -1,6 +1,8 @@
 """Sentence encoders: pooling, transformer export and fusion, int8 with sensitive nodes kept,
 distillation to fewer layers, and the embedding quality gate, on a tiny BERT built here."""
 
+from itertools import pairwise
+
 import numpy as np
 import onnx
 import pytest
@@ -20,7 +22,7 @@ from gearbox.compression.onnx_export import run_onnx, transformer_shape
 from gearbox.compression.pipeline import VariantBuild, _gate
 from gearbox.compression.quality import row_cosines
 from gearbox.compression.techniques import CompressedModel, TechniqueInput
-from gearbox.compression.training import predict
+from gearbox.compression.training import _bucketed_by_length, predict
 from tests.unit.tiny_encoder import HIDDEN, LAYERS, encoder_spec, tiny_encoder
 
 SPEC = encoder_spec()
@@ -126,6 +128,22 @@ def test_distilling_an_encoder_brings_the_student_closer_to_the_teacher():
     assert result.params["loss"] == "1 - cosine to the teacher's embedding"
     assert result.params["epochs"] == SPEC.student_training.epochs
     assert result.param_count < result.params["teacher_params"]
+
+
+def test_distillation_batches_hold_sentences_of_similar_length_each_row_once():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 65, (300,), generator=generator)
+    order = torch.randperm(300, generator=generator)
+    batches = _bucketed_by_length(order, lengths, batch_size=8, generator=generator)
+    assert sorted(torch.cat(batches).tolist()) == list(range(300))
+    assert sorted(len(batch) for batch in batches) == [4] + [8] * 37
+    # One window (300 rows < 50 batches of 8): the batches cut a length-sorted order, so no
+    # two of them overlap in length beyond a shared boundary value.
+    spans = sorted((int(lengths[b].min()), int(lengths[b].max())) for b in batches)
+    assert all(low <= high for low, high in spans)
+    assert all(previous[1] <= following[0] for previous, following in pairwise(spans))
+    # ...and the batches come in random order, not shortest first.
+    assert [int(lengths[b].min()) for b in batches] != [low for low, _ in spans]
 
 
 def _build(config, outputs) -> VariantBuild:

@@ -5,19 +5,25 @@ which carries them for offline use: nothing is downloaded (``HF_HUB_OFFLINE=1`` 
 ``transformers`` is asked for anything). The served graph ends in the model's own mean pooling
 and L2 normalisation, so it returns sentence embeddings exactly as sentence-transformers does.
 
-Its data is an unlabelled English corpus that ships with every Python installation: sentences
-drawn from the standard library's docstrings. They are split, disjointly, into training
-sentences (for distilling students), calibration sentences (for quantisation) and held-out
-sentences (for quality), each tokenized by the model's own tokenizer.
+Its data is unlabelled English prose that ships with the installation, so nothing is fetched:
+docstring sentences. The held-out sentences (for quality) and the calibration sentences (for
+quantisation) come from a fixed subset, the docstrings of the standard library modules in
+:data:`CORPUS_MODULES`. The training sentences (for distilling students) are the rest of that
+subset plus the docstrings in the source of the standard library and of the installed packages
+in :data:`TRAINING_PACKAGES`, read as text (nothing is imported), less any sentence equal to a
+held-out or calibration one. Every split is tokenized by the model's own tokenizer.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import inspect
 import os
 import re
+import sysconfig
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -35,11 +41,15 @@ EMBEDDING_SIZE = 384
 SEQUENCE_LENGTH = 64
 """Tokens per sentence in the splits (padded or truncated): the length compression and its
 latency profile use."""
-TRAIN_SENTENCES = 2048
+TRAIN_SENTENCES = 16384
+"""Distillation sentences: far more than the standard library's documented modules hold."""
 CALIBRATION_SENTENCES = 128
 HELDOUT_SENTENCES = 256
-STUDENT_LAYERS = (1, 3, 5)
-"""The teacher's layers a distilled student starts from: every other one, the last kept."""
+STUDENT_LAYERS = (0, 4, 5)
+"""The teacher's layers a distilled student starts from. Of the 20 choices of three, these
+start closest to the teacher (mean cosine 0.73 on training sentences, against 0.52 for every
+other layer, 1, 3 and 5) and stay ahead after distilling (0.885 against 0.850 after one pass
+over 3,072 sentences)."""
 
 # Modules whose docstrings make the corpus: plain English prose about everyday programming.
 CORPUS_MODULES = (
@@ -57,8 +67,19 @@ CORPUS_MODULES = (
     "turtle", "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings",
     "wave", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zoneinfo",
 )  # fmt: skip
+# Installed packages whose docstrings add training sentences: the example's own dependencies
+# and theirs (scipy comes with scikit-learn, sympy with torch). One that is missing is skipped.
+TRAINING_PACKAGES = ("numpy", "scipy", "sklearn", "sympy", "torch", "transformers")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _PROSE = re.compile(r"^[A-Z][A-Za-z0-9 ,;:'()\-]+[.!?]$")
+# Read from source, a docstring is any triple-quoted string: a few are not docstrings, but the
+# prose filter keeps only sentences, and reading text is ten times faster than parsing it.
+_TRIPLE_QUOTED = re.compile(r'"""(.*?)"""', re.DOTALL)
+# numpydoc and reStructuredText section underlines ("Parameters" over "----------").
+_UNDERLINE = re.compile(r"^\s*([-=~^])\1{2,}\s*$")
+# Lines that are not prose: doctest prompts and their continuations, directives, field lists.
+_NOT_PROSE_LINE = (">>>", "...", "..", ":")
+_SKIPPED_SOURCE_DIRS = frozenset({"test", "tests", "testing", "idlelib", "site-packages"})
 
 
 def model_dir() -> Path:
@@ -121,8 +142,16 @@ def keep_layers(encoder: SentenceEncoder, layers: tuple[int, ...]) -> SentenceEn
 
 
 def load_student() -> SentenceEncoder:
-    """The distillation student: three of the teacher's six layers, initialised from them."""
-    return keep_layers(load_encoder(), STUDENT_LAYERS)
+    """The distillation student: three of the teacher's six layers, initialised from them.
+
+    It trains without dropout: it underfits its teacher rather than overfitting the sentences
+    (0.889 against 0.885 after one pass over 3,072 sentences).
+    """
+    student = keep_layers(load_encoder(), STUDENT_LAYERS)
+    for module in student.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return student
 
 
 def tokenizer_file() -> Path:
@@ -148,8 +177,18 @@ def tokenize(sentences: list[str], length: int = SEQUENCE_LENGTH) -> dict[str, n
     }
 
 
+def _prose_sentences(paragraph: str) -> Iterator[str]:
+    text = " ".join(paragraph.split())
+    for sentence in _SENTENCE_END.split(text):
+        words = sentence.split()
+        # " : " is a numpydoc parameter line ("axis : int, optional"), not a sentence.
+        if 6 <= len(words) <= 40 and _PROSE.match(sentence) and " : " not in sentence:
+            yield sentence
+
+
 def corpus_sentences() -> list[str]:
-    """Prose sentences from the docstrings of :data:`CORPUS_MODULES`, deduplicated, sorted."""
+    """Prose sentences from the docstrings of :data:`CORPUS_MODULES`, deduplicated, sorted:
+    the fixed subset the calibration and held-out sentences are drawn from."""
     sentences: set[str] = set()
     for name in CORPUS_MODULES:
         try:
@@ -162,27 +201,92 @@ def corpus_sentences() -> list[str]:
             if not doc:
                 continue
             for paragraph in doc.split("\n\n"):
-                text = " ".join(paragraph.split())
-                for sentence in _SENTENCE_END.split(text):
-                    words = sentence.split()
-                    if 6 <= len(words) <= 40 and _PROSE.match(sentence):
-                        sentences.add(sentence)
+                sentences.update(_prose_sentences(paragraph))
     return sorted(sentences)
 
 
+def _docstring_paragraphs(docstring: str) -> Iterator[str]:
+    """Paragraphs of a docstring's prose: blank lines, section headings with their underlines,
+    doctests, directives and field lists end a paragraph and are dropped."""
+    paragraph: list[str] = []
+    for line in inspect.cleandoc(docstring).splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith(_NOT_PROSE_LINE) and not _UNDERLINE.match(line):
+            paragraph.append(stripped)
+            continue
+        if _UNDERLINE.match(line) and paragraph:
+            paragraph.pop()  # the section's heading
+        if paragraph:
+            yield " ".join(paragraph)
+        paragraph = []
+    if paragraph:
+        yield " ".join(paragraph)
+
+
+def docstring_sentences(docstring: str) -> list[str]:
+    """The prose sentences of one docstring as written in source (indented, numpydoc or
+    reStructuredText sections, doctests)."""
+    return [
+        sentence
+        for paragraph in _docstring_paragraphs(docstring)
+        for sentence in _prose_sentences(paragraph)
+    ]
+
+
+def _source_roots() -> list[Path]:
+    """The standard library's source, then each installed one of :data:`TRAINING_PACKAGES`."""
+    roots = [Path(sysconfig.get_paths()["stdlib"])]
+    for name in TRAINING_PACKAGES:
+        found = importlib.util.find_spec(name)
+        if found is not None and found.submodule_search_locations:
+            roots.extend(Path(location) for location in found.submodule_search_locations)
+    return roots
+
+
+def source_sentences() -> list[str]:
+    """Prose sentences from the docstrings in the source files of :func:`_source_roots`
+    (tests left out), deduplicated, sorted."""
+    sentences: set[str] = set()
+    for root in _source_roots():
+        for path in sorted(root.rglob("*.py")):
+            if _SKIPPED_SOURCE_DIRS.intersection(path.relative_to(root).parts):
+                continue
+            text = path.read_text(encoding="utf-8", errors="replace")
+            for docstring in _TRIPLE_QUOTED.finditer(text):
+                sentences.update(docstring_sentences(docstring.group(1)))
+    return sorted(sentences)
+
+
+def _sentence_key(sentence: str) -> str:
+    """What two copies of a sentence share whatever their spacing, case or punctuation."""
+    return re.sub(r"[^a-z0-9]", "", sentence.lower())
+
+
 def split_sentences() -> tuple[list[str], list[str], list[str]]:
-    """Disjoint training, calibration and held-out sentences of the corpus."""
+    """Disjoint training, calibration and held-out sentences.
+
+    Held-out and calibration sentences are drawn (seeded) from :func:`corpus_sentences` alone.
+    Training sentences are the rest of those and :func:`source_sentences`, without any whose
+    key equals a held-out or calibration sentence's, drawn (seeded) up to
+    :data:`TRAIN_SENTENCES`.
+    """
     sentences = corpus_sentences()
-    needed = TRAIN_SENTENCES + CALIBRATION_SENTENCES + HELDOUT_SENTENCES
+    needed = CALIBRATION_SENTENCES + HELDOUT_SENTENCES
     if len(sentences) < needed:
         raise InvalidArgumentError(
             f"the docstring corpus has {len(sentences)} sentences; minilm needs {needed}"
         )
     order = np.random.default_rng(0).permutation(len(sentences))
-    chosen = [sentences[i] for i in order[:needed]]
-    heldout = chosen[:HELDOUT_SENTENCES]
-    calibration = chosen[HELDOUT_SENTENCES : HELDOUT_SENTENCES + CALIBRATION_SENTENCES]
-    train = chosen[HELDOUT_SENTENCES + CALIBRATION_SENTENCES :]
+    heldout = [sentences[i] for i in order[:HELDOUT_SENTENCES]]
+    calibration = [sentences[i] for i in order[HELDOUT_SENTENCES:needed]]
+    evaluated = {_sentence_key(sentence) for sentence in heldout + calibration}
+    candidates = sorted(
+        sentence
+        for sentence in {*(sentences[i] for i in order[needed:]), *source_sentences()}
+        if _sentence_key(sentence) not in evaluated
+    )
+    drawn = np.random.default_rng(1).permutation(len(candidates))[:TRAIN_SENTENCES]
+    train = [candidates[i] for i in drawn]
     return train, calibration, heldout
 
 
@@ -205,7 +309,13 @@ def spec() -> ModelSpec:
         task="embedding",
         metric="cosine",
         student_training=TrainingConfig(
-            epochs=4, batch_size=32, learning_rate=5e-4, weight_decay=0.01
+            # One pass over many sentences: the student underfits (its training loss stays at
+            # its held-out one), so fresh sentences are worth as much as repeated ones, and
+            # teacher targets need computing once either way. 1e-3 and 2e-3 did worse.
+            epochs=1,
+            batch_size=32,
+            learning_rate=5e-4,
+            weight_decay=0.01,
         ),
         default_variants=("fp32", "int8", "distilled", "distilled-int8"),
         # sentence-transformers' max_seq_length for this model.

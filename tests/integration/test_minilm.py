@@ -48,6 +48,18 @@ def test_the_corpus_splits_are_disjoint_and_real_sentences(data):
     assert 8 <= lengths.mean() <= minilm.SEQUENCE_LENGTH
 
 
+def test_training_sentences_come_from_installed_docstrings_never_from_the_evaluated_ones():
+    train, calibration, heldout = minilm.split_sentences()
+    assert len(train) == minilm.TRAIN_SENTENCES
+    fixed_subset = set(minilm.corpus_sentences())
+    assert set(heldout) | set(calibration) <= fixed_subset
+    # Most training sentences come from the wider sources (the subset has under 3,000).
+    assert len(set(train) - fixed_subset) > len(train) / 2
+    evaluated = {minilm._sentence_key(sentence) for sentence in heldout + calibration}
+    assert not any(minilm._sentence_key(sentence) in evaluated for sentence in train)
+    assert minilm.split_sentences() == (train, calibration, heldout)  # deterministic
+
+
 def test_the_fp32_variant_is_fused_and_equals_torch(encoder, data):
     spec = minilm.spec()
     fp32 = apply_technique(

@@ -17,7 +17,7 @@ from gearbox.compression import (
     apply_technique,
 )
 from gearbox.compression.evaluation import Evaluation
-from gearbox.compression.examples.minilm import keep_layers
+from gearbox.compression.examples.minilm import docstring_sentences, keep_layers
 from gearbox.compression.onnx_export import run_onnx, transformer_shape
 from gearbox.compression.pipeline import VariantBuild, _gate
 from gearbox.compression.quality import row_cosines
@@ -144,6 +144,29 @@ def test_distillation_batches_hold_sentences_of_similar_length_each_row_once():
     assert all(previous[1] <= following[0] for previous, following in pairwise(spans))
     # ...and the batches come in random order, not shortest first.
     assert [int(lengths[b].min()) for b in batches] != [low for low, _ in spans]
+
+
+def test_docstring_sentences_keep_prose_and_drop_sections_fields_and_doctests():
+    docstring = """Return the sum of the two arrays given to this function.
+
+    Parameters
+    ----------
+    a : array_like
+        The first array, added element by element to the second.
+
+    Notes
+    -----
+    The sum is computed element by element in a single pass. Short one.
+
+    Examples
+    --------
+    >>> add(1, 2)
+    3
+    """
+    assert docstring_sentences(docstring) == [
+        "Return the sum of the two arrays given to this function.",
+        "The sum is computed element by element in a single pass.",
+    ]
 
 
 def _build(config, outputs) -> VariantBuild:

@@ -93,6 +93,8 @@ class Gateway(GrpcServicer):
             [device.name for device in config.device_classes],
             metrics,
             shadow_fraction=config.shadow_fraction,
+            prediction_quantile=config.prediction_quantile,
+            transport_allowance_ms=config.transport_allowance_ms,
         )
         await plane.warm_up()
         super().__init__(plane)
@@ -167,9 +169,16 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     """Entry point for Serve config files (``import_path: gearbox.serving.app:app_builder``).
 
     ``args``: ``repository`` (required), ``device_classes_file``, ``replicas``,
-    ``shadow_fraction``, ``access_log``.
+    ``shadow_fraction``, ``access_log``, ``prediction_quantile``, ``transport_allowance_ms``.
     """
-    options = {k: v for k, v in args.items() if k in {"replicas", "shadow_fraction", "access_log"}}
+    accepted = {
+        "replicas",
+        "shadow_fraction",
+        "access_log",
+        "prediction_quantile",
+        "transport_allowance_ms",
+    }
+    options = {k: v for k, v in args.items() if k in accepted}
     config = GatewayConfig.create(args["repository"], args.get("device_classes_file"), **options)
     # Serve builds the app inside the cluster: a class it cannot host (no GPU) is left out
     # rather than leaving the application waiting forever for resources.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import threading
@@ -81,8 +82,18 @@ def _non_negative(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite non-negative number")
+    return value
+
+
+def _quantile(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a quantile strictly between 0 and 1")
     return value
 
 
@@ -138,6 +149,16 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
         help="requests admitted per variant and device class before 429 / RESOURCE_EXHAUSTED",
     )  # fmt: skip
     command.add_argument(
+        "--transport-allowance-ms", type=_non_negative, default=0.0, metavar="MS",
+        help="time your callers' budgets also spend outside the gateway (ingress, network), "
+        "left free when choosing a variant (default 0)",
+    )  # fmt: skip
+    command.add_argument(
+        "--prediction-quantile", type=_quantile, default=0.95, metavar="Q",
+        help="a variant fits a budget when its prediction plus this quantile of its recent "
+        "prediction errors does (default 0.95)",
+    )  # fmt: skip
+    command.add_argument(
         "--access-log", action="store_true",
         help="write Ray Serve's access log line per request (off: it costs time on every answer)",
     )  # fmt: skip
@@ -149,6 +170,8 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         args.device_classes,
         replicas=args.replicas,
         access_log=args.access_log,
+        transport_allowance_ms=args.transport_allowance_ms,
+        prediction_quantile=args.prediction_quantile,
         batching=BatchingConfig(
             max_batch_size=args.max_batch_size,
             max_wait_ms=args.max_batch_wait_ms,

@@ -53,7 +53,19 @@ class GatewayConfig:
     is written on the response path and cost 0.05-0.1 ms per request on the development
     machine (docs/BENCHMARKS.md); the metrics count every request either way."""
 
+    prediction_quantile: float = 0.95
+    """A budget is met by the best variant whose typical prediction plus this quantile of its
+    recent prediction errors fits: 0.5 would aim at the typical answer and miss half the time."""
+    transport_allowance_ms: float = 0.0
+    """Time each caller's budget also spends outside the gateway's clock (the ingress in front,
+    the network, the client's own stack), left free when a variant is chosen. The budget's
+    clock itself does not change: ``latency_ms`` and ``budget_met`` stay the gateway's span."""
+
     def __post_init__(self) -> None:
+        if not 0 < self.prediction_quantile < 1:
+            raise InvalidArgumentError("prediction_quantile must lie in (0, 1)")
+        if self.transport_allowance_ms < 0:
+            raise InvalidArgumentError("transport_allowance_ms must not be negative")
         if not self.device_classes:
             raise InvalidArgumentError("at least one device class is needed")
         if self.replicas < 1:

@@ -47,6 +47,7 @@ from gearbox.serving.inference import (
     TensorMetadata,
 )
 from gearbox.serving.metrics import CANCELLED, OK, GatewayMetrics
+from gearbox.serving.queue_model import PredictionErrors, variant_key
 from gearbox.serving.router import Route, Router, RoutingRequest, VariantChoice
 from gearbox.serving.shadow import Agreement, Shadow
 from gearbox.serving.text import TOKENS_PARAMETER, TRUNCATED_PARAMETER, SentenceTokenizer
@@ -93,7 +94,12 @@ class DataPlane:
         configured_device_classes: Sequence[str],
         metrics: GatewayMetrics,
         shadow_fraction: float = 0.0,
+        prediction_quantile: float = 0.95,
+        transport_allowance_ms: float = 0.0,
     ) -> None:
+        """``prediction_quantile``: a budget is met by a variant whose prediction plus this
+        quantile of its recent prediction errors fits. ``transport_allowance_ms``: time the
+        caller's budget also spends outside the clock (ingress, network), kept free as well."""
         if not backends:
             raise InvalidArgumentError("a data plane needs at least one device-class backend")
         self._backends = {backend.device_class: backend for backend in backends}
@@ -105,6 +111,10 @@ class DataPlane:
             shadow_fraction, self._local.infer, metrics, idle=lambda: self._local.depth() == 0
         )
         self._overhead_ms = 0.0
+        if transport_allowance_ms < 0:
+            raise InvalidArgumentError("transport_allowance_ms must not be negative")
+        self._errors = PredictionErrors(prediction_quantile)
+        self._transport_allowance_ms = transport_allowance_ms
         self._ready = False
         self._models = {name: self._serve(name, entry) for name, entry in catalog.models.items()}
 
@@ -127,7 +137,11 @@ class DataPlane:
                 backend = self._backends[device]
                 return self._overhead_ms + backend.predict_ms(name, variant, rows, tokens)
 
-            router = Router(name, choices, list(self._backends), predict)
+            def margin(variant: str, device: str) -> float:
+                key = variant_key(name, variant)
+                return self._errors.margin_ms(key, device) + self._transport_allowance_ms
+
+            router = Router(name, choices, list(self._backends), predict, margin)
         text = entry.record.text
         tokenizer = None
         if text is not None:
@@ -143,6 +157,8 @@ class DataPlane:
         (nothing is recorded), then declares the plane ready. The sessions themselves are
         warmed by their backend."""
         spans = []
+        errors: list[tuple[str, str, float]] = []
+        overhead_then = self._overhead_ms
         for served in self._models.values():
             if served.router is None:
                 continue
@@ -154,10 +170,19 @@ class DataPlane:
             for _ in range(requests):
                 clock = RequestClock.start()
                 response = await self._infer(request, clock, recorded=False)
-                assert response.answer is not None
-                spans.append(clock.elapsed_ms() - response.answer.work_ms)
+                answer = response.answer
+                assert answer is not None
+                elapsed_ms = clock.elapsed_ms()
+                spans.append(elapsed_ms - answer.work_ms)
+                key = variant_key(record.name, answer.route.variant)
+                errors.append(
+                    (key, answer.route.device_class, elapsed_ms - answer.route.predicted_ms)
+                )
         if spans:
             self._overhead_ms = statistics.median(spans)
+        for key, device, error_ms in errors:
+            # Judged against what the prediction will be now that the overhead is known.
+            self._errors.observe(key, device, error_ms - (self._overhead_ms - overhead_then))
         for backend in self._backends.values():
             backend.settle()
         self._ready = True
@@ -310,6 +335,11 @@ class DataPlane:
         if answer is None:
             return dict(response.parameters)
         latency_ms = answer.clock.elapsed_ms()
+        self._errors.observe(
+            variant_key(response.model, answer.route.variant),
+            answer.route.device_class,
+            latency_ms - answer.route.predicted_ms,
+        )
         self._overhead_ms += OVERHEAD_SMOOTHING * (
             max(latency_ms - answer.work_ms, 0.0) - self._overhead_ms
         )

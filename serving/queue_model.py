@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import bisect
 import heapq
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from gearbox.compression.errors import InvalidArgumentError
 
@@ -221,3 +224,62 @@ def predict_ms(
     # Batches ahead are taken at the variant's usual length; the request's own at its own.
     own = times.batch_ms(variant, device_class, own_rows, tokens)
     return overhead_ms + run_next(own) + own
+
+
+class PredictionErrors:
+    """How far answers ran past their typical prediction: the margin a budget must leave.
+
+    A prediction is a typical latency; a variant chosen because its typical latency just fits a
+    budget misses it about half the time. The router therefore asks that the prediction plus a
+    high quantile of recent errors (observed latency minus prediction, per variant and device
+    class) fit. A key with few observations borrows the quantile of every key's together.
+    """
+
+    def __init__(
+        self,
+        quantile: float = 0.95,
+        window: int = 256,
+        min_samples: int = 32,
+        refresh_every: int = 16,
+    ) -> None:
+        if not 0 < quantile < 1:
+            raise InvalidArgumentError("the prediction quantile must lie in (0, 1)")
+        if window < min_samples or min_samples < 1 or refresh_every < 1:
+            raise InvalidArgumentError("the window must hold at least min_samples errors")
+        self._quantile = quantile
+        self._window = window
+        self._min_samples = min_samples
+        self._refresh_every = refresh_every
+        self._errors: dict[tuple[str, str] | None, deque[float]] = {None: deque(maxlen=window)}
+        self._margins: dict[tuple[str, str] | None, float] = {}
+        self._unseen: dict[tuple[str, str] | None, int] = {}
+
+    @property
+    def quantile(self) -> float:
+        return self._quantile
+
+    def observe(self, variant: str, device_class: str, error_ms: float) -> None:
+        for key in ((variant, device_class), None):  # None: every key's errors together
+            errors = self._errors.get(key)
+            if errors is None:
+                errors = self._errors[key] = deque(maxlen=self._window)
+            errors.append(error_ms)
+            self._unseen[key] = self._unseen.get(key, 0) + 1
+
+    def margin_ms(self, variant: str, device_class: str) -> float:
+        """The quantile of this key's recent errors (never below zero: answers that came early
+        are no reason to promise less than the typical prediction)."""
+        key: tuple[str, str] | None = (variant, device_class)
+        errors = self._errors.get(key)
+        if errors is None or len(errors) < self._min_samples:
+            key = None
+            errors = self._errors[None]
+        if not errors:
+            return 0.0
+        # The quantile is refreshed every few observations, not on every request: it sits on
+        # the routing path, and a few errors more barely move it.
+        if key not in self._margins or self._unseen.get(key, 0) >= self._refresh_every:
+            quantile = np.quantile(np.fromiter(errors, float, len(errors)), self._quantile)
+            self._margins[key] = max(float(quantile), 0.0)
+            self._unseen[key] = 0
+        return self._margins[key]

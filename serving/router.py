@@ -2,11 +2,13 @@
 
 Per request: candidates are the ready variants on the allowed device classes that meet
 ``min_quality``. With a latency budget, the highest-quality candidate whose predicted latency
-fits wins; if none fits, the fastest answers and ``budget_met`` turns false. Without a budget the
-reference variant answers. A ``routing_key`` turns the choice among the fitting candidates into a
-sticky A/B assignment. Predicted latency comes from :mod:`gearbox.serving.queue_model`: the
-work queued ahead on the executor the request would use, its own service time at its batch
-size, and the gateway's measured per-request overhead.
+fits wins. A prediction fits when it leaves room for its margin: the error such predictions
+make at a high quantile, plus any allowance for the transport outside the budget's clock. If
+none fits, the fastest answers and ``budget_met`` turns false. Without a budget the reference
+variant answers. A ``routing_key`` turns the choice among the fitting candidates into a sticky
+A/B assignment. Predicted latency comes from :mod:`gearbox.serving.queue_model`: the work
+queued ahead on the executor the request would use, its own service time at its batch size,
+and the gateway's measured per-request overhead.
 
 The router runs inside the gateway replica, so choosing costs no extra Ray Serve hop.
 """
@@ -126,6 +128,13 @@ Predict = Callable[[str, str, int, int | None], float]
 """Predicted latency in ms of a request of ``rows`` rows (and, for a text model, ``tokens``
 tokens; None: its usual length) for (variant, device class)."""
 
+Margin = Callable[[str, str], float]
+"""How much room (ms) a budget must leave beyond (variant, device class)'s prediction."""
+
+
+def no_margin(variant: str, device_class: str) -> float:
+    return 0.0
+
 
 class Router:
     """Chooses a (variant, device class) for each request of one model."""
@@ -136,6 +145,7 @@ class Router:
         variants: Sequence[VariantChoice],
         device_classes: Sequence[str],
         predict: Predict,
+        margin: Margin = no_margin,
     ) -> None:
         if not variants:
             raise InvalidArgumentError(f"model '{model}' has no ready variant to route to")
@@ -143,6 +153,7 @@ class Router:
         self._variants = {choice.variant: choice for choice in variants}
         self._device_classes = tuple(device_classes)
         self._predict = predict
+        self._margin = margin
 
     @property
     def device_classes(self) -> tuple[str, ...]:
@@ -183,7 +194,10 @@ class Router:
                 return self._fastest(references, Reason.REFERENCE)
             return self._best(options, Reason.HIGHEST_QUALITY)
 
-        fitting = [o for o in options if o.predicted_ms <= routing.latency_budget_ms]
+        budget = routing.latency_budget_ms
+        fitting = [
+            o for o in options if o.predicted_ms + self._margin(o.variant, o.device_class) <= budget
+        ]
         if not fitting:
             return self._fastest(options, Reason.FASTEST_OVER_BUDGET)
         if routing.routing_key is not None:

@@ -240,6 +240,7 @@ async def start(
     shadow_fraction: float = 1.0,
     warm: bool = True,
     pin: bool = True,
+    transport_allowance_ms: float = 0.0,
 ) -> Served:
     """Builds a stack in the running event loop and warms it up as a replica does (unless
     ``warm`` is false: then the plane is not ready). Close it with :meth:`Served.close`."""
@@ -254,7 +255,12 @@ async def start(
     )
     try:
         plane = DataPlane(
-            catalog, [backend], list(configured), metrics, shadow_fraction=shadow_fraction
+            catalog,
+            [backend],
+            list(configured),
+            metrics,
+            shadow_fraction=shadow_fraction,
+            transport_allowance_ms=transport_allowance_ms,
         )
         if warm:
             await backend.warm_up()

@@ -999,3 +999,50 @@ def test_remote_backend_errors_keep_their_code(tiny_repository, raised, expected
     with pytest.raises(expected, match=match):
         run(backend.infer(MODEL, "int8", {INPUT: images(1)}))
     assert backend.depth() == 0
+
+
+def test_a_transport_allowance_is_left_free_when_choosing_but_not_counted_on_the_clock(
+    tiny_repository,
+):
+    """int8 (100 ms) fits a 200 ms budget alone, not with 150 ms of transport beside it."""
+
+    async def scenario():
+        async with started(tiny_repository, transport_allowance_ms=150.0) as stack:
+            return await stack.answer(infer_request(latency_budget_ms=MIDDLE_BUDGET_MS))
+
+    response = run(scenario())
+    assert response.version == "small"
+    assert response.parameters["budget_met"] is True  # the gateway's own span, as ever
+    assert response.parameters["latency_ms"] < MIDDLE_BUDGET_MS
+
+
+class LateBackend(FakeBackend):
+    """Predicts 1 ms and answers 20 ms later."""
+
+    async def infer(self, model, variant, inputs):
+        await asyncio.sleep(0.02)
+        return await super().infer(model, variant, inputs)
+
+
+def test_answers_that_run_late_teach_the_router_to_leave_room_for_them(tiny_repository):
+    plane = DataPlane(
+        Catalog.load(tiny_repository), [LateBackend(DEVICE, predicted_ms=1.0)], [DEVICE],
+        RecordingMetrics(),
+    )  # fmt: skip
+
+    async def route(budget_ms: float) -> str:
+        response = await plane.infer(
+            infer_request(latency_budget_ms=budget_ms), RequestClock.start()
+        )
+        plane.answered(response)
+        return response.answer.route.reason
+
+    async def main() -> tuple[str, str]:
+        first = await route(10.0)  # nothing learnt yet: 1 ms fits 10 ms
+        for _ in range(40):
+            plane.answered(await plane.infer(infer_request(), RequestClock.start()))
+        return first, await route(10.0)
+
+    first, later = run(main())
+    assert first == "within_budget"
+    assert later == "fastest_over_budget"  # 1 ms predicted, but answers come 20 ms late

@@ -18,6 +18,7 @@ from gearbox.compression.errors import InvalidArgumentError
 from gearbox.serving.queue_model import (
     OUTLIER_FACTOR,
     BatchCost,
+    PredictionErrors,
     RunningBatch,
     ServiceTimes,
     WorkState,
@@ -431,3 +432,51 @@ def test_the_prediction_of_a_request_uses_its_own_length():
     idle = WorkState(workers=1, max_batch_size=8)
     assert predict_ms(idle, times, "cpu", "m/v", tokens=16) == pytest.approx(1.0)
     assert predict_ms(idle, times, "cpu", "m/v", tokens=128) == pytest.approx(10.0)
+
+
+# --- prediction errors ------------------------------------------------------------------------
+
+
+def test_the_margin_is_the_quantile_of_recent_errors():
+    errors = PredictionErrors(quantile=0.9, window=100, min_samples=10, refresh_every=1)
+    for error in range(100):  # 0 .. 99 ms late
+        errors.observe("m/v", "cpu", float(error))
+    assert errors.margin_ms("m/v", "cpu") == pytest.approx(89.1)
+
+
+def test_only_the_recent_window_counts():
+    errors = PredictionErrors(quantile=0.5, window=20, min_samples=10, refresh_every=1)
+    for _ in range(20):
+        errors.observe("m/v", "cpu", 50.0)
+    for _ in range(20):
+        errors.observe("m/v", "cpu", 1.0)
+    assert errors.margin_ms("m/v", "cpu") == pytest.approx(1.0)
+
+
+def test_a_key_with_few_errors_borrows_everyones_and_early_answers_give_no_credit():
+    errors = PredictionErrors(quantile=0.5, window=64, min_samples=10, refresh_every=1)
+    assert errors.margin_ms("m/v", "cpu") == 0.0
+    for _ in range(30):
+        errors.observe("m/a", "cpu", 2.0)
+    errors.observe("m/b", "cpu", 9.0)
+    assert errors.margin_ms("m/b", "cpu") == pytest.approx(2.0)  # pooled
+    for _ in range(30):
+        errors.observe("m/c", "cpu", -3.0)
+    assert errors.margin_ms("m/c", "cpu") == 0.0
+
+
+def test_the_margin_is_refreshed_every_few_errors():
+    errors = PredictionErrors(quantile=0.5, window=64, min_samples=1, refresh_every=4)
+    errors.observe("m/v", "cpu", 1.0)
+    assert errors.margin_ms("m/v", "cpu") == 1.0
+    for _ in range(3):
+        errors.observe("m/v", "cpu", 9.0)
+    assert errors.margin_ms("m/v", "cpu") == 1.0  # three new errors: not yet
+    errors.observe("m/v", "cpu", 9.0)
+    assert errors.margin_ms("m/v", "cpu") == 9.0
+
+
+@pytest.mark.parametrize("quantile", [0.0, 1.0, -0.5])
+def test_the_quantile_lies_strictly_between_0_and_1(quantile):
+    with pytest.raises(InvalidArgumentError, match="quantile"):
+        PredictionErrors(quantile)

@@ -361,3 +361,24 @@ def test_a_queue_on_one_device_class_moves_the_variant_to_the_other():
 def test_a_router_needs_a_variant():
     with pytest.raises(InvalidArgumentError, match="no ready variant"):
         make_router(variants=())
+
+
+# --- margins: a prediction must leave room for its usual error ------------------------------
+
+
+def test_a_variant_fits_only_if_its_margin_fits_too():
+    """fp32 is predicted at 4 ms; with 1.5 ms of margin a 5 ms budget no longer fits it."""
+    margins = {"fp32": 1.5, "int8": 0.5, "small": 0.1}
+    router = Router(
+        "tiny",
+        [FP32, INT8, SMALL],
+        ["cpu"],
+        Predictions({"cpu": SEEDS}),
+        lambda variant, device: margins[variant],
+    )
+    assert router.choose(budget(5.5)).variant == "fp32"
+    chosen = router.choose(budget(5.0))
+    assert (chosen.variant, chosen.reason) == ("int8", Reason.WITHIN_BUDGET)
+    assert chosen.predicted_ms == 1.0  # the typical prediction, margin apart
+    over = router.choose(budget(0.3))
+    assert (over.variant, over.reason) == ("small", Reason.FASTEST_OVER_BUDGET)

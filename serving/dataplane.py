@@ -251,6 +251,15 @@ class DataPlane:
                     device: round(served.router.predicted_ms(name, device), 4)
                     for device in served.router.device_classes
                 }
+                # The room a budget must leave beyond the prediction (errors + transport).
+                row["prediction_margin_ms"] = {
+                    device: round(
+                        self._errors.margin_ms(variant_key(model, name), device)
+                        + self._transport_allowance_ms,
+                        4,
+                    )
+                    for device in served.router.device_classes
+                }
                 row["live_agreement"] = served.agreement[name].value
             rows.append(row)
         return {

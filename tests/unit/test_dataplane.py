@@ -765,6 +765,8 @@ def test_variants_lists_every_manifest_with_served_flags(served):
     for variant in READY:
         assert rows[variant]["predicted_latency_ms"] == {DEVICE: expected[variant]}
         assert rows[variant]["live_agreement"] == OFFLINE_AGREEMENT
+        # What the warm-up's answers taught: a fraction of a millisecond, never negative.
+        assert 0.0 <= rows[variant]["prediction_margin_ms"][DEVICE] < 10.0
         assert rows[variant]["sha256"] == served.repository.manifest(MODEL, variant).sha256
     # Predictions keep the profiled order.
     assert expected["small"] < expected["int8"] < expected[REFERENCE]
@@ -1008,11 +1010,14 @@ def test_a_transport_allowance_is_left_free_when_choosing_but_not_counted_on_the
 
     async def scenario():
         async with started(tiny_repository, transport_allowance_ms=150.0) as stack:
-            return await stack.answer(infer_request(latency_budget_ms=MIDDLE_BUDGET_MS))
+            answer = await stack.answer(infer_request(latency_budget_ms=MIDDLE_BUDGET_MS))
+            return answer, stack.plane.variants(MODEL)
 
-    response = run(scenario())
+    response, listing = run(scenario())
     assert response.version == "small"
     assert response.parameters["budget_met"] is True  # the gateway's own span, as ever
+    margins = {row["variant"]: row.get("prediction_margin_ms") for row in listing["variants"]}
+    assert 150.0 <= margins["int8"][DEVICE] < 160.0  # the allowance and the small errors
     assert response.parameters["latency_ms"] < MIDDLE_BUDGET_MS
 
 

@@ -124,6 +124,53 @@ def test_int8_of_a_linear_only_model_is_dynamic_and_smaller(mlp_case):
     assert logits.shape == (3, 10)
 
 
+def _normalized_matmul_model(rng):
+    """x -> LayerNormalization (one outlier channel) -> MatMul, as a transformer has it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    gamma = np.ones(16, np.float32)
+    gamma[3] = 40.0  # the outlier channel that sets a per-tensor activation scale
+    initializers = [
+        numpy_helper.from_array(gamma, "gamma"),
+        numpy_helper.from_array(np.zeros(16, np.float32), "beta"),
+        numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w"),
+    ]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], name="ln"),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="proj"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_int8_smoothing_keeps_the_fp32_function_and_moves_outliers_onto_weights():
+    from gearbox.compression.techniques.int8 import smooth_normalized_inputs
+
+    rng = np.random.default_rng(0)
+    model = _normalized_matmul_model(rng)
+    rows = {"x": rng.standard_normal((32, 16)).astype(np.float32)}
+    before = ort.InferenceSession(model.SerializeToString()).run(None, rows)[0]
+    assert smooth_normalized_inputs(model, rows, alpha=0.5) == ["proj"]
+    after = ort.InferenceSession(model.SerializeToString()).run(None, rows)[0]
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
+    mul = next(node for node in model.graph.node if node.op_type == "Mul")
+    inverse = next(t for t in model.graph.initializer if t.name == mul.input[1])
+    scale = 1.0 / onnx.numpy_helper.to_array(inverse)
+    assert int(np.argmax(scale)) == 3  # the outlier channel is divided the most
+
+
+def test_int8_config_rejects_a_smoothing_alpha_outside_0_1():
+    with pytest.raises(InvalidArgumentError, match="smoothing_alpha"):
+        Int8Config(smoothing_alpha=1.5)
+    assert Int8Config(smoothing_alpha=None).smoothing_alpha is None
+
+
 def test_int8_mode_can_be_forced(mlp_case):
     int8 = apply_technique(
         Int8Config(name="int8-static", mode="static"), mlp_case.inputs(Int8Config())

@@ -65,7 +65,8 @@ def test_fp32_of_a_bert_is_fused_and_matches_torch(fp32):
     assert fp32.params["exporter"] == "torchscript"
     assert fp32.params["fused_operators"]["Attention"] == LAYERS
     ops = {node.op_type for node in onnx.load_from_string(fp32.onnx).graph.node}
-    assert {"Attention", "SkipLayerNormalization"} <= ops
+    assert {"Attention", "LayerNormalization"} <= ops
+    assert "SkipLayerNormalization" not in ops  # slower on ONNX Runtime's CPU than Add + LN
     expected = predict(tiny_encoder(), SPEC, DATA.heldout)
     np.testing.assert_allclose(run_onnx(fp32.onnx, SPEC, DATA.heldout), expected, atol=1e-5)
 

@@ -138,8 +138,7 @@ class DataPlane:
                 return self._overhead_ms + backend.predict_ms(name, variant, rows, tokens)
 
             def margin(variant: str, device: str) -> float:
-                key = variant_key(name, variant)
-                return self._errors.margin_ms(key, device) + self._transport_allowance_ms
+                return self._margin_ms(name, variant, device)
 
             router = Router(name, choices, list(self._backends), predict, margin)
         text = entry.record.text
@@ -149,6 +148,13 @@ class DataPlane:
                 raise InvalidArgumentError(f"text model '{name}' is served without its tokenizer")
             tokenizer = SentenceTokenizer(text, entry.tokenizer)
         return _ServedModel(entry, router, agreement, tokenizer)
+
+    def _margin_ms(self, model: str, variant: str, device: str) -> float:
+        """The room a budget must leave beyond a prediction: its errors' quantile + transport."""
+        return (
+            self._errors.margin_ms(variant_key(model, variant), device)
+            + self._transport_allowance_ms
+        )
 
     # -- readiness -----------------------------------------------------------------------------
 
@@ -251,13 +257,8 @@ class DataPlane:
                     device: round(served.router.predicted_ms(name, device), 4)
                     for device in served.router.device_classes
                 }
-                # The room a budget must leave beyond the prediction (errors + transport).
                 row["prediction_margin_ms"] = {
-                    device: round(
-                        self._errors.margin_ms(variant_key(model, name), device)
-                        + self._transport_allowance_ms,
-                        4,
-                    )
+                    device: round(self._margin_ms(model, name, device), 4)
                     for device in served.router.device_classes
                 }
                 row["live_agreement"] = served.agreement[name].value
@@ -285,9 +286,10 @@ class DataPlane:
             router = self._router(served, request.version)
             record = served.entry.record
             inputs = _arrays(request.inputs, record)
+            tokens: int | None = None
             text_parameters: dict[str, ParameterValue] = {}
             if served.tokenizer is not None:
-                inputs, text_parameters = _tokenized(inputs, served.tokenizer, record.name)
+                inputs, tokens, text_parameters = _tokenized(inputs, served.tokenizer, record.name)
             rows = record.signature.check_inputs(inputs, f"model '{record.name}'")
             requested = _check_outputs(record, request)
             routing = RoutingRequest.from_parameters(request.parameters, self._configured)
@@ -296,10 +298,7 @@ class DataPlane:
                 routing = dataclasses.replace(
                     routing, latency_budget_ms=max(clock.deadline_ms, 1e-3)
                 )
-            tokens = text_parameters.get(TOKENS_PARAMETER)
-            route = router.choose(
-                routing, request.version, rows, tokens if isinstance(tokens, int) else None
-            )
+            route = router.choose(routing, request.version, rows, tokens)
             variant, device = route.variant, route.device_class
             if recorded:
                 self._metrics.variant_selected(request.model, variant, route.reason)
@@ -450,15 +449,16 @@ def _arrays(tensors: Sequence[Tensor], record: ModelRecord) -> dict[str, np.ndar
 
 def _tokenized(
     inputs: dict[str, np.ndarray], tokenizer: SentenceTokenizer, model: str
-) -> tuple[dict[str, np.ndarray], dict[str, ParameterValue]]:
-    """A text model's inputs as token ids (sentences tokenized here), and what the response
-    says of them: the token length run and how many sentences were cut."""
+) -> tuple[dict[str, np.ndarray], int | None, dict[str, ParameterValue]]:
+    """A text model's inputs as token ids (sentences tokenized here), the token length they
+    run at, and what the response says of them (that length, how many sentences were cut)."""
     text = tokenizer.text
     sentences = inputs.get(text.name)
     if sentences is None:
         ids = inputs.get(text.ids_input)
-        tokens = int(ids.shape[1]) if ids is not None and ids.ndim == 2 else 0
-        return inputs, {TOKENS_PARAMETER: tokens} if tokens else {}
+        if ids is None or ids.ndim != 2 or ids.shape[1] == 0:
+            return inputs, None, {}  # the signature check names what is wrong
+        return inputs, int(ids.shape[1]), {TOKENS_PARAMETER: int(ids.shape[1])}
     given = sorted(set(inputs) - {text.name})
     if given:
         raise InvalidArgumentError(
@@ -471,10 +471,14 @@ def _tokenized(
             f"{oip_datatype(sentences.dtype)}, the model expects BYTES"
         )
     tokenized = tokenizer.tokenize(sentences)
-    return tokenized.inputs, {
-        TOKENS_PARAMETER: tokenized.tokens,
-        TRUNCATED_PARAMETER: tokenized.truncated,
-    }
+    return (
+        tokenized.inputs,
+        tokenized.tokens,
+        {
+            TOKENS_PARAMETER: tokenized.tokens,
+            TRUNCATED_PARAMETER: tokenized.truncated,
+        },
+    )
 
 
 def _check_outputs(record: ModelRecord, request: InferRequest) -> tuple[str, ...]:

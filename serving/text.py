@@ -9,11 +9,10 @@ rarely what the caller meant.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from gearbox.compression.errors import InvalidArgumentError
 from gearbox.compression.signature import TextInput
@@ -103,18 +102,15 @@ def _decoded(name: str, sentences: np.ndarray) -> list[str]:
     return texts
 
 
-def _original_length(encoding: object) -> int:
-    """Tokens of a cut sentence before the cut: every piece's content plus one piece's specials."""
-    pieces: Sequence[object] = [encoding, *encoding.overflowing]  # type: ignore[attr-defined]
+def _original_length(encoding: Encoding) -> int:
+    """Tokens of a cut sentence before the cut: every piece's content plus one piece's specials
+    (each overflowing piece carries its own [CLS] and [SEP])."""
 
-    def content(piece: object) -> int:
-        special = piece.special_tokens_mask  # type: ignore[attr-defined]
-        mask = piece.attention_mask  # type: ignore[attr-defined]
-        return sum(1 for s, m in zip(special, mask, strict=True) if m and not s)
+    def counts(piece: Encoding) -> tuple[int, int]:
+        real = [
+            s for s, m in zip(piece.special_tokens_mask, piece.attention_mask, strict=True) if m
+        ]
+        return len(real) - sum(real), sum(real)
 
-    first_specials = sum(
-        1
-        for s, m in zip(encoding.special_tokens_mask, encoding.attention_mask, strict=True)  # type: ignore[attr-defined]
-        if m and s
-    )
-    return sum(content(piece) for piece in pieces) + first_specials
+    content, specials = counts(encoding)
+    return content + specials + sum(counts(piece)[0] for piece in encoding.overflowing)

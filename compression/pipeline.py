@@ -296,8 +296,9 @@ def compress(
         jobs[TRAINING_JOB] = trained_ref
     for recipe in recipes:
         parent_ref = jobs.get(recipe.parent) if recipe.parent else None
+        build_cpus = min(recipe.num_cpus(spec) or cpus_per_variant, _largest_node_cpus())
         jobs[recipe.name] = _build_variant.options(
-            num_cpus=cpus_per_variant, name=f"gearbox-variant:{spec.name}/{recipe.name}"
+            num_cpus=build_cpus, name=f"gearbox-variant:{spec.name}/{recipe.name}"
         ).remote(spec, recipe, data_ref, trained_ref, parent_ref, board)
 
     progress.started(list(jobs))

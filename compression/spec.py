@@ -59,6 +59,7 @@ class TrainingConfig:
     seed: int = 0
     augment: str | None = None
     num_cpus: float = 1.0
+    """CPUs the training asks Ray for (at most a node's), and torch's thread count in it."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:

@@ -31,6 +31,10 @@ class TechniqueConfig:
     name: str
     parent: str | None = None
 
+    def num_cpus(self, spec: ModelSpec) -> float | None:
+        """CPUs the build of this variant asks Ray for; ``None``: the pipeline's default."""
+        return None
+
 
 @dataclass
 class TechniqueInput:

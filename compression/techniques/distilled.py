@@ -1,4 +1,5 @@
-"""``distilled``: a smaller student trained on the teacher's softened outputs and the labels."""
+"""``distilled``: a smaller student trained on its teacher: a classifier on the softened outputs
+and the labels, an encoder on the embeddings and, layer by layer, the token outputs."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from typing import ClassVar
 
 from gearbox.compression.errors import InvalidArgumentError
 from gearbox.compression.onnx_export import export_verified
-from gearbox.compression.spec import TrainingConfig
+from gearbox.compression.spec import ModelSpec, TrainingConfig
 from gearbox.compression.surgery import count_parameters, shrink_channels
 from gearbox.compression.techniques.base import CompressedModel, TechniqueConfig, TechniqueInput
 from gearbox.compression.techniques.registry import register_technique
-from gearbox.compression.training import distill
+from gearbox.compression.training import LayeredEncoder, distill
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,9 @@ class DistilledConfig(TechniqueConfig):
     temperature: float = 4.0
     soft_weight: float = 0.7
     """Weight of the soft (teacher) loss; the hard-label loss gets the rest."""
+    hidden_weight: float = 1.0
+    """Encoders whose layers the student was cut from: weight of the layer-by-layer loss
+    (:func:`gearbox.compression.training.layer_loss`) beside the embedding's cosine."""
     epochs: int | None = None
     """Default: the model's own training epochs."""
     width: float = 0.25
@@ -31,8 +35,20 @@ class DistilledConfig(TechniqueConfig):
             raise InvalidArgumentError(
                 "distillation needs temperature > 0 and soft_weight in [0, 1]"
             )
+        if self.hidden_weight < 0:
+            raise InvalidArgumentError(
+                f"distillation's hidden_weight must be >= 0, got {self.hidden_weight}"
+            )
         if not 0.0 < self.width < 1.0:
             raise InvalidArgumentError(f"student width must be in (0, 1), got {self.width}")
+
+    def num_cpus(self, spec: ModelSpec) -> float | None:
+        """The student's training config says how many CPUs its training uses."""
+        return _student_training(spec).num_cpus
+
+
+def _student_training(spec: ModelSpec) -> TrainingConfig:
+    return spec.student_training or spec.training or TrainingConfig()
 
 
 @register_technique(DistilledConfig)
@@ -45,7 +61,7 @@ def distill_student(config: DistilledConfig, inputs: TechniqueInput) -> Compress
         student_origin = f"teacher architecture at width {config.width}"
     else:
         student_origin = spec.student_factory
-    training = spec.student_training or spec.training or TrainingConfig()
+    training = _student_training(spec)
     epochs = config.epochs or training.epochs
     distill(
         student,
@@ -56,18 +72,24 @@ def distill_student(config: DistilledConfig, inputs: TechniqueInput) -> Compress
         epochs=epochs,
         temperature=config.temperature,
         soft_weight=config.soft_weight,
+        hidden_weight=config.hidden_weight,
         on_epoch=lambda done, total: inputs.report(
             f"distilling epoch {done}/{total}", 0.1 + 0.75 * done / total
         ),
     )
     inputs.report("exporting to ONNX", 0.88)
+    layered = isinstance(student, LayeredEncoder) and config.hidden_weight > 0
     return CompressedModel(
         onnx=export_verified(student, spec, inputs.data.heldout),
         param_count=count_parameters(student),
         params={
             "student": student_origin,
             **(
-                {"loss": "1 - cosine to the teacher's embedding"}
+                {
+                    "loss": "1 - cosine to the teacher's embedding"
+                    + (" + hidden_weight * layer loss" if layered else ""),
+                    **({"hidden_weight": config.hidden_weight} if layered else {}),
+                }
                 if spec.task == "embedding"
                 else {"temperature": config.temperature, "soft_weight": config.soft_weight}
             ),

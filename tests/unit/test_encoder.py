@@ -22,7 +22,7 @@ from gearbox.compression.onnx_export import run_onnx, transformer_shape
 from gearbox.compression.pipeline import VariantBuild, _gate
 from gearbox.compression.quality import row_cosines
 from gearbox.compression.techniques import CompressedModel, TechniqueInput
-from gearbox.compression.training import _bucketed_by_length, predict
+from gearbox.compression.training import _bucketed_by_length, distill, layer_loss, predict
 from tests.unit.tiny_encoder import HIDDEN, LAYERS, encoder_spec, tiny_encoder
 
 SPEC = encoder_spec()
@@ -126,9 +126,62 @@ def test_distilling_an_encoder_brings_the_student_closer_to_the_teacher():
     result = apply_technique(DistilledConfig(), _inputs(teacher))
     trained = run_onnx(result.onnx, SPEC, DATA.heldout)
     assert np.mean(row_cosines(trained, expected)) > np.mean(row_cosines(untrained, expected))
-    assert result.params["loss"] == "1 - cosine to the teacher's embedding"
+    assert result.params["loss"] == (
+        "1 - cosine to the teacher's embedding + hidden_weight * layer loss"
+    )
+    assert result.params["hidden_weight"] == 1.0
     assert result.params["epochs"] == SPEC.student_training.epochs
     assert result.param_count < result.params["teacher_params"]
+
+
+def _layer_loss_on_heldout(student, teacher) -> float:
+    rows = DATA.heldout.take(48)
+    ids, mask = (torch.from_numpy(rows[name]) for name in ("input_ids", "attention_mask"))
+    with torch.no_grad():
+        return float(layer_loss(student.encode(ids, mask), teacher.encode(ids, mask)))
+
+
+def test_a_student_cut_from_its_teacher_maps_its_layers_to_the_teachers():
+    teacher = tiny_encoder()
+    student = keep_layers(teacher, (1, 3))
+    assert teacher.teacher_layers == (0, 1, 2, 3)
+    assert student.teacher_layers == (1, 3)
+    assert keep_layers(student, (1,)).teacher_layers == (3,)
+    rows = DATA.heldout.take(4)
+    ids, mask = (torch.from_numpy(rows[name]) for name in ("input_ids", "attention_mask"))
+    with torch.no_grad():
+        output = teacher.encode(ids, mask)
+        torch.testing.assert_close(output.embedding, teacher(ids, mask))
+    assert list(output.layer_outputs) == [0, 1, 2, 3]
+    assert output.layer_outputs[3].shape == (4, int(mask.sum(dim=1).max()), HIDDEN)
+    # The teacher against itself has no layer loss; a student's first layer, a copy of the
+    # teacher's layer 1 fed by the same embeddings, matches it exactly too.
+    assert _layer_loss_on_heldout(teacher, teacher) == pytest.approx(0.0, abs=1e-6)
+    assert _layer_loss_on_heldout(student, teacher) > 0.0
+
+
+def test_layer_by_layer_distillation_matches_the_teachers_layers_better_than_embeddings_alone():
+    teacher = tiny_encoder()
+    embeddings_only = apply_technique(DistilledConfig(hidden_weight=0.0), _inputs(teacher))
+    assert embeddings_only.params["loss"] == "1 - cosine to the teacher's embedding"
+    assert "hidden_weight" not in embeddings_only.params
+
+    def trained(weight: float):
+        student = SPEC.build_student()
+        distill(
+            student, teacher, SPEC, DATA.train, SPEC.student_training, epochs=3,
+            temperature=1.0, soft_weight=1.0, hidden_weight=weight,
+        )  # fmt: skip
+        return student
+
+    assert _layer_loss_on_heldout(trained(1.0), teacher) < _layer_loss_on_heldout(
+        trained(0.0), teacher
+    )
+
+
+def test_a_negative_hidden_weight_is_refused():
+    with pytest.raises(InvalidArgumentError, match="hidden_weight must be >= 0"):
+        DistilledConfig(hidden_weight=-1.0)
 
 
 def test_distillation_batches_hold_sentences_of_similar_length_each_row_once():

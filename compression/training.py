@@ -119,7 +119,9 @@ def _train(
     augment = import_object(config.augment, "augmentation") if config.augment else None
     steps_per_epoch = math.ceil(len(split) / config.batch_size)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=learning_rate, weight_decay=config.weight_decay
+        [parameter for parameter in model.parameters() if parameter.requires_grad],
+        lr=learning_rate,
+        weight_decay=config.weight_decay,
     )
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=learning_rate, total_steps=epochs * steps_per_epoch

@@ -173,12 +173,15 @@ def load_student() -> SentenceEncoder:
     """The distillation student: three of the teacher's six layers, initialised from them.
 
     It trains without dropout: it underfits its teacher rather than overfitting the sentences
-    (0.889 against 0.885 after one pass over 3,072 sentences).
+    (0.889 against 0.885 after one pass over 3,072 sentences). It keeps the teacher's token
+    embeddings as they are: they hold 11.7 M of its 17.2 M parameters, and updating them every
+    step made distillation half as slow again for 0.001 of mean cosine.
     """
     student = keep_layers(load_encoder(), STUDENT_LAYERS)
     for module in student.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+    student.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     return student
 
 

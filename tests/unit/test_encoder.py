@@ -319,3 +319,18 @@ def test_the_gateways_own_warm_up_requests_leave_an_encoders_figures_alone(encod
 
     asyncio.run(warm())
     assert _predicted(backend, 1) == pytest.approx(7.0)
+
+
+def test_distillation_leaves_a_students_frozen_parameters_as_they_are():
+    teacher = tiny_encoder()
+    student = SPEC.build_student()
+    embeddings = student.bert.embeddings.word_embeddings.weight
+    embeddings.requires_grad_(False)
+    before = embeddings.detach().clone()
+    layer_before = student.bert.encoder.layer[0].output.dense.weight.detach().clone()
+    distill(
+        student, teacher, SPEC, DATA.train, SPEC.student_training, epochs=1,
+        temperature=1.0, soft_weight=1.0, hidden_weight=1.0,
+    )  # fmt: skip
+    assert torch.equal(student.bert.embeddings.word_embeddings.weight, before)
+    assert not torch.equal(student.bert.encoder.layer[0].output.dense.weight, layer_before)

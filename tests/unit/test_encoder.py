@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gearbox.compression import (
+    CPU,
     DistilledConfig,
     Fp32Config,
     Int8Config,
@@ -334,3 +335,12 @@ def test_distillation_leaves_a_students_frozen_parameters_as_they_are():
     )  # fmt: skip
     assert torch.equal(student.bert.embeddings.word_embeddings.weight, before)
     assert not torch.equal(student.bert.encoder.layer[0].output.dense.weight, layer_before)
+
+
+def test_sessions_keep_add_and_layer_normalization_unfused(fp32, tmp_path):
+    assert fp32.params["fused_operators"].get("SkipLayerNormalization", 0) == 0
+    optimized = tmp_path / "optimized.onnx"
+    CPU.create_session(fp32.onnx, save_optimized_to=optimized)
+    operators = {node.op_type for node in onnx.load(optimized).graph.node}
+    assert "LayerNormalization" in operators
+    assert "SkipLayerNormalization" not in operators

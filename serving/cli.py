@@ -143,6 +143,11 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
         metavar="MS", help="how long a batch may wait for more requests (default 0)",
     )  # fmt: skip
     command.add_argument(
+        "--inline-max-ms", type=_non_negative, default=BatchingConfig.inline_max_ms,
+        metavar="MS", help="batches predicted to run at most this long run on the event loop "
+        "when nothing is queued, saving the hop to a worker thread (default 0.5)",
+    )  # fmt: skip
+    command.add_argument(
         "--max-queue", type=_positive_int, default=BatchingConfig.max_queue, metavar="N",
         help="requests admitted per variant and device class before 429 / RESOURCE_EXHAUSTED",
     )  # fmt: skip
@@ -174,6 +179,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
             max_batch_size=args.max_batch_size,
             max_wait_ms=args.max_batch_wait_ms,
             max_queue=args.max_queue,
+            inline_max_ms=args.inline_max_ms,
         ),
     )
 

@@ -149,6 +149,10 @@ class ServiceTimes:
         else:
             self._scales[key] = ms / cost.ms(rows)
 
+    def knows(self, variant: str, device_class: str) -> bool:
+        """Whether ``variant`` has a cost on ``device_class`` (seeded or observed)."""
+        return (variant, device_class) in self._costs
+
     def batch_ms(
         self, variant: str, device_class: str, rows: int = 1, tokens: int | None = None
     ) -> float:

@@ -85,7 +85,8 @@ class Harness:
 
 @pytest.fixture
 def make() -> Iterator[Callable[..., Harness]]:
-    """``make(workers=1, device_class="cpu", **batching)``; every executor is closed after."""
+    """``make(workers=1, device_class="cpu", **batching)``; every executor is closed after.
+    Nothing runs inline unless a test asks for it (``inline_max_ms``, ``hop_ms``)."""
     made: list[DeviceExecutor] = []
 
     def build(workers=1, device_class="cpu", **batching) -> Harness:
@@ -94,7 +95,7 @@ def make() -> Iterator[Callable[..., Harness]]:
         harness.executor = DeviceExecutor(
             device_class,
             workers,
-            BatchingConfig(**batching),
+            BatchingConfig(**{"inline_max_ms": 0.0, **batching}),
             times,
             on_batch=lambda *call: harness.formed.append(call),
         )
@@ -705,6 +706,31 @@ def test_a_batch_predicted_longer_than_the_hop_runs_on_a_worker(make):
     assert model.threads[0] != threading.get_ident()
 
 
+def test_a_batch_predicted_within_inline_max_ms_runs_inline_whatever_the_hop(make):
+    harness = make(inline_max_ms=2.0)
+    model = harness.host(Model())
+    harness.times.seed(KEY, "cpu", BatchCost(0.0, 1.0))  # 1 ms a row
+    assert harness.executor.hop_ms == 0.0
+    assert harness.executor.runs_inline(KEY, 2)
+    assert not harness.executor.runs_inline(KEY, 3)
+    run(harness.submit(rows(1, 2)))
+    assert model.threads == [threading.get_ident()]
+
+
+def test_a_variant_of_unknown_cost_never_runs_inline(make):
+    harness = make(inline_max_ms=2.0)
+    model = harness.host(Model())  # unseeded, never run: no cost to go by
+    harness.executor.hop_ms = 5.0
+    assert not harness.executor.runs_inline(KEY, 1)
+    run(harness.submit(rows(1)))
+    assert model.threads[0] != threading.get_ident()
+
+
+def test_a_negative_inline_max_ms_is_refused():
+    with pytest.raises(InvalidArgumentError, match="inline_max_ms must not be negative"):
+        BatchingConfig(inline_max_ms=-1.0)
+
+
 def test_nothing_runs_inline_before_the_hop_is_measured(make):
     harness = make()
     model = harness.host(Model())  # unseeded: predicted at 0 ms
@@ -757,14 +783,15 @@ def test_a_fast_batch_runs_inline_beside_a_long_batch_when_nothing_queues(make):
     assert fast.threads == [threading.get_ident()]
 
 
-def test_measure_hop_runs_on_the_workers_and_sets_hop_ms(make):
+def test_measure_hop_times_the_batch_on_a_worker_and_inline_and_sets_hop_ms(make):
     harness = make()
     model = harness.host(Model())
     harness.times.seed(KEY, "cpu", BatchCost(0.0, 0.001))
-    harness.executor.hop_ms = 1e9  # whatever it was, the measurement goes through a worker
-    hop = run(harness.executor.measure_hop("m", "v", rows(1), runs=7))
-    assert model.calls == 7
-    assert threading.get_ident() not in model.threads
+    harness.executor.hop_ms = 1e9  # whatever it was, half the measurement goes through a worker
+    hop = run(harness.executor.measure_hop("m", "v", rows(1), runs=7, gap_s=0.0))
+    assert model.calls == 14
+    here = threading.get_ident()
+    assert sum(thread == here for thread in model.threads) == 7
     assert hop == harness.executor.hop_ms
     assert hop >= 0
 

@@ -145,7 +145,7 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
     command.add_argument(
         "--inline-max-ms", type=_non_negative, default=BatchingConfig.inline_max_ms,
         metavar="MS", help="batches predicted to run at most this long run on the event loop "
-        "when nothing is queued, saving the hop to a worker thread (default 0.5)",
+        "when nothing is queued, saving the hop to a worker thread (default 1)",
     )  # fmt: skip
     command.add_argument(
         "--max-queue", type=_positive_int, default=BatchingConfig.max_queue, metavar="N",

@@ -195,16 +195,8 @@ def distill(
     per batch rather than once up front.
     """
     teacher.eval()
-    if (
-        spec.task == "embedding"
-        and hidden_weight > 0
-        and isinstance(student, LayeredEncoder)
-        and isinstance(teacher, LayeredEncoder)
-    ):
-        _train_layered(student, teacher, spec, split, config, epochs, hidden_weight, on_epoch)
-        return student.eval()
 
-    def loss_fn(inputs: list[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
+    def output_loss(inputs: list[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
         logits = first_output(student(*inputs))
         with torch.no_grad():
             teacher_logits = first_output(teacher(*inputs))
@@ -219,6 +211,14 @@ def distill(
             return soft
         return soft_weight * soft + (1.0 - soft_weight) * F.cross_entropy(logits, labels)
 
+    loss_fn: LossFn = output_loss
+    if (
+        spec.task == "embedding"
+        and hidden_weight > 0
+        and isinstance(student, LayeredEncoder)
+        and isinstance(teacher, LayeredEncoder)
+    ):
+        loss_fn = _layered_loss_fn(student, teacher, spec.name, hidden_weight)
     _train(student, spec, split, config, epochs, config.learning_rate, loss_fn, on_epoch)
     return student.eval()
 
@@ -241,21 +241,14 @@ def layer_loss(student: EncoderOutput, teacher: EncoderOutput) -> torch.Tensor:
     return loss
 
 
-def _train_layered(
-    student: nn.Module,
-    teacher: nn.Module,
-    spec: ModelSpec,
-    split: Split,
-    config: TrainingConfig,
-    epochs: int,
-    hidden_weight: float,
-    on_epoch: EpochCallback | None,
-) -> None:
-    assert isinstance(student, LayeredEncoder) and isinstance(teacher, LayeredEncoder)
+def _layered_loss_fn(
+    student: LayeredEncoder, teacher: LayeredEncoder, model: str, hidden_weight: float
+) -> LossFn:
+    """The embedding's cosine plus ``hidden_weight`` times :func:`layer_loss`."""
     missing = set(student.teacher_layers) - set(teacher.teacher_layers)
     if missing:
         raise CompressionError(
-            f"model '{spec.name}': the student's layers {sorted(missing)} are not the teacher's"
+            f"model '{model}': the student's layers {sorted(missing)} are not the teacher's"
         )
 
     def loss_fn(inputs: list[torch.Tensor], _labels: torch.Tensor | None) -> torch.Tensor:
@@ -265,4 +258,4 @@ def _train_layered(
         embedding_loss = 1.0 - F.cosine_similarity(output.embedding, targets.embedding, dim=-1)
         return embedding_loss.mean() + hidden_weight * layer_loss(output, targets)
 
-    _train(student, spec, split, config, epochs, config.learning_rate, loss_fn, on_epoch)
+    return loss_fn

@@ -212,15 +212,24 @@ def distill(
         return soft_weight * soft + (1.0 - soft_weight) * F.cross_entropy(logits, labels)
 
     loss_fn: LossFn = output_loss
-    if (
+    if uses_layer_loss(spec, student, teacher, hidden_weight):
+        assert isinstance(student, LayeredEncoder) and isinstance(teacher, LayeredEncoder)
+        loss_fn = _layered_loss_fn(student, teacher, spec.name, hidden_weight)
+    _train(student, spec, split, config, epochs, config.learning_rate, loss_fn, on_epoch)
+    return student.eval()
+
+
+def uses_layer_loss(
+    spec: ModelSpec, student: nn.Module, teacher: nn.Module, hidden_weight: float
+) -> bool:
+    """Whether :func:`distill` adds :func:`layer_loss`: an encoder task, a positive weight, and
+    two :class:`LayeredEncoder` models."""
+    return (
         spec.task == "embedding"
         and hidden_weight > 0
         and isinstance(student, LayeredEncoder)
         and isinstance(teacher, LayeredEncoder)
-    ):
-        loss_fn = _layered_loss_fn(student, teacher, spec.name, hidden_weight)
-    _train(student, spec, split, config, epochs, config.learning_rate, loss_fn, on_epoch)
-    return student.eval()
+    )
 
 
 def layer_loss(student: EncoderOutput, teacher: EncoderOutput) -> torch.Tensor:

@@ -12,7 +12,7 @@ from gearbox.compression.spec import ModelSpec, TrainingConfig
 from gearbox.compression.surgery import count_parameters, shrink_channels
 from gearbox.compression.techniques.base import CompressedModel, TechniqueConfig, TechniqueInput
 from gearbox.compression.techniques.registry import register_technique
-from gearbox.compression.training import LayeredEncoder, distill
+from gearbox.compression.training import distill, uses_layer_loss
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def distill_student(config: DistilledConfig, inputs: TechniqueInput) -> Compress
         ),
     )
     inputs.report("exporting to ONNX", 0.88)
-    layered = isinstance(student, LayeredEncoder) and config.hidden_weight > 0
+    layered = uses_layer_loss(spec, student, inputs.reference_model, config.hidden_weight)
     return CompressedModel(
         onnx=export_verified(student, spec, inputs.data.heldout),
         param_count=count_parameters(student),

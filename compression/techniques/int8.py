@@ -158,16 +158,19 @@ def smooth_normalized_inputs(
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {output.name for output in probe.graph.output}
-    for name in dict.fromkeys(node.input[0] for node in targets):
+    names = list(dict.fromkeys(node.input[0] for node in targets))
+    for name in names:
         if name not in known:
             probe.graph.output.append(
                 helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
             )
     session = CPU.create_session(probe.SerializeToString())
-    names = list(dict.fromkeys(node.input[0] for node in targets))
     activations = dict(zip(names, session.run(names, rows), strict=True))
     smoothed: list[str] = []
     for node in targets:
+        # A weight shared with another node would change that node too: leave it alone.
+        if sum(node.input[1] in other.input for other in graph.node) > 1:
+            continue
         # Every position counts, padding too: the dynamic range at inference covers them.
         x = activations[node.input[0]]
         x_max = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0).astype(np.float64)
@@ -177,9 +180,6 @@ def smooth_normalized_inputs(
         w_max = np.abs(weight).max(axis=1).astype(np.float64)
         scale = np.maximum(x_max, 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1.0 - alpha)
         scale = np.clip(scale, 1e-5, 1e5)
-        # A weight shared with another node would change that node too: leave it alone.
-        if sum(node.input[1] in other.input for other in graph.node) > 1:
-            continue
         weights[node.input[1]].CopyFrom(
             numpy_helper.from_array((weight * scale[:, None]).astype(weight.dtype), node.input[1])
         )

@@ -30,6 +30,7 @@ from gearbox.serving.dataplane import DataPlane
 from gearbox.serving.executor import Arrays, BatchResult
 from gearbox.serving.grpc.adapter import GrpcServicer
 from gearbox.serving.hosting import Backend, LocalBackend, RemoteBackend
+from gearbox.serving.ingress import Ingress, ingress_in_effect
 from gearbox.serving.metrics import GatewayMetrics, RayServeMetrics
 from gearbox.serving.rest.adapter import HttpAdapter
 
@@ -95,6 +96,7 @@ class Gateway(GrpcServicer):
             shadow_fraction=config.shadow_fraction,
             prediction_quantile=config.prediction_quantile,
             transport_allowance_ms=config.transport_allowance_ms,
+            direct_ingress=ingress_in_effect() is Ingress.HAPROXY,
         )
         await plane.warm_up()
         super().__init__(plane)

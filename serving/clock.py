@@ -41,6 +41,9 @@ class RequestClock:
     arrived: float
     deadline_ms: float | None = None
     """gRPC: the caller's deadline as milliseconds remaining at arrival; None without one."""
+    direct: bool = False
+    """Stamped by this replica's own server (the HAProxy ingress's direct path); False when a
+    proxy forwarded the request and the gateway started the clock itself."""
 
     @classmethod
     def start(cls, deadline_ms: float | None = None) -> RequestClock:
@@ -66,7 +69,7 @@ class ArrivalMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            _ARRIVAL.set(RequestClock.start())
+            _ARRIVAL.set(RequestClock(time.perf_counter(), direct=True))
         await self._app(scope, receive, send)
 
 
@@ -83,7 +86,7 @@ def _clocked(handler: UnaryHandler) -> UnaryHandler:
         arrived = time.perf_counter()
         remaining = context.time_remaining()
         deadline_ms = remaining * 1000 if remaining is not None else None
-        _ARRIVAL.set(RequestClock(arrived, deadline_ms))
+        _ARRIVAL.set(RequestClock(arrived, deadline_ms, direct=True))
         return await handler(request, context)
 
     return clocked

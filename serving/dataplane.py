@@ -96,10 +96,13 @@ class DataPlane:
         shadow_fraction: float = 0.0,
         prediction_quantile: float = 0.95,
         transport_allowance_ms: float = 0.0,
+        direct_ingress: bool = False,
     ) -> None:
         """``prediction_quantile``: a budget is met by a variant whose prediction plus this
         quantile of its recent prediction errors fits. ``transport_allowance_ms``: time the
-        caller's budget also spends outside the clock (ingress, network), kept free as well."""
+        caller's budget also spends outside the clock (ingress, network), kept free as well.
+        ``direct_ingress``: the HAProxy ingress is in front, so requests should reach this
+        replica's own servers (see :meth:`ready`)."""
         if not backends:
             raise InvalidArgumentError("a data plane needs at least one device-class backend")
         self._backends = {backend.device_class: backend for backend in backends}
@@ -111,6 +114,7 @@ class DataPlane:
             shadow_fraction, self._local.infer, metrics, idle=lambda: self._local.depth() == 0
         )
         self._overhead_ms = 0.0
+        self._direct_ingress = direct_ingress
         if transport_allowance_ms < 0:
             raise InvalidArgumentError("transport_allowance_ms must not be negative")
         self._errors = PredictionErrors(prediction_quantile)
@@ -198,8 +202,12 @@ class DataPlane:
     def live(self) -> bool:
         return True
 
-    def ready(self) -> bool:
-        return self._ready
+    def ready(self, arrived_directly: bool = True) -> bool:
+        """Warmed up and, behind the HAProxy ingress, reached directly. Until HAProxy's health
+        check admits a replica's own server, Ray Serve's fallback proxy forwards its requests:
+        a path about 3 ms slower that drops gRPC deadlines, so a probe that came that way is
+        told not ready."""
+        return self._ready and (arrived_directly or not self._direct_ingress)
 
     @property
     def overhead_ms(self) -> float:

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import grpc
 import ray
 from ray import serve
 from ray.serve.config import HTTPOptions, ProxyLocation, gRPCOptions
@@ -20,6 +21,8 @@ from gearbox.compression.errors import InvalidArgumentError, UnavailableError
 from gearbox.compression.repository import ModelRepository
 from gearbox.serving.app import GRPC_SERVICER, build_app, servable_device_classes
 from gearbox.serving.config import APP_NAME, GatewayConfig
+from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
+from gearbox.serving.grpc.generated.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from gearbox.serving.ingress import Ingress, ingress_in_effect
 
 LOOPBACK = "127.0.0.1"
@@ -109,25 +112,43 @@ def start_gateway(config: GatewayConfig, http_port: int, grpc_port: int) -> Endp
         skipped_device_classes=skipped,
         ingress=ingress_in_effect(),
     )
-    wait_ready(endpoints.ready_url)
+    wait_ready(endpoints)
     return endpoints
 
 
-def wait_ready(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+def wait_ready(endpoints: Endpoints, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Returns once both protocols answer ready through the ingress. Behind HAProxy a replica
+    says ready only to a probe that reached it directly, so this also waits out the seconds in
+    which Ray Serve's fallback proxy still carries each protocol."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-                last = f"HTTP {response.status}"
-        except urllib.error.HTTPError as error:
-            last = f"HTTP {error.code}"
-        except (urllib.error.URLError, OSError) as error:
-            last = str(error)
+        last = _http_not_ready(endpoints.ready_url) or _grpc_not_ready(endpoints.grpc) or ""
+        if not last:
+            return
         time.sleep(0.5)
-    raise UnavailableError(f"gateway not ready after {timeout_s:.0f} s ({url}: {last})")
+    raise UnavailableError(f"gateway not ready after {timeout_s:.0f} s ({last})")
+
+
+def _http_not_ready(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return None if response.status == 200 else f"{url}: HTTP {response.status}"
+    except urllib.error.HTTPError as error:
+        return f"{url}: HTTP {error.code}"
+    except (urllib.error.URLError, OSError) as error:
+        return f"{url}: {error}"
+
+
+def _grpc_not_ready(target: str) -> str | None:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = GRPCInferenceServiceStub(channel).ServerReady(
+                pb.ServerReadyRequest(), timeout=5
+            )
+        except grpc.RpcError as error:
+            return f"gRPC {target}: {error.code().name}"  # type: ignore[attr-defined]
+    return None if reply.ready else f"gRPC {target}: not ready"
 
 
 def stop_gateway(started_serve: bool) -> None:

@@ -96,7 +96,7 @@ class GrpcServicer:
         return await _answer(
             grpc_context,
             pb.ServerReadyResponse,
-            lambda: pb.ServerReadyResponse(ready=self._plane.ready()),
+            lambda: pb.ServerReadyResponse(ready=self._plane.ready(arrival().direct)),
         )
 
     async def ModelReady(

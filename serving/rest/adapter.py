@@ -105,7 +105,7 @@ class HttpAdapter:
             live = self._plane.live()
             return json_response(200 if live else 503, {"live": live})
         if rest == ["health", "ready"] and method == "GET":
-            ready = self._plane.ready()
+            ready = self._plane.ready(clock.direct)
             return json_response(200 if ready else 503, {"ready": ready})
         if len(rest) < 2 or rest[0] != "models":
             return _unknown(method, path)

@@ -241,6 +241,7 @@ async def start(
     warm: bool = True,
     pin: bool = True,
     transport_allowance_ms: float = 0.0,
+    direct_ingress: bool = False,
 ) -> Served:
     """Builds a stack in the running event loop and warms it up as a replica does (unless
     ``warm`` is false: then the plane is not ready). Close it with :meth:`Served.close`."""
@@ -261,6 +262,7 @@ async def start(
             metrics,
             shadow_fraction=shadow_fraction,
             transport_allowance_ms=transport_allowance_ms,
+            direct_ingress=direct_ingress,
         )
         if warm:
             await backend.warm_up()

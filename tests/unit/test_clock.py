@@ -65,6 +65,7 @@ def test_arrival_without_a_stamp_starts_now():
     assert before <= first.arrived <= second.arrived <= after
     assert first is not second  # nothing stamped: each call starts a clock of its own
     assert first.deadline_ms is None
+    assert first.direct is False  # a proxy forwarded it, or nothing was in front
 
 
 # --- HTTP: the ASGI middleware ----------------------------------------------------------------
@@ -116,6 +117,7 @@ def test_the_middleware_stamps_each_http_request_before_the_app_runs():
     assert first is later  # one clock for the whole request, however long it takes
     assert before <= first.arrived <= entered
     assert first.deadline_ms is None
+    assert first.direct is True
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
 
 
@@ -254,6 +256,7 @@ def test_a_wrapped_handler_sees_the_arrival_and_the_callers_deadline(remaining_s
     assert same  # one clock for the call
     assert clock.deadline_ms == (None if deadline_ms is None else pytest.approx(deadline_ms))
     assert before <= clock.arrived <= after
+    assert clock.direct is True
 
 
 def test_a_server_without_a_handler_factory_just_gets_the_service():

@@ -665,6 +665,19 @@ def test_the_plane_is_ready_only_after_its_warm_up(tiny_repository):
     assert all(value == OFFLINE_AGREEMENT for *_, value in metrics.agreements)
 
 
+def test_behind_haproxy_a_probe_forwarded_by_a_proxy_is_told_not_ready(tiny_repository):
+    async def main():
+        async with started(tiny_repository) as proxied:
+            forwarded = proxied.plane.ready(arrived_directly=False)
+        async with started(tiny_repository, direct_ingress=True) as direct:
+            return forwarded, direct.plane.ready(True), direct.plane.ready(False)
+
+    forwarded, direct, fallback = run(main())
+    assert forwarded is True  # the classic proxy is the only path: it is the ready one
+    assert direct is True
+    assert fallback is False
+
+
 def test_warm_up_measures_this_machine(tiny_repository):
     async def main():
         async with started(tiny_repository, pin=False) as served:

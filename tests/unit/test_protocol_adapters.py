@@ -118,6 +118,18 @@ def test_server_metadata_and_health(http):
     assert run(http.handle("get", "/v2/health/live/", {}, b"")).status == 200
 
 
+def test_behind_haproxy_readiness_is_answered_for_the_path_the_probe_came_by(serving):
+    plane = serving(direct_ingress=True).plane
+    http = HttpAdapter(plane)
+    forwarded = get(http, "/v2/health/ready")  # no stamp: a proxy forwarded it
+    direct = RequestClock(time.perf_counter(), direct=True)
+    reached = run(http.handle("GET", "/v2/health/ready", {}, b"", direct))
+    grpc_forwarded, _ = call(GrpcServicer(plane).ServerReady, pb.ServerReadyRequest())
+    assert grpc_forwarded.ready is False
+    assert (forwarded.status, body(forwarded)) == (503, {"ready": False})
+    assert (reached.status, body(reached)) == (200, {"ready": True})
+
+
 def test_model_metadata(http):
     response = get(http, f"/v2/models/{MODEL}")
     assert response.status == 200

@@ -86,11 +86,15 @@ def test_the_fused_graph_takes_any_batch_and_sequence_length(fp32):
 
 def test_int8_keeps_the_most_sensitive_nodes_in_fp32_until_the_target_holds(fp32):
     strict = Int8Config(min_calibration_cosine=0.99999, max_excluded_fraction=0.5)
+    # Nodes scored on the single row full quantisation moves most; judged on every row still.
+    one_row = Int8Config(min_calibration_cosine=0.99999, max_excluded_fraction=0.5,
+                         sensitivity_rows=1)  # fmt: skip
     loose = Int8Config(min_calibration_cosine=None)
     quantized = {
         config: apply_technique(config, _inputs(tiny_encoder(), fp32.onnx, fp32.param_count))
-        for config in (strict, loose)
+        for config in (strict, one_row, loose)
     }
+    assert len(DATA.calibration) > 1
     assert quantized[loose].params["excluded_nodes"] == []
     excluded = quantized[strict].params["excluded_nodes"]
     assert excluded, "a near-perfect target must keep some node in FP32"
@@ -101,10 +105,12 @@ def test_int8_keeps_the_most_sensitive_nodes_in_fp32_until_the_target_holds(fp32
         config: float(np.min(row_cosines(run_onnx(result.onnx, SPEC, DATA.calibration), reference)))
         for config, result in quantized.items()
     }
-    assert closeness[strict] == pytest.approx(
-        quantized[strict].params["calibration_min_cosine"], abs=1e-5
-    )
-    assert closeness[strict] >= closeness[loose]
+    for config in (strict, one_row):
+        assert closeness[config] == pytest.approx(
+            quantized[config].params["calibration_min_cosine"], abs=1e-5
+        )
+        assert closeness[config] >= closeness[loose]
+    assert quantized[one_row].params["excluded_nodes"]
 
 
 def test_keep_layers_copies_the_chosen_teacher_layers():

@@ -165,10 +165,12 @@ def test_int8_smoothing_keeps_the_fp32_function_and_moves_outliers_onto_weights(
     assert int(np.argmax(scale)) == 3  # the outlier channel is divided the most
 
 
-def test_int8_config_rejects_a_smoothing_alpha_outside_0_1():
+def test_int8_config_rejects_a_smoothing_alpha_outside_0_1_and_no_sensitivity_rows():
     with pytest.raises(InvalidArgumentError, match="smoothing_alpha"):
         Int8Config(smoothing_alpha=1.5)
     assert Int8Config(smoothing_alpha=None).smoothing_alpha is None
+    with pytest.raises(InvalidArgumentError, match="sensitivity_rows"):
+        Int8Config(sensitivity_rows=0)
 
 
 def test_int8_mode_can_be_forced(mlp_case):

@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import random
 import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from gearbox.compression.errors import InvalidArgumentError
+from gearbox.compression.errors import InvalidArgumentError, UnavailableError
 
 INGRESS_SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
 """The Ray variable that selects the HAProxy ingress ("1") or the classic proxy."""
@@ -127,7 +128,24 @@ def local_state_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+HAPROXY_PORT_RANGE = range(20000, 30000)
+"""Where HAProxy's exporter and stats ports are picked: below Ray Serve's direct-ingress ports
+(30000 up) and the kernel's ephemeral range (32768 up on Linux), where Ray's workers bind
+ports of their own while the cluster starts, after the pick and before HAProxy binds."""
+
+
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A port free on every interface (HAProxy binds these on all of them), in
+    :data:`HAPROXY_PORT_RANGE`, tried from a random point so that two clusters differ."""
+    start = random.randrange(len(HAPROXY_PORT_RANGE))
+    for offset in range(len(HAPROXY_PORT_RANGE)):
+        port = HAPROXY_PORT_RANGE[(start + offset) % len(HAPROXY_PORT_RANGE)]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise UnavailableError(
+        f"no free port for HAProxy in {HAPROXY_PORT_RANGE.start}-{HAPROXY_PORT_RANGE.stop - 1}"
+    )

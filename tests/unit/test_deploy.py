@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from gearbox.compression.devices import load_device_classes
-from gearbox.serving.ingress import Ingress, ray_environment
+from gearbox.serving.ingress import HAPROXY_PORT_RANGE, Ingress, ray_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -284,3 +285,15 @@ def test_the_image_runs_the_ingress_gearbox_serve_runs():
     text = CONTAINERFILE.read_text().replace("\\\n", " ")
     declared = dict(re.findall(r"\b(RAY_(?:SERVE_[A-Z_]+|worker_niceness))=(\S+)", text))
     assert declared == ray_environment(Ingress.HAPROXY)
+
+
+def test_a_local_clusters_haproxy_ports_lie_outside_the_ranges_ray_binds_at_random(tmp_path):
+    env = ray_environment(Ingress.HAPROXY, tmp_path / "haproxy")
+    ports = [int(env[f"RAY_SERVE_HAPROXY_{name}_PORT"]) for name in ("METRICS", "STATS")]
+    assert len(set(ports)) == 2
+    for port in ports:
+        assert port in HAPROXY_PORT_RANGE
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("", port))  # free on every interface, as HAProxy binds it
+    low, _high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert HAPROXY_PORT_RANGE.stop <= min(low, 30000)  # 30000 up: Serve's direct ingress

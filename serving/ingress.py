@@ -128,10 +128,11 @@ def local_state_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-HAPROXY_PORT_RANGE = range(20000, 30000)
-"""Where HAProxy's exporter and stats ports are picked: below Ray Serve's direct-ingress ports
-(30000 up) and the kernel's ephemeral range (32768 up on Linux), where Ray's workers bind
-ports of their own while the cluster starts, after the pick and before HAProxy binds."""
+HAPROXY_PORT_RANGE = range(20000, 25000)
+"""Where HAProxy's exporter and stats ports are picked: above Ray's worker ports (10002-19999),
+below Serve's direct-ingress ports (30000 up) and the kernel's ephemeral range (32768 up on
+Linux), where Ray's processes bind ports of their own while the cluster starts, after the
+pick and before HAProxy binds."""
 
 
 def _free_port() -> int:

@@ -9,6 +9,7 @@ files in a directory of this session's own.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -29,10 +30,24 @@ RAY = str(Path(sys.executable).with_name("ray"))
 NODE_OBJECT_STORE_BYTES = 300 * 1024 * 1024
 
 
+TEST_PORT_RANGE = range(25000, 30000)
+"""Clear of Ray's worker ports (10002-19999), the HAProxy ports Gearbox picks (20000-24999),
+Serve's direct ingress (30000 up) and the kernel's ephemeral range, where Ray's processes
+bind ports while a test starts its servers."""
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on every interface, from a random point of :data:`TEST_PORT_RANGE`."""
+    start = random.randrange(len(TEST_PORT_RANGE))
+    for offset in range(len(TEST_PORT_RANGE)):
+        port = TEST_PORT_RANGE[(start + offset) % len(TEST_PORT_RANGE)]
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port for a test server")
 
 
 def _start_node(*args: str, log: Path, env: dict[str, str]) -> subprocess.Popen:

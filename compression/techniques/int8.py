@@ -10,10 +10,14 @@ parent's (cosine per row) on the calibration rows that quantising every node mov
 worst are then left out one at a time until the least similar calibration row (all of them
 now) reaches ``min_calibration_cosine``.
 
-Before that, dynamic mode smooths the inputs of the quantised nodes fed by a layer
-normalisation (SmoothQuant): per-tensor activation quantisation is what loses accuracy in a
-transformer (weights quantised per column alone keep all-MiniLM-L6-v2 at 0.999), and the
-normalisations' outputs carry a few outlier channels that set the whole tensor's scale. Each
+Before that, dynamic mode rewrites each fused ``Attention`` node as a QKV ``MatMul`` and plain
+attention operators (the same function): ONNX Runtime's ``QAttention`` ran slower on this CPU
+than a quantised projection followed by FP32 attention, and its input quantisation cost
+accuracy that made the sensitivity pass keep a projection in FP32. It then smooths the inputs
+of the quantised nodes fed by a layer normalisation (SmoothQuant): per-tensor activation
+quantisation is what loses accuracy in a transformer (weights quantised per column alone keep
+all-MiniLM-L6-v2 at 0.999), and the normalisations' outputs carry a few outlier channels that
+set the whole tensor's scale. Each
 such input channel j is divided by ``s_j = max|x_j| ** a / max|W_j| ** (1 - a)`` (an inserted
 Mul) and the weight's row j multiplied by it, which leaves the FP32 function unchanged.
 """
@@ -70,9 +74,11 @@ class Int8Config(TechniqueConfig):
     sensitivity_rows: int = 16
     """Dynamic mode: the sensitivity pass scores each node on this many calibration rows, the
     ones least similar to the parent's output with every node quantised."""
-    smoothing_alpha: float | None = 0.5
+    smoothing_alpha: float | None = 0.8
     """Dynamic mode: the migration strength ``a`` of the smoothing of normalised inputs
     (0 moves nothing onto the weights, 1 all of the activation range); None smooths nothing."""
+    unfuse_attention: bool = True
+    """Dynamic mode: rewrite fused ``Attention`` nodes as plain operators before quantising."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "static", "dynamic"):
@@ -201,6 +207,130 @@ def smooth_normalized_inputs(
     return smoothed
 
 
+_MASK_FILTER_VALUE = -10000.0
+"""What ONNX Runtime's ``Attention`` adds to the scores of masked positions by default."""
+
+
+def _attention_mask(graph: onnx.GraphProto, node: onnx.NodeProto) -> str | None:
+    """The 2-D (batch, sequence) 0/1 mask an ``Attention`` node applies, or None if it takes
+    another kind (sequence lengths, an additive bias), which is left fused."""
+    if len(node.input) < 4 or not node.input[3]:
+        return ""  # no mask
+    producers = {output: other for other in graph.node for output in other.output}
+    source = producers.get(node.input[3])
+    # The transformer optimizer passes the raw mask through EmbedLayerNormalization.
+    if source is not None and source.op_type == "EmbedLayerNormalization":
+        return source.input[7] if len(source.input) > 7 and source.input[7] else None
+    return None
+
+
+def _additive_mask(mask: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    """Nodes and constants turning a 0/1 (batch, sequence) mask into what the scores get added:
+    ``(1 - mask) * filter``, shaped (batch, 1, 1, sequence)."""
+    constants = [
+        numpy_helper.from_array(np.array(1.0, np.float32), f"{mask}/one"),
+        numpy_helper.from_array(np.array(_MASK_FILTER_VALUE, np.float32), f"{mask}/filter"),
+        numpy_helper.from_array(np.array([1, 2], np.int64), f"{mask}/axes"),
+    ]
+    steps = [
+        ("Cast", [mask], f"{mask}/as_float", {"to": onnx.TensorProto.FLOAT}),
+        ("Sub", [f"{mask}/one", f"{mask}/as_float"], f"{mask}/masked", {}),
+        ("Mul", [f"{mask}/masked", f"{mask}/filter"], f"{mask}/additive_2d", {}),
+        ("Unsqueeze", [f"{mask}/additive_2d", f"{mask}/axes"], f"{mask}/additive", {}),
+    ]
+    nodes = [helper.make_node(op, ins, [out], name=out, **attrs) for op, ins, out, attrs in steps]
+    return nodes, constants, f"{mask}/additive"
+
+
+def _plain_attention(
+    node: onnx.NodeProto, heads: int, hidden: int, additive_mask: str | None
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The operators one fused ``Attention`` node stands for, named under the node's name."""
+    prefix = node.name
+    head_size = hidden // heads
+    nodes: list[onnx.NodeProto] = []
+    constants = [
+        numpy_helper.from_array(np.array([0, 0, heads, head_size], np.int64), f"{prefix}/heads"),
+        numpy_helper.from_array(np.array([hidden] * 3, np.int64), f"{prefix}/split"),
+        numpy_helper.from_array(np.array(1 / np.sqrt(head_size), np.float32), f"{prefix}/scale"),
+        numpy_helper.from_array(np.array([0, 0, hidden], np.int64), f"{prefix}/merged"),
+    ]
+
+    def step(op: str, inputs: list[str], output: str, **attrs: object) -> str:
+        name = f"{prefix}/{output}"
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    qkv = step("MatMul", [node.input[0], node.input[1]], "qkv_projection")
+    if len(node.input) > 2 and node.input[2]:
+        qkv = step("Add", [qkv, node.input[2]], "qkv")
+    parts = [f"{prefix}/{part}" for part in ("q", "k", "v")]
+    nodes.append(helper.make_node(
+        "Split", [qkv, f"{prefix}/split"], parts, name=f"{prefix}/split_qkv", axis=-1
+    ))  # fmt: skip
+    query, key, value = (
+        step("Transpose", [step("Reshape", [part, f"{prefix}/heads"], f"{part[-1]}_heads")],
+             f"{part[-1]}_transposed", perm=perm)
+        for part, perm in zip(parts, ([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3]), strict=True)
+    )  # fmt: skip
+    scores = step("Mul", [step("MatMul", [query, key], "scores_raw"), f"{prefix}/scale"], "scores")
+    if additive_mask is not None:
+        scores = step("Add", [scores, additive_mask], "scores_masked")
+    probabilities = step("Softmax", [scores], "probabilities", axis=-1)
+    context = step("MatMul", [probabilities, value], "context_heads")
+    context = step("Transpose", [context], "context_transposed", perm=[0, 2, 1, 3])
+    nodes.append(helper.make_node(
+        "Reshape", [context, f"{prefix}/merged"], [node.output[0]], name=f"{prefix}/context"
+    ))  # fmt: skip
+    return nodes, constants
+
+
+def unfuse_attention(model: onnx.ModelProto) -> int:
+    """Rewrites, in place, each fused ``Attention`` node that has only ``num_heads`` and a 2-D
+    mask (or none) as its QKV projection and plain attention operators; returns how many."""
+    graph = model.graph
+    weights = {tensor.name: tensor for tensor in graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    additive_masks: dict[str, str] = {}
+    rewritten = 0
+    for node in list(graph.node):
+        mask = _attention_mask(graph, node) if node.op_type == "Attention" else None
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (
+            mask is None
+            or set(attributes) != {"num_heads"}
+            or len(node.input) > 4
+            or len(node.output) != 1
+            or node.input[1] not in weights
+            or not node.name
+        ):
+            nodes.append(node)
+            continue
+        if mask and mask not in additive_masks:
+            mask_nodes, mask_constants, additive_masks[mask] = _additive_mask(mask)
+            nodes += mask_nodes
+            graph.initializer.extend(mask_constants)
+        hidden = weights[node.input[1]].dims[1] // 3
+        plain, constants = _plain_attention(
+            node, int(attributes["num_heads"]), hidden, additive_masks.get(mask)
+        )
+        nodes += plain
+        graph.initializer.extend(constants)
+        rewritten += 1
+    typed = {info.name for info in (*graph.value_info, *graph.output)}
+    created = {output for node in nodes for output in node.output} - {
+        output for node in graph.node for output in node.output
+    }
+    # Every tensor written here is FP32; saying so spares the quantiser a warning for each.
+    graph.value_info.extend(
+        helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        for name in sorted(created - typed)
+    )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return rewritten
+
+
 def _first_output(path: str, rows: dict[str, np.ndarray]) -> np.ndarray:
     return CPU.create_session(Path(path).read_bytes()).run(None, rows)[0]
 
@@ -291,18 +421,22 @@ def quantize_int8(config: Int8Config, inputs: TechniqueInput) -> CompressedModel
             else:
                 # Dynamic mode rewrites weights only and needs no shape pre-processing, which
                 # cannot infer the shapes of fused transformer operators anyway.
+                rewritten = onnx.load(source)
+                changed = False
+                if config.unfuse_attention:
+                    unfused = unfuse_attention(rewritten)
+                    params.update(unfused_attention_nodes=unfused)
+                    changed = unfused > 0
                 if config.smoothing_alpha is not None:
                     inputs.report("smoothing normalised activations", 0.2)
-                    smoothed_model = onnx.load(source)
                     smoothed = smooth_normalized_inputs(
-                        smoothed_model,
-                        calibration.take(len(calibration)),
-                        config.smoothing_alpha,
+                        rewritten, calibration.take(len(calibration)), config.smoothing_alpha
                     )
-                    if smoothed:
-                        source = os.path.join(workdir, "smoothed.onnx")
-                        onnx.save(smoothed_model, source)
                     params.update(smoothing_alpha=config.smoothing_alpha, smoothed_nodes=smoothed)
+                    changed = changed or bool(smoothed)
+                if changed:
+                    source = os.path.join(workdir, "rewritten.onnx")
+                    onnx.save(rewritten, source)
                 excluded, min_cosine = _quantize_dynamic_keeping_sensitive(
                     config, source, target, calibration, inputs
                 )

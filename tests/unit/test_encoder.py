@@ -23,6 +23,7 @@ from gearbox.compression.onnx_export import run_onnx, transformer_shape
 from gearbox.compression.pipeline import VariantBuild, _gate
 from gearbox.compression.quality import row_cosines
 from gearbox.compression.techniques import CompressedModel, TechniqueInput
+from gearbox.compression.techniques.int8 import unfuse_attention
 from gearbox.compression.training import _bucketed_by_length, distill, layer_loss, predict
 from tests.unit.tiny_encoder import HIDDEN, LAYERS, encoder_spec, tiny_encoder
 
@@ -84,6 +85,32 @@ def test_the_fused_graph_takes_any_batch_and_sequence_length(fp32):
         assert session.run(None, feed)[0].shape == (rows, HIDDEN)
 
 
+def test_unfusing_attention_keeps_the_function_padding_included(fp32):
+    model = onnx.load_from_string(fp32.onnx)
+    assert unfuse_attention(model) == LAYERS
+    onnx.checker.check_model(model)
+    ops = [node.op_type for node in model.graph.node]
+    assert "Attention" not in ops
+    assert ops.count("Softmax") == LAYERS
+    rows = DATA.heldout.take(16)
+    rows["attention_mask"][:, rows["attention_mask"].shape[1] // 2 :] = 0  # half padding
+    fused = CPU.create_session(fp32.onnx).run(None, rows)[0]
+    plain = CPU.create_session(model.SerializeToString()).run(None, rows)[0]
+    np.testing.assert_allclose(plain, fused, atol=1e-5)
+
+
+def test_int8_of_an_encoder_quantises_its_unfused_attention_projections(fp32):
+    int8 = apply_technique(Int8Config(), _inputs(tiny_encoder(), fp32.onnx, fp32.param_count))
+    assert int8.params["unfused_attention_nodes"] == LAYERS
+    ops = {node.op_type for node in onnx.load_from_string(int8.onnx).graph.node}
+    assert "QAttention" not in ops and "Attention" not in ops
+    assert "DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops
+    kept = Int8Config(unfuse_attention=False)
+    fused = apply_technique(kept, _inputs(tiny_encoder(), fp32.onnx, fp32.param_count))
+    assert "QAttention" in {node.op_type for node in onnx.load_from_string(fused.onnx).graph.node}
+    assert "unfused_attention_nodes" not in fused.params
+
+
 def test_int8_keeps_the_most_sensitive_nodes_in_fp32_until_the_target_holds(fp32):
     strict = Int8Config(min_calibration_cosine=0.99999, max_excluded_fraction=0.5)
     # Nodes scored on the single row full quantisation moves most; judged on every row still.
@@ -98,8 +125,9 @@ def test_int8_keeps_the_most_sensitive_nodes_in_fp32_until_the_target_holds(fp32
     assert quantized[loose].params["excluded_nodes"] == []
     excluded = quantized[strict].params["excluded_nodes"]
     assert excluded, "a near-perfect target must keep some node in FP32"
-    names = {node.name for node in onnx.load_from_string(fp32.onnx).graph.node}
-    assert set(excluded) <= names
+    quantized_graph = onnx.load_from_string(fp32.onnx)
+    unfuse_attention(quantized_graph)  # as int8 does first
+    assert set(excluded) <= {node.name for node in quantized_graph.graph.node}
     reference = run_onnx(fp32.onnx, SPEC, DATA.calibration)
     closeness = {
         config: float(np.min(row_cosines(run_onnx(result.onnx, SPEC, DATA.calibration), reference)))

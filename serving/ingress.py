@@ -38,6 +38,13 @@ rotation (Ray's default is 30 s, made for cloud load balancers; HAProxy here lea
 from Serve directly and retries a refused connection on another replica)."""
 
 
+HAPROXY_PORT_RANGE = range(20000, 25000)
+"""Where HAProxy's exporter and stats ports are picked: above Ray's worker ports (10002-19999),
+below Serve's direct-ingress ports (30000 up) and the kernel's ephemeral range (32768 up on
+Linux), where Ray's processes bind ports of their own while the cluster starts, after the
+pick and before HAProxy binds."""
+
+
 class Ingress(enum.StrEnum):
     HAPROXY = "haproxy"
     PROXY = "proxy"
@@ -99,8 +106,8 @@ def ray_environment(ingress: Ingress, state_dir: str | Path | None = None) -> di
                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
                 "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state / "metrics.sock"),
-                "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-                "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(HAPROXY_PORT_RANGE)),
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(HAPROXY_PORT_RANGE)),
             }
         )
     return env
@@ -128,25 +135,16 @@ def local_state_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-HAPROXY_PORT_RANGE = range(20000, 25000)
-"""Where HAProxy's exporter and stats ports are picked: above Ray's worker ports (10002-19999),
-below Serve's direct-ingress ports (30000 up) and the kernel's ephemeral range (32768 up on
-Linux), where Ray's processes bind ports of their own while the cluster starts, after the
-pick and before HAProxy binds."""
-
-
-def _free_port() -> int:
-    """A port free on every interface (HAProxy binds these on all of them), in
-    :data:`HAPROXY_PORT_RANGE`, tried from a random point so that two clusters differ."""
-    start = random.randrange(len(HAPROXY_PORT_RANGE))
-    for offset in range(len(HAPROXY_PORT_RANGE)):
-        port = HAPROXY_PORT_RANGE[(start + offset) % len(HAPROXY_PORT_RANGE)]
+def free_port(ports: range) -> int:
+    """A port of ``ports`` free on every interface (HAProxy binds its pages on all of them),
+    tried from a random point so that two clusters on one machine differ."""
+    start = random.randrange(len(ports))
+    for offset in range(len(ports)):
+        port = ports[(start + offset) % len(ports)]
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             try:
                 probe.bind(("", port))
             except OSError:
                 continue
             return port
-    raise UnavailableError(
-        f"no free port for HAProxy in {HAPROXY_PORT_RANGE.start}-{HAPROXY_PORT_RANGE.stop - 1}"
-    )
+    raise UnavailableError(f"no free port in {ports.start}-{ports.stop - 1}")

@@ -17,15 +17,16 @@ accuracy that made the sensitivity pass keep a projection in FP32. It then smoot
 of the quantised nodes fed by a layer normalisation (SmoothQuant): per-tensor activation
 quantisation is what loses accuracy in a transformer (weights quantised per column alone keep
 all-MiniLM-L6-v2 at 0.999), and the normalisations' outputs carry a few outlier channels that
-set the whole tensor's scale. Each
-such input channel j is divided by ``s_j = max|x_j| ** a / max|W_j| ** (1 - a)`` (an inserted
-Mul) and the weight's row j multiplied by it, which leaves the FP32 function unchanged.
+set the whole tensor's scale. Each such input channel j is divided by
+``s_j = max|x_j| ** a / max|W_j| ** (1 - a)`` (an inserted Mul) and the weight's row j
+multiplied by it, which leaves the FP32 function unchanged.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -211,12 +212,12 @@ _MASK_FILTER_VALUE = -10000.0
 """What ONNX Runtime's ``Attention`` adds to the scores of masked positions by default."""
 
 
-def _attention_mask(graph: onnx.GraphProto, node: onnx.NodeProto) -> str | None:
-    """The 2-D (batch, sequence) 0/1 mask an ``Attention`` node applies, or None if it takes
-    another kind (sequence lengths, an additive bias), which is left fused."""
+def _attention_mask(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto]) -> str | None:
+    """The 2-D (batch, sequence) 0/1 mask an ``Attention`` node applies, "" when it applies
+    none, or None if it takes another kind (sequence lengths, an additive bias): then it is
+    left fused."""
     if len(node.input) < 4 or not node.input[3]:
-        return ""  # no mask
-    producers = {output: other for other in graph.node for output in other.output}
+        return ""
     source = producers.get(node.input[3])
     # The transformer optimizer passes the raw mask through EmbedLayerNormalization.
     if source is not None and source.op_type == "EmbedLayerNormalization":
@@ -290,11 +291,12 @@ def unfuse_attention(model: onnx.ModelProto) -> int:
     mask (or none) as its QKV projection and plain attention operators; returns how many."""
     graph = model.graph
     weights = {tensor.name: tensor for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
     nodes: list[onnx.NodeProto] = []
     additive_masks: dict[str, str] = {}
     rewritten = 0
-    for node in list(graph.node):
-        mask = _attention_mask(graph, node) if node.op_type == "Attention" else None
+    for node in graph.node:
+        mask = _attention_mask(node, producers) if node.op_type == "Attention" else None
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if (
             mask is None
@@ -318,9 +320,7 @@ def unfuse_attention(model: onnx.ModelProto) -> int:
         graph.initializer.extend(constants)
         rewritten += 1
     typed = {info.name for info in (*graph.value_info, *graph.output)}
-    created = {output for node in nodes for output in node.output} - {
-        output for node in graph.node for output in node.output
-    }
+    created = {output for node in nodes for output in node.output} - producers.keys()
     # Every tensor written here is FP32; saying so spares the quantiser a warning for each.
     graph.value_info.extend(
         helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)

@@ -9,9 +9,7 @@ files in a directory of this session's own.
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +21,7 @@ import pytest
 import ray
 
 from gearbox.compression import ModelRepository
-from gearbox.serving.ingress import Ingress, ray_environment, session_state_dir
+from gearbox.serving.ingress import Ingress, free_port, ray_environment, session_state_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -37,17 +35,7 @@ bind ports while a test starts its servers."""
 
 
 def _free_port() -> int:
-    """A port free on every interface, from a random point of :data:`TEST_PORT_RANGE`."""
-    start = random.randrange(len(TEST_PORT_RANGE))
-    for offset in range(len(TEST_PORT_RANGE)):
-        port = TEST_PORT_RANGE[(start + offset) % len(TEST_PORT_RANGE)]
-        with socket.socket() as probe:
-            try:
-                probe.bind(("", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port for a test server")
+    return free_port(TEST_PORT_RANGE)
 
 
 def _start_node(*args: str, log: Path, env: dict[str, str]) -> subprocess.Popen:

@@ -23,7 +23,7 @@ from gearbox.compression.onnx_export import run_onnx, transformer_shape
 from gearbox.compression.pipeline import VariantBuild, _gate
 from gearbox.compression.quality import row_cosines
 from gearbox.compression.techniques import CompressedModel, TechniqueInput
-from gearbox.compression.techniques.int8 import unfuse_attention
+from gearbox.compression.techniques.int8 import unfuse_attention, unfuse_bias_gelu
 from gearbox.compression.training import _bucketed_by_length, distill, layer_loss, predict
 from tests.unit.tiny_encoder import HIDDEN, LAYERS, encoder_spec, tiny_encoder
 
@@ -97,6 +97,38 @@ def test_unfusing_attention_keeps_the_function_padding_included(fp32):
     fused = CPU.create_session(fp32.onnx).run(None, rows)[0]
     plain = CPU.create_session(model.SerializeToString()).run(None, rows)[0]
     np.testing.assert_allclose(plain, fused, atol=1e-5)
+
+
+def test_unfusing_bias_gelu_keeps_the_function(fp32):
+    model = onnx.load_from_string(fp32.onnx)
+    assert unfuse_bias_gelu(model) == fp32.params["fused_operators"]["BiasGelu"] == LAYERS
+    onnx.checker.check_model(model)
+    ops = [node.op_type for node in model.graph.node]
+    assert "BiasGelu" not in ops
+    assert ops.count("Gelu") == LAYERS
+    assert unfuse_bias_gelu(model) == 0  # nothing left to split
+    rows = DATA.heldout.take(16)
+    fused = CPU.create_session(fp32.onnx).run(None, rows)[0]
+    plain = CPU.create_session(model.SerializeToString()).run(None, rows)[0]
+    np.testing.assert_allclose(plain, fused, atol=1e-6)
+
+
+def test_int8_folds_the_feed_forward_bias_into_the_quantised_matmul(fp32, tmp_path):
+    int8 = apply_technique(Int8Config(), _inputs(tiny_encoder(), fp32.onnx, fp32.param_count))
+    assert int8.params["unfused_bias_gelu_nodes"] == LAYERS
+    optimized = tmp_path / "optimized.onnx"
+    CPU.create_session(int8.onnx, save_optimized_to=optimized)
+    graph = onnx.load(optimized).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    gelus = [node for node in graph.node if node.op_type == "Gelu"]
+    assert len(gelus) == LAYERS
+    assert "BiasGelu" not in {node.op_type for node in graph.node}
+    # As ONNX Runtime runs it, each Gelu reads the quantised MatMul itself, bias included.
+    assert {producers[node.input[0]].op_type for node in gelus} == {"DynamicQuantizeMatMul"}
+    kept = Int8Config(unfuse_bias_gelu=False)
+    fused = apply_technique(kept, _inputs(tiny_encoder(), fp32.onnx, fp32.param_count))
+    assert "BiasGelu" in {node.op_type for node in onnx.load_from_string(fused.onnx).graph.node}
+    assert "unfused_bias_gelu_nodes" not in fused.params
 
 
 def test_int8_of_an_encoder_quantises_its_unfused_attention_projections(fp32):

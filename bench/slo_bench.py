@@ -1,24 +1,32 @@
 """SLO benchmark: do callers' latency budgets hold under open-loop load with a spike?
 
-    .venv/bin/python bench/slo_bench.py [--repo DIR [--reuse]] [--seconds 60] [--rate R]
+    .venv/bin/python bench/slo_bench.py [--example digits|minilm] [--repo DIR [--reuse]]
+        [--seconds 60] [--rate R]
         [--seed 7] [--json PATH] [--markdown PATH]
         [--http-port 18200] [--grpc-port 19200] [--metrics-port 18280]
 
-1. Serves the `digits` repository (``--reuse``: the one at --repo; otherwise
-   ``gearbox compress --example digits`` builds one) with the real ``gearbox serve`` console
-   script, HAProxy ingress, bound to 127.0.0.1, and stops it with SIGINT at the end.
+1. Serves the example's repository (``--reuse``: the one at --repo; otherwise
+   ``gearbox compress --example ...`` builds one) with the real ``gearbox serve`` console
+   script, HAProxy ingress, bound to 127.0.0.1, and stops it with SIGINT at the end. The
+   requests carry held-out items: digit images, or (``minilm``) sentences as text, whose
+   answers are scored by their cosine to what the served ``fp32`` answers for the same
+   sentence (fetched first).
 2. Measures, from a separate client process, every ready variant's unloaded end-to-end latency
    at the client (pinned, isolated requests 20 ms apart: back to back, the cores never idle and
-   a request took half as long on the development VM as a lone one); the fastest p50 is L. It
-   also measures the time these requests spend outside the gateway's clock (client time minus
-   ``latency_ms``) and, unless --transport-allowance-ms is given, restarts the gateway with that
-   median as its transport allowance, the time a caller's budget spends beyond the gateway.
+   a request took half as long on the development VM as a lone one), cycling through the
+   held-out items; the fastest p50 is L. It also measures the time these requests spend
+   outside the gateway's clock (client time minus ``latency_ms``) and, unless
+   --transport-allowance-ms is given, restarts the gateway with that median as its transport
+   allowance, the time a caller's budget spends beyond the gateway.
 3. Builds one schedule, replayable from --seed: Poisson arrivals (exponential gaps) at half the
    measured capacity for the first third of --seconds, twice that (a spike) for the middle
-   third, half again for the last; each request carries one held-out digit and a budget drawn
-   from 1.5L, 2L, 3L, 5L, 10L or none. A budget is *feasible* if it is at least L (the fastest
-   variant meets it unloaded). Capacity is measured first with a short closed-loop run of the
-   same request mix through the router (--rate overrides the half-capacity rate).
+   third, half again for the last; each request carries one held-out item and a budget drawn
+   from 1.5L, 2L, 3L, 5L, 10L or none. A budget is *feasible* if the fastest variant meets it
+   unloaded: at least L for same-sized digits; for sentences, at least the fastest variant's
+   median over 3 isolated requests of that very sentence (a long one costs more than L).
+   Capacity is that of the model as registered: a short closed-loop run pinned to ``fp32``,
+   the reference (--rate overrides the half-capacity rate). In the spike, then, ``fp32``
+   alone is saturated and only a move to faster variants keeps budgets.
 4. Replays that schedule once per policy against the same server, from a separate client
    process: ``gearbox`` (routed, the budget sent as ``latency_budget_ms``), ``fp32-only``,
    ``fastest-only`` (pinned to the fastest variant) and ``random`` (each request pinned to a
@@ -29,14 +37,14 @@
    connection (all 64 busy: the server is behind) counts; the client's own timer lateness
    (the event loop wakes within about 1 ms of a scheduled time) does not, and is reported
    apart. 429s and errors are misses. Per policy: budgets met of the feasible, misses,
-   accuracy against the labels and the mean manifest quality of the answering variants,
-   p50/p95/p99, throughput.
+   quality (accuracy against the labels; mean cosine to ``fp32`` for sentences) and the mean
+   manifest quality of the answering variants, p50/p95/p99, throughput.
    The client is one uvloop process writing pre-encoded HTTP/1.1 requests on pre-opened
    keep-alive sockets and parsing the answers after the run, so that on 2 shared cores it
    keeps to the schedule.
 Targets (PASS/FAIL, exit 1 on FAIL): gearbox meets >= 97 % of feasible budgets over the whole
 run; it has >= 3x fewer misses than the best single-variant policy (fp32-only, fastest-only),
-at equal or better accuracy than that policy.
+at equal or better quality than that policy.
 """
 
 from __future__ import annotations
@@ -55,7 +63,8 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +72,7 @@ import numpy as np
 from serving_peers import LOOPBACK, http_request, read_response
 
 GEARBOX = str(Path(sys.executable).with_name("gearbox"))
-MODEL = "digits"
+EXAMPLES = ("digits", "minilm")
 BUDGET_MULTIPLES: tuple[float | None, ...] = (1.5, 2.0, 3.0, 5.0, 10.0, None)
 BUDGET_WEIGHTS = (0.2, 0.2, 0.2, 0.15, 0.1, 0.15)
 POLICIES = ("gearbox", "fp32-only", "fastest-only", "random")
@@ -76,6 +85,11 @@ UNLOADED_REQUESTS = 150
 ISOLATION_GAP_S = 0.02
 """Gap between the requests that measure unloaded latency: long enough for the machine to
 go idle between them, as it does between sparse arrivals."""
+ITEM_REPEATS = 3
+"""Isolated requests per held-out item that set the item's feasibility floor (inputs of
+different sizes only)."""
+REFERENCE = "fp32"
+"""The variant that the capacity is measured on, and that ``fp32-only`` pins."""
 FEASIBLE_TARGET = 0.97
 MISS_RATIO_TARGET = 3.0
 
@@ -86,23 +100,77 @@ MISS_RATIO_TARGET = 3.0
 # own per-request work (aiohttp's, say) delays sends by more than the budgets being judged.
 
 
-def _bodies(images: np.ndarray, budgets: list[float | None]) -> list[bytes]:
-    bodies = []
-    for image, budget in zip(images, budgets, strict=True):
-        document: dict[str, Any] = {
-            "inputs": [
-                {
-                    "name": "images",
-                    "datatype": "FP32",
-                    "shape": [1, *image.shape],
-                    "data": image.ravel().tolist(),
-                }
-            ]
-        }
-        if budget is not None:
-            document["parameters"] = {"latency_budget_ms": budget}
-        bodies.append(json.dumps(document).encode())
-    return bodies
+@dataclass(frozen=True)
+class Workload:
+    """The held-out inputs the benchmark sends, and how an answer to one is scored."""
+
+    model: str
+    inputs: list[dict[str, Any]]
+    """One OIP request input per held-out item."""
+    score: Callable[[int, dict[str, Any]], float]
+    """The score of an answer (an OIP response) to item i: 1 or 0 for a correct class, the
+    cosine to the reference variant's embedding for an encoder."""
+    quality_name: str
+    uniform: bool
+    """Every item costs the same (fixed-size images): one unloaded latency stands for all."""
+
+    def bodies(self, items: np.ndarray, budgets: list[float | None]) -> list[bytes]:
+        bodies = []
+        for item, budget in zip(items, budgets, strict=True):
+            document: dict[str, Any] = {"inputs": [self.inputs[int(item)]]}
+            if budget is not None:
+                document["parameters"] = {"latency_budget_ms": budget}
+            bodies.append(json.dumps(document).encode())
+        return bodies
+
+
+def digits_workload() -> Workload:
+    from gearbox.compression.examples.digits import load_splits
+
+    heldout = load_splits().heldout
+    images = heldout.inputs["images"].astype(np.float32)
+    labels = np.asarray(heldout.labels)
+    inputs = [
+        {"name": "images", "datatype": "FP32", "shape": [1, *image.shape],
+         "data": image.ravel().tolist()}
+        for image in images
+    ]  # fmt: skip
+
+    def correct(item: int, answer: dict[str, Any]) -> float:
+        return float(int(np.argmax(answer["outputs"][0]["data"])) == int(labels[item]))
+
+    return Workload("digits", inputs, correct, "accuracy", uniform=True)
+
+
+def minilm_workload(base: str) -> Workload:
+    """Held-out sentences, as text; each answer is scored against what the served ``fp32``
+    answers for the same sentence (fetched here, one request at a time)."""
+    from gearbox.compression.examples.minilm import split_sentences
+
+    sentences = split_sentences()[2]
+    inputs = [
+        {"name": "text", "datatype": "BYTES", "shape": [1], "data": [sentence]}
+        for sentence in sentences
+    ]
+    references = []
+    for document in inputs:
+        request = urllib.request.Request(
+            f"{base}/v2/models/minilm/versions/fp32/infer",
+            data=json.dumps({"inputs": [document]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+        references.append(np.asarray(answer["outputs"][0]["data"], dtype=np.float64))
+
+    def cosine(item: int, answer: dict[str, Any]) -> float:
+        embedding = np.asarray(answer["outputs"][0]["data"], dtype=np.float64)
+        reference = references[item]
+        return float(
+            embedding @ reference / (np.linalg.norm(embedding) * np.linalg.norm(reference))
+        )
+
+    return Workload("minilm", inputs, cosine, "mean cosine to fp32", uniform=False)
 
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -189,18 +257,20 @@ async def _closed_loop(port: int, requests: list[bytes], seconds: float) -> floa
 
 
 async def _isolated(
-    port: int, request: bytes, count: int, warmup: int, gap_s: float
+    port: int, requests: list[bytes], count: int, warmup: int, gap_s: float
 ) -> list[tuple[float, float]]:
     """(client ms, the gateway's ``latency_ms``) of ``count`` requests sent alone, ``gap_s``
-    apart: what a request meets on an otherwise idle machine, where every hop may first have to
-    wake a sleeping core (back to back, on the development VM, the same request took half as
-    long)."""
+    apart, sample i of ``requests[i % len(requests)]``: what a request meets on an otherwise
+    idle machine, where every hop may first have to wake a sleeping core (back to back, on the
+    development VM, the same request took half as long)."""
     connection = await asyncio.open_connection(LOOPBACK, port)
     samples = []
     for index in range(warmup + count):
         await asyncio.sleep(gap_s)
         started = time.perf_counter()
-        status, body, closes = await _exchange(connection, request)
+        status, body, closes = await _exchange(
+            connection, requests[(index - warmup) % len(requests)]
+        )
         client_ms = (time.perf_counter() - started) * 1000
         if status != 200:
             raise RuntimeError(f"HTTP {status}: {body[:200]!r}")
@@ -259,27 +329,27 @@ def _wait_ready(base: str, process: subprocess.Popen, log: Path) -> None:
     raise SystemExit("gearbox serve never became ready")
 
 
-def _unloaded(port: int, variant: str, body: bytes) -> tuple[float, float]:
-    """The variant's unloaded client p50, and the median time a request spent outside the
-    gateway's clock (client minus ``latency_ms``: the ingress, the transport, the client)."""
-    path = f"/v2/models/{MODEL}/versions/{variant}/infer"
-    samples = in_client_process(
-        {"kind": "isolated", "port": port, "request": http_request(port, path, body),
-         "count": UNLOADED_REQUESTS, "warmup": 20, "gap_s": ISOLATION_GAP_S}
+def _unloaded(
+    port: int, model: str, variant: str, bodies: list[bytes], count: int
+) -> list[tuple[float, float]]:
+    """(client ms, ``latency_ms``) of ``count`` isolated requests pinned to the variant, sample
+    i of ``bodies[i % len(bodies)]``."""
+    path = f"/v2/models/{model}/versions/{variant}/infer"
+    return in_client_process(
+        {"kind": "isolated", "port": port,
+         "requests": [http_request(port, path, body) for body in bodies],
+         "count": count, "warmup": 20, "gap_s": ISOLATION_GAP_S}
     )  # fmt: skip
-    client = np.array([c for c, _ in samples])
-    outside = client - np.array([g for _, g in samples])
-    return float(np.percentile(client, 50)), float(np.percentile(outside, 50))
 
 
-def _read_answers(results: list[dict[str, Any]]) -> None:
-    """Parses, after the run, which variant answered and its top-1 class."""
-    for record in results:
+def _read_answers(results: list[dict[str, Any]], workload: Workload, items: np.ndarray) -> None:
+    """Parses, after the run, which variant answered each request and the answer's score."""
+    for record, item in zip(results, items, strict=True):
         body = record.pop("body", None)
         if record.get("status") == 200 and body is not None:
             answer = json.loads(body)
             record["variant"] = answer["model_version"]
-            record["top1"] = int(np.argmax(answer["outputs"][0]["data"]))
+            record["score"] = workload.score(int(item), answer)
 
 
 def _schedule(
@@ -302,25 +372,25 @@ def _schedule(
 def _summarise(
     results: list[dict[str, Any]],
     budgets: list[float | None],
-    labels: np.ndarray,
+    feasible_from_ms: np.ndarray,
     quality: dict[str, float],
-    fastest_ms: float,
     seconds: float,
 ) -> dict[str, Any]:
+    """Per policy figures; request i's budget is feasible if it is at least
+    ``feasible_from_ms[i]``, what the fastest variant took for its input unloaded."""
     feasible = met = 0
-    correct = answered = 0
+    scores = []
     qualities = []
     statuses: Counter[str] = Counter()
     latencies = []
-    for record, budget, label in zip(results, budgets, labels, strict=True):
+    for record, budget, floor in zip(results, budgets, feasible_from_ms, strict=True):
         ok = record.get("status") == 200
         statuses[str(record.get("status"))] += 1
         latencies.append(record["ms"])
         if ok:
-            answered += 1
-            correct += record["top1"] == int(label)
+            scores.append(record["score"])
             qualities.append(quality[record["variant"]])
-        if budget is not None and budget >= fastest_ms:
+        if budget is not None and budget >= floor:
             feasible += 1
             met += ok and record["ms"] <= budget
     return {
@@ -329,12 +399,12 @@ def _summarise(
         "met": met,
         "met_share": met / feasible if feasible else 1.0,
         "misses": feasible - met,
-        "accuracy": correct / max(answered, 1),
+        "quality": float(np.mean(scores)) if scores else 0.0,
         "mean_manifest_quality": float(np.mean(qualities)) if qualities else 0.0,
         "p50_ms": float(np.percentile(latencies, 50)),
         "p95_ms": float(np.percentile(latencies, 95)),
         "p99_ms": float(np.percentile(latencies, 99)),
-        "throughput_rps": answered / seconds,
+        "throughput_rps": len(scores) / seconds,
         "statuses": dict(statuses),
         "late_p99_ms": float(np.percentile([r["late_ms"] for r in results], 99)),
         "variants": dict(Counter(r.get("variant", "-") for r in results)),
@@ -342,15 +412,17 @@ def _summarise(
 
 
 def _markdown(report: dict[str, Any]) -> str:
+    quality_name = report["quality_name"]
     lines = [
         f"Run of `{report['command']}` on {report['cores']} cores, seed {report['seed']}: "
-        f"L (fastest variant `{report['fastest']}`, unloaded: isolated requests, at the "
-        f"client) = {report['fastest_ms']:.2f} ms; capacity {report['capacity_rps']:.0f} req/s; "
+        f"`{report['model']}`; L (fastest variant `{report['fastest']}`, unloaded: isolated "
+        f"requests, at the client) = {report['fastest_ms']:.2f} ms; capacity (`fp32` pinned, "
+        f"{CLOSED_LOOP_CALLERS} closed-loop callers) {report['capacity_rps']:.0f} req/s; "
         f"rate {report['rate_rps']:.0f} req/s, {2 * report['rate_rps']:.0f} req/s in the middle "
         f"third; {report['seconds']:g} s per policy; budgets {report['budgets']}; gateway "
         f"served with --transport-allowance-ms {report['transport_allowance_ms']:g}.",
         "",
-        "| variant | manifest accuracy | unloaded client p50 | outside the gateway's clock |",
+        "| variant | manifest quality | unloaded client p50 | outside the gateway's clock |",
         "|---|---|---|---|",
     ]
     for name, figures in sorted(report["variants"].items()):
@@ -360,7 +432,7 @@ def _markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| policy | budgets met (of feasible) | misses | accuracy | p50 / p95 / p99 | "
+        f"| policy | budgets met (of feasible) | misses | {quality_name} | p50 / p95 / p99 | "
         "throughput | answered by |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -369,7 +441,7 @@ def _markdown(report: dict[str, Any]) -> str:
         used = ", ".join(f"{k} {v}" for k, v in sorted(row["variants"].items()))
         lines.append(
             f"| {policy} | {row['met']}/{row['feasible']} ({100 * row['met_share']:.1f} %) | "
-            f"{row['misses']} | {row['accuracy']:.4f} | {row['p50_ms']:.2f} / "
+            f"{row['misses']} | {row['quality']:.4f} | {row['p50_ms']:.2f} / "
             f"{row['p95_ms']:.2f} / {row['p99_ms']:.2f} ms | {row['throughput_rps']:.0f}/s | "
             f"{used} |"
         )
@@ -380,6 +452,7 @@ def _markdown(report: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--example", choices=EXAMPLES, default="digits")
     parser.add_argument("--repo", type=Path)
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--seconds", type=float, default=60.0, help="per policy")
@@ -403,31 +476,33 @@ def main() -> int:
     repo = args.repo or Path(tempfile.mkdtemp(prefix="gearbox-slo-"))
     if not args.reuse:
         subprocess.run(
-            [GEARBOX, "compress", "--example", MODEL, "--repo", str(repo)],
+            [GEARBOX, "compress", "--example", args.example, "--repo", str(repo)],
             check=True, stdout=subprocess.DEVNULL,
         )  # fmt: skip
 
-    from gearbox.compression.examples.digits import load_splits
-
-    heldout = load_splits().heldout
-    images = heldout.inputs["images"].astype(np.float32)
-    labels = np.asarray(heldout.labels)
-    unloaded: dict[str, tuple[float, float]] = {}
+    workload: Workload | None = None
+    unloaded: Unloaded | None = None
     allowance = args.transport_allowance_ms
     if allowance is None:
         with _gateway(repo, args, 0.0) as base:
-            unloaded = _measure_unloaded(args, base, images)
-        allowance = round(statistics.median(outside for _, outside in unloaded.values()), 3)
+            workload = _workload(args.example, base)
+            unloaded = _measure_unloaded(args, base, workload)
+        allowance = round(statistics.median(unloaded.outside_ms.values()), 3)
         print(f"time outside the gateway's clock, unloaded: {allowance:.3f} ms (the allowance)")
     with _gateway(repo, args, allowance) as base:
-        unloaded = unloaded or _measure_unloaded(args, base, images)
-        report = run(args, base, images, labels, unloaded, allowance)
+        workload = workload or _workload(args.example, base)
+        unloaded = unloaded or _measure_unloaded(args, base, workload)
+        report = run(args, base, workload, unloaded, allowance)
     print(_markdown(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     if args.markdown:
         args.markdown.write_text(_markdown(report))
     return 0 if all(ok for _, ok, _ in report["checks"]) else 1
+
+
+def _workload(example: str, base: str) -> Workload:
+    return digits_workload() if example == "digits" else minilm_workload(base)
 
 
 @contextlib.contextmanager
@@ -453,69 +528,91 @@ def _gateway(repo: Path, args: argparse.Namespace, allowance_ms: float) -> Itera
             server.kill()
 
 
-def _served_quality(base: str) -> dict[str, float]:
-    rows = _get(f"{base}/v2/models/{MODEL}/variants")["variants"]
+def _served_quality(base: str, model: str) -> dict[str, float]:
+    rows = _get(f"{base}/v2/models/{model}/variants")["variants"]
     return {r["variant"]: r["quality"]["value"] for r in rows if r["served"]}
 
 
-def _measure_unloaded(
-    args: argparse.Namespace, base: str, images: np.ndarray
-) -> dict[str, tuple[float, float]]:
-    """Per variant: unloaded client p50 and median time outside the gateway's clock."""
-    probe = _bodies(images[:1], [None])[0]
-    measured = {v: _unloaded(args.http_port, v, probe) for v in sorted(_served_quality(base))}
+@dataclass(frozen=True)
+class Unloaded:
+    """Isolated requests' latencies at the client."""
+
+    p50_ms: dict[str, float]
+    """Per variant, over the held-out items in turn."""
+    outside_ms: dict[str, float]
+    """Per variant, the median time outside the gateway's clock (client minus
+    ``latency_ms``: the ingress, the transport, the client)."""
+    fastest: str
+    fastest_item_ms: np.ndarray
+    """The fastest variant's median per held-out item: a budget below it is infeasible."""
+
+
+def _measure_unloaded(args: argparse.Namespace, base: str, workload: Workload) -> Unloaded:
+    probes = workload.bodies(np.arange(len(workload.inputs)), [None] * len(workload.inputs))
+    p50, outside = {}, {}
+    for variant in sorted(_served_quality(base, workload.model)):
+        samples = _unloaded(args.http_port, workload.model, variant, probes, UNLOADED_REQUESTS)
+        client = np.array([c for c, _ in samples])
+        p50[variant] = float(np.percentile(client, 50))
+        outside[variant] = float(np.percentile(client - np.array([g for _, g in samples]), 50))
+    fastest = min(p50, key=p50.__getitem__)
+    if workload.uniform:
+        per_item = np.full(len(probes), p50[fastest])
+    else:
+        # A long sentence costs the fastest variant more than L: judge it by its own time.
+        samples = _unloaded(
+            args.http_port, workload.model, fastest, probes, ITEM_REPEATS * len(probes)
+        )
+        client = np.array([c for c, _ in samples]).reshape(ITEM_REPEATS, len(probes))
+        per_item = np.median(client, axis=0)
     print("unloaded (isolated requests) client p50 / outside the clock, ms: " + ", ".join(
-        f"{v} {p50:.3f} / {outside:.3f}" for v, (p50, outside) in measured.items()
+        f"{v} {p50[v]:.3f} / {outside[v]:.3f}" for v in p50
     ))  # fmt: skip
-    return measured
+    return Unloaded(p50, outside, fastest, per_item)
 
 
 def run(
     args: argparse.Namespace,
     base: str,
-    images: np.ndarray,
-    labels: np.ndarray,
-    unloaded: dict[str, tuple[float, float]],
+    workload: Workload,
+    unloaded: Unloaded,
     allowance_ms: float,
 ) -> dict[str, Any]:
-    quality = _served_quality(base)
-    p50 = {variant: unloaded[variant][0] for variant in quality}
-    fastest = min(p50, key=p50.__getitem__)
-    fastest_ms = p50[fastest]
+    model = workload.model
+    quality = _served_quality(base, model)
+    fastest = unloaded.fastest
+    fastest_ms = unloaded.p50_ms[fastest]
     print(f"L = {fastest_ms:.3f} ms ({fastest})")
 
     rng = np.random.default_rng(args.seed)
-    mix_budgets = [
-        None if m is None else round(m * fastest_ms, 3)
-        for m in rng.choice(np.array(BUDGET_MULTIPLES, dtype=object), 512, p=BUDGET_WEIGHTS)
-    ]
-    mix_bodies = _bodies(images[rng.integers(0, len(images), 512)], mix_budgets)
-    routed_path = f"/v2/models/{MODEL}/infer"
+    pool = len(workload.inputs)
+    capacity_bodies = workload.bodies(rng.integers(0, pool, 512), [None] * 512)
+    reference_path = f"/v2/models/{model}/versions/{REFERENCE}/infer"
     capacity = in_client_process(
         {"kind": "closed", "port": args.http_port,
-         "requests": [http_request(args.http_port, routed_path, b) for b in mix_bodies],
+         "requests": [http_request(args.http_port, reference_path, b) for b in capacity_bodies],
          "seconds": 5.0}
     )  # fmt: skip
     rate = args.rate or capacity / 2
     print(
-        f"capacity (routed, {CLOSED_LOOP_CALLERS} closed-loop callers) {capacity:.0f} req/s; "
-        f"base rate {rate:.0f}"
+        f"capacity ({REFERENCE} pinned, {CLOSED_LOOP_CALLERS} closed-loop callers) "
+        f"{capacity:.0f} req/s; base rate {rate:.0f}"
     )
 
     offsets, _phases = _schedule(rng, rate, args.seconds)
     count = len(offsets)
-    picks = rng.integers(0, len(images), count)
+    picks = rng.integers(0, pool, count)
     multiples = rng.choice(np.array(BUDGET_MULTIPLES, dtype=object), count, p=BUDGET_WEIGHTS)
     budgets = [None if m is None else round(float(m) * fastest_ms, 3) for m in multiples]
-    routed = _bodies(images[picks], budgets)
-    pinned = _bodies(images[picks], [None] * count)
+    routed = workload.bodies(picks, budgets)
+    pinned = workload.bodies(picks, [None] * count)
     variants = sorted(quality)
     random_variants = [variants[i] for i in rng.integers(0, len(variants), count)]
     plans = {
-        "gearbox": ([f"/v2/models/{MODEL}/infer"] * count, routed),
-        "fp32-only": ([f"/v2/models/{MODEL}/versions/fp32/infer"] * count, pinned),
-        "fastest-only": ([f"/v2/models/{MODEL}/versions/{fastest}/infer"] * count, pinned),
-        "random": ([f"/v2/models/{MODEL}/versions/{v}/infer" for v in random_variants], pinned),
+        "gearbox": ([f"/v2/models/{model}/infer"] * count, routed),
+        "fp32-only": ([reference_path] * count, pinned),
+        "fastest-only": ([f"/v2/models/{model}/versions/{fastest}/infer"] * count, pinned),
+        "random": ([f"/v2/models/{model}/versions/{v}/infer" for v in random_variants], pinned),
     }
     policies = {}
     for policy, (paths, bodies) in plans.items():
@@ -528,14 +625,15 @@ def run(
             {"kind": "replay", "port": args.http_port, "offsets": offsets,
              "requests": requests, "limit_s": 30.0}
         )  # fmt: skip
-        _read_answers(results)
+        _read_answers(results, workload, picks)
         policies[policy] = _summarise(
-            results, budgets, labels[picks], quality, fastest_ms, args.seconds
+            results, budgets, unloaded.fastest_item_ms[picks], quality, args.seconds
         )
         row = policies[policy]
         print(
             f"{policy:<13} met {row['met']}/{row['feasible']} ({100 * row['met_share']:.1f} %) "
-            f"accuracy {row['accuracy']:.4f} p50/p99 {row['p50_ms']:.2f}/{row['p99_ms']:.2f} ms"
+            f"{workload.quality_name} {row['quality']:.4f} "
+            f"p50/p99 {row['p50_ms']:.2f}/{row['p99_ms']:.2f} ms"
         )
 
     gearbox = policies["gearbox"]
@@ -553,9 +651,9 @@ def run(
             f"{gearbox['misses']} vs {policies[best]['misses']} ({ratio:.1f}x)",
         ),
         (
-            f"gearbox accuracy >= {best}'s",
-            gearbox["accuracy"] >= policies[best]["accuracy"],
-            f"{gearbox['accuracy']:.4f} vs {policies[best]['accuracy']:.4f}",
+            f"gearbox {workload.quality_name} >= {best}'s",
+            gearbox["quality"] >= policies[best]["quality"],
+            f"{gearbox['quality']:.4f} vs {policies[best]['quality']:.4f}",
         ),
     ]
     return {
@@ -563,14 +661,16 @@ def run(
         "cores": os.cpu_count(),
         "seed": args.seed,
         "seconds": args.seconds,
+        "model": model,
+        "quality_name": workload.quality_name,
         "fastest": fastest,
         "fastest_ms": fastest_ms,
         "capacity_rps": capacity,
         "transport_allowance_ms": allowance_ms,
-        "outside_ms": {v: unloaded[v][1] for v in variants},
+        "outside_ms": {v: unloaded.outside_ms[v] for v in variants},
         "rate_rps": rate,
         "budgets": ", ".join("none" if m is None else f"{m:g}L" for m in BUDGET_MULTIPLES),
-        "variants": {v: {"quality": quality[v], "p50_ms": p50[v]} for v in variants},
+        "variants": {v: {"quality": quality[v], "p50_ms": unloaded.p50_ms[v]} for v in variants},
         "policies": policies,
         "checks": checks,
     }

@@ -33,12 +33,25 @@ class Backend(Protocol):
 
     device_class: str
 
-    async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult: ...
+    async def infer(
+        self, model: str, variant: str, inputs: Arrays, deadline: float | None = None
+    ) -> BatchResult:
+        """The variant's answer; ``deadline`` (``time.perf_counter`` seconds, None: no budget)
+        is when the caller's budget runs out: the more urgent requests run first."""
+        ...
 
-    def predict_ms(self, model: str, variant: str, rows: int, tokens: int | None = None) -> float:
+    def predict_ms(
+        self,
+        model: str,
+        variant: str,
+        rows: int,
+        tokens: int | None = None,
+        deadline_ms: float | None = None,
+    ) -> float:
         """How long ``infer`` would take for a request of ``rows`` rows (of ``tokens`` tokens,
-        for a text model) arriving now: queueing, the hop to the session and back, and the run
-        (the gateway's own overhead is not included)."""
+        for a text model) arriving now, due in ``deadline_ms`` (None: no budget): queueing,
+        the hop to the session and back, and the run (the gateway's own overhead is not
+        included)."""
         ...
 
     def depth(self) -> int:
@@ -170,15 +183,26 @@ class LocalBackend:
                 key = variant_key(model, variant)
                 self.times.seed(key, self.device_class, self._profiled[key], self._by_tokens[key])
 
-    async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
-        return await self.executor.submit(model, variant, inputs)
+    async def infer(
+        self, model: str, variant: str, inputs: Arrays, deadline: float | None = None
+    ) -> BatchResult:
+        return await self.executor.submit(model, variant, inputs, deadline)
 
-    def predict_ms(self, model: str, variant: str, rows: int, tokens: int | None = None) -> float:
+    def predict_ms(
+        self,
+        model: str,
+        variant: str,
+        rows: int,
+        tokens: int | None = None,
+        deadline_ms: float | None = None,
+    ) -> float:
         key = variant_key(model, variant)
         if self.executor.runs_inline(key, rows):  # on the event loop, beside any worker's batch
             return self.times.batch_ms(key, self.device_class, rows, tokens)
         state = self.executor.work_state()
-        queued = predict_ms(state, self.times, self.device_class, key, rows, tokens=tokens)
+        queued = predict_ms(
+            state, self.times, self.device_class, key, rows, tokens=tokens, deadline_ms=deadline_ms
+        )
         return queued + self.executor.hop_ms
 
     def depth(self) -> int:
@@ -207,7 +231,11 @@ class RemoteBackend:
     def settle(self) -> None:
         """Nothing to forget here: its own replicas settle their predictions."""
 
-    async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
+    async def infer(
+        self, model: str, variant: str, inputs: Arrays, deadline: float | None = None
+    ) -> BatchResult:
+        # Its replicas order their own queues: a deadline on this process's clock means nothing
+        # there, and the requests in flight are all waited for below.
         self._inflight += 1
         started = time.perf_counter()
         try:
@@ -229,7 +257,14 @@ class RemoteBackend:
         )
         return result
 
-    def predict_ms(self, model: str, variant: str, rows: int, tokens: int | None = None) -> float:
+    def predict_ms(
+        self,
+        model: str,
+        variant: str,
+        rows: int,
+        tokens: int | None = None,
+        deadline_ms: float | None = None,
+    ) -> float:
         own = self.times.batch_ms(variant_key(model, variant), self.device_class, rows, tokens)
         return own * (1 + self._inflight)
 

@@ -240,6 +240,79 @@ def test_the_variant_with_the_oldest_request_runs_first(make, order, expected):
         np.testing.assert_array_equal(result.outputs["y"], rows(i)["x"] * 10)
 
 
+def test_a_request_due_sooner_runs_before_queued_work_due_later(make):
+    harness = make()
+    harness.host(Model(), variant="slow")
+    harness.host(Model(), variant="fast")
+
+    async def main():
+        now = time.perf_counter()
+        async with harness.gate().held():
+            futures = [
+                asyncio.ensure_future(harness.submit(rows(0), variant="slow")),  # no budget
+                asyncio.ensure_future(
+                    harness.executor.submit("m", "slow", rows(1), deadline=now + 5.0)
+                ),
+                asyncio.ensure_future(
+                    harness.executor.submit("m", "fast", rows(2), deadline=now + 0.05)
+                ),
+            ]
+            await until(lambda: sum(harness.executor.work_state().queued_rows.values()) == 3)
+        return await asyncio.gather(*futures)
+
+    results = run(main())
+    # fast is due first; then slow's queue, most urgent first: the unbudgeted (due in 1 s),
+    # then the one due in 5 s, in one batch.
+    assert harness.batches() == [("fast", 1), ("slow", 2)]
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result.outputs["y"], rows(i)["x"] * 10)
+
+
+def test_a_batch_takes_its_variants_most_urgent_requests_first(make):
+    harness = make(max_batch_size=1)
+    model = harness.host(Model())
+
+    async def main():
+        now = time.perf_counter()
+        deadlines = [now + 5.0, now + 0.05, None, now + 0.5]
+        async with harness.gate().held():
+            futures = [
+                asyncio.ensure_future(harness.executor.submit("m", "v", rows(i), deadline=due))
+                for i, due in enumerate(deadlines)
+            ]
+            await until(lambda: harness.queued() == 4)
+        return await asyncio.gather(*futures)
+
+    results = run(main())
+    assert [int(seen[0, 0]) for seen in model.seen] == [1, 3, 2, 0]
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result.outputs["y"], rows(i)["x"] * 10)
+
+
+def test_work_state_reports_when_each_queued_request_is_due(make):
+    harness = make()
+    harness.host(Model())
+
+    async def main():
+        now = time.perf_counter()
+        async with harness.gate().held():
+            futures = [
+                asyncio.ensure_future(harness.executor.submit("m", "v", rows(1, 2), now + 0.2)),
+                asyncio.ensure_future(harness.submit(rows(3))),
+            ]
+            await until(lambda: harness.queued() == 3)
+            state = harness.executor.work_state()
+        await asyncio.gather(*futures)
+        return state
+
+    state = run(main())
+    (first_ms, first_rows), (second_ms, second_rows) = state.queued_due[KEY]
+    assert (first_rows, second_rows) == (2, 1)
+    assert 0 < first_ms <= 200.0
+    assert 200.0 < second_ms <= 1000.0  # no budget: due a second after it was queued
+    assert state.rows_due_by(KEY, 200.0) == 2
+
+
 def test_max_wait_holds_a_batch_open_for_a_later_request(make):
     harness = make(max_wait_ms=PATIENCE_S * 1000, max_batch_size=3)
     model = harness.host(Model())

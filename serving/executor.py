@@ -14,10 +14,9 @@ session.
 Handing a batch to a worker thread and its answer back costs two thread wake-ups (measured at
 warm-up: about 0.3 ms on a small VM, up to 0.8 ms in the request path). A batch predicted to
 take less than that hop, or at most ``BatchingConfig.inline_max_ms``, runs inline instead
-whenever nothing queued is due before it, even beside a long batch on a worker: waiting for it
-delays the event loop about as little as the hop would delay the request, and a tiny request
-never waits behind a long one. Anything slower, and everything once requests due sooner queue,
-runs on a worker.
+whenever nothing is queued, even beside a long batch on a worker: waiting for it delays the
+event loop about as little as the hop would delay the request, and a tiny request never waits
+behind a long one. Anything slower, and everything once requests queue, runs on a worker.
 
 Admission is bounded: once ``max_queue`` requests of a variant are waiting or running,
 ``submit`` raises :class:`ResourceExhaustedError` (429 / RESOURCE_EXHAUSTED) at once.
@@ -49,12 +48,9 @@ from gearbox.serving.queue_model import RunningBatch, ServiceTimes, WorkState, v
 
 logger = logging.getLogger(__name__)
 
-UNBUDGETED_DEADLINE_S = 0.05
+UNBUDGETED_DEADLINE_S = 1.0
 """The deadline of a request without a latency budget, after it was queued: budgeted requests
-due sooner go first, and an unbudgeted one never waits behind them much longer. A longer grace
-held unbudgeted requests, and their callers' connections, for as long under steady budgeted
-load: with one second, the `digits` SLO benchmark's client ran out of connections and every
-policy through the router missed most budgets."""
+go first while they are due sooner, and an unbudgeted one never waits behind them for longer."""
 
 HOP_MEASURE_GAP_S = 0.002
 """Idle time before each batch :meth:`DeviceExecutor.measure_hop` times."""
@@ -183,7 +179,7 @@ class DeviceExecutor:
         the caller's budget runs out, None if it has none."""
         entry = self._entry(model, variant)
         rows = _batch_rows(inputs)
-        if self.runs_inline(entry.key, rows, deadline):
+        if self.runs_inline(entry.key, rows):
             return self._run_inline(entry, inputs, rows)
         return await self._on_worker(entry, inputs, rows, deadline)
 
@@ -220,25 +216,12 @@ class DeviceExecutor:
             pending.abandoned = True
             raise
 
-    def runs_inline(self, key: str, rows: int, deadline: float | None = None) -> bool:
-        """Whether a batch of ``key`` submitted now, due at ``deadline``, would run inline (see
-        the module doc): a short one does whenever nothing queued is due before it."""
-        if not self._times.knows(key, self.device_class):
+    def runs_inline(self, key: str, rows: int) -> bool:
+        """Whether a batch of ``key`` submitted now would run inline (see the module doc)."""
+        if self._queued or not self._times.knows(key, self.device_class):
             return False  # an unknown cost could be any length: never on the event loop
         predicted = self._times.batch_ms(key, self.device_class, rows)
-        if not (predicted < self.hop_ms or predicted <= self._batching.inline_max_ms):
-            return False
-        if not self._queued:
-            return True
-        if deadline is None:
-            deadline = time.perf_counter() + UNBUDGETED_DEADLINE_S
-        with self._ready:
-            return not any(
-                p.deadline <= deadline
-                for entry in self._variants.values()
-                for p in entry.queue
-                if not p.abandoned
-            )
+        return predicted < self.hop_ms or predicted <= self._batching.inline_max_ms
 
     def _run_inline(self, entry: _Variant, inputs: Arrays, rows: int) -> BatchResult:
         started = time.perf_counter()

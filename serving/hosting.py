@@ -197,8 +197,7 @@ class LocalBackend:
         deadline_ms: float | None = None,
     ) -> float:
         key = variant_key(model, variant)
-        deadline = None if deadline_ms is None else time.perf_counter() + deadline_ms / 1000
-        if self.executor.runs_inline(key, rows, deadline):  # on the event loop, beside any batch
+        if self.executor.runs_inline(key, rows):  # on the event loop, beside any worker's batch
             return self.times.batch_ms(key, self.device_class, rows, tokens)
         state = self.executor.work_state()
         queued = predict_ms(

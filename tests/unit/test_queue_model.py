@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from gearbox.compression.errors import InvalidArgumentError
-from gearbox.serving.executor import UNBUDGETED_DEADLINE_S
 from gearbox.serving.queue_model import (
     OUTLIER_FACTOR,
     BatchCost,
@@ -311,7 +310,7 @@ class Outcome:
 
 
 SIMULATED_BUDGETS_MS = (None, 10.0, 20.0, 50.0, 200.0)
-UNBUDGETED_MS = UNBUDGETED_DEADLINE_S * 1000
+UNBUDGETED_MS = 1000.0
 """The executor's deadline for a request without a budget (``UNBUDGETED_DEADLINE_S``)."""
 
 
@@ -444,7 +443,7 @@ def test_with_deadlines_the_tightest_budgets_wait_least_and_predictions_still_ho
     unbudgeted = np.isnan(outcome.budgets)
     # In arrival order both would take longer than the tight budget equally often.
     missed = (outcome.actual[tight] > tightest).mean()
-    assert missed < 0.6 * (outcome.actual[unbudgeted] > tightest).mean()
+    assert missed < 0.5 * (outcome.actual[unbudgeted] > tightest).mean()
     assert outcome.actual[tight].mean() < outcome.actual[unbudgeted].mean()
     # Later arrivals due sooner may still pass a request, which no prediction can know of:
     # typical predictions stay close, and a request due soon is rarely passed.

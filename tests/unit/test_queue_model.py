@@ -301,17 +301,10 @@ class _Batch:
 class Outcome:
     predicted: np.ndarray
     actual: np.ndarray
-    budgets: np.ndarray
-    """Each request's budget in ms (NaN: none)."""
 
     @property
     def errors(self) -> np.ndarray:
         return np.abs(self.predicted - self.actual)
-
-
-SIMULATED_BUDGETS_MS = (None, 10.0, 20.0, 50.0, 200.0)
-UNBUDGETED_MS = 1000.0
-"""The executor's deadline for a request without a budget (``UNBUDGETED_DEADLINE_S``)."""
 
 
 def arrivals(load: float, workers: int, seed: int) -> list[tuple[float, str, int]]:
@@ -331,40 +324,35 @@ def arrivals(load: float, workers: int, seed: int) -> list[tuple[float, str, int
     return sorted(found)
 
 
-def simulate(workers: int, load: float, seed: int = 7, budgets: bool = False) -> Outcome:
+def simulate(workers: int, load: float, seed: int = 7) -> Outcome:
     """Runs the arrivals through ``workers`` simulated workers; predicts each request's latency
-    with predict_ms from the executor's state on arrival, and measures it. With ``budgets``,
-    each request carries one drawn from SIMULATED_BUDGETS_MS, and its deadline orders it."""
+    with predict_ms from the executor's state on arrival, and measures it."""
     times = ServiceTimes()
     for variant, cost in COSTS.items():
         times.seed(variant, CPU, cost)
-    # (deadline, arrival, rows, id) per variant
-    queues: dict[str, list[tuple[float, float, int, int]]] = {v: [] for v in COSTS}
+    queues: dict[str, list[tuple[float, int, int]]] = {v: [] for v in COSTS}  # (at, rows, id)
     running: list[_Batch] = []
     predicted: dict[int, float] = {}
     arrived: dict[int, float] = {}
     answered: dict[int, float] = {}
-    budget_of: dict[int, float | None] = {}
-    draw = np.random.default_rng(seed + 1)
 
     def start_batches(now: float) -> None:
-        # DeviceExecutor's rule: the variant holding the request due first; merge its queue,
-        # most urgent first, up to MAX_BATCH rows.
+        # DeviceExecutor's rule: the oldest head first; merge its variant up to MAX_BATCH rows.
         while len(running) < workers:
-            heads = [(min(queue), v) for v, queue in queues.items() if queue]
+            heads = [(queue[0][0], v) for v, queue in queues.items() if queue]
             if not heads:
                 return
             _, variant = min(heads)
             taken, kept, rows = [], [], 0
-            for item in sorted(queues[variant]):
-                if not taken or rows + item[2] <= MAX_BATCH:
+            for item in queues[variant]:
+                if not taken or rows + item[1] <= MAX_BATCH:
                     taken.append(item)
-                    rows += item[2]
+                    rows += item[1]
                 else:
                     kept.append(item)
             queues[variant] = kept
             ends = now + COSTS[variant].ms(rows)
-            heapq.heappush(running, _Batch(ends, now, variant, rows, [i[3] for i in taken]))
+            heapq.heappush(running, _Batch(ends, now, variant, rows, [i[2] for i in taken]))
 
     pending = arrivals(load, workers, seed)
     index = 0
@@ -381,19 +369,11 @@ def simulate(workers: int, load: float, seed: int = 7, budgets: bool = False) ->
             workers,
             MAX_BATCH,
             [RunningBatch(b.variant, b.rows, now - b.started) for b in running],
-            {v: sum(item[2] for item in queue) for v, queue in queues.items() if queue},
-            {
-                v: tuple((due - now, n) for due, _, n, _ in queue)
-                for v, queue in queues.items()
-                if queue
-            },
+            {v: sum(item[1] for item in queue) for v, queue in queues.items() if queue},
         )
-        budget = SIMULATED_BUDGETS_MS[draw.integers(len(SIMULATED_BUDGETS_MS))] if budgets else None
-        predicted[index] = predict_ms(state, times, CPU, variant, rows, deadline_ms=budget)
+        predicted[index] = predict_ms(state, times, CPU, variant, rows)
         arrived[index] = now
-        budget_of[index] = budget
-        due = now + (budget if budget is not None else UNBUDGETED_MS)
-        queues[variant].append((due, now, rows, index))
+        queues[variant].append((now, rows, index))
         index += 1
         start_batches(now)
 
@@ -401,7 +381,6 @@ def simulate(workers: int, load: float, seed: int = 7, budgets: bool = False) ->
     return Outcome(
         np.array([predicted[i] for i in ids]),
         np.array([answered[i] - arrived[i] for i in ids]),
-        np.array([np.nan if budget_of[i] is None else budget_of[i] for i in ids]),
     )
 
 
@@ -433,32 +412,6 @@ def test_predictions_match_a_simulated_two_worker_executor():
     mean_latency = outcome.actual.mean()
     assert np.median(outcome.errors) < 0.10 * mean_latency
     assert abs((outcome.predicted - outcome.actual).mean()) < 0.05 * mean_latency
-
-
-@pytest.mark.parametrize("load", [0.5, 0.8])
-def test_with_deadlines_the_tightest_budgets_wait_least_and_predictions_still_hold(load):
-    outcome = simulate(workers=1, load=load, budgets=True)
-    tightest = min(b for b in SIMULATED_BUDGETS_MS if b is not None)
-    tight = outcome.budgets == tightest
-    unbudgeted = np.isnan(outcome.budgets)
-    # In arrival order both would take longer than the tight budget equally often.
-    missed = (outcome.actual[tight] > tightest).mean()
-    assert missed < 0.5 * (outcome.actual[unbudgeted] > tightest).mean()
-    assert outcome.actual[tight].mean() < outcome.actual[unbudgeted].mean()
-    # Later arrivals due sooner may still pass a request, which no prediction can know of:
-    # typical predictions stay close, and a request due soon is rarely passed.
-    mean_latency = outcome.actual.mean()
-    assert np.median(outcome.errors) < 0.15 * mean_latency
-    assert np.median(outcome.errors[tight]) < 0.10 * outcome.actual[tight].mean()
-    assert np.corrcoef(outcome.predicted, outcome.actual)[0, 1] > 0.8
-
-
-def test_without_budgets_deadlines_keep_arrival_order():
-    """Unbudgeted requests are all due a fixed time after arriving: first come, first served,
-    and the same predictions as a queue that knows no deadlines."""
-    outcome = simulate(workers=1, load=0.7)
-    assert np.isnan(outcome.budgets).all()
-    assert np.median(outcome.errors) < 0.10 * outcome.actual.mean()
 
 
 # --- cost that grows with the input's length --------------------------------------------------

@@ -137,13 +137,9 @@ class DataPlane:
         router = None
         if choices:
 
-            def predict(
-                variant: str, device: str, rows: int, tokens: int | None, budget_ms: float | None
-            ) -> float:
+            def predict(variant: str, device: str, rows: int, tokens: int | None) -> float:
                 backend = self._backends[device]
-                return self._overhead_ms + backend.predict_ms(
-                    name, variant, rows, tokens, self._due_in_ms(budget_ms)
-                )
+                return self._overhead_ms + backend.predict_ms(name, variant, rows, tokens)
 
             def margin(variant: str, device: str) -> float:
                 return self._margin_ms(name, variant, device)
@@ -156,16 +152,6 @@ class DataPlane:
                 raise InvalidArgumentError(f"text model '{name}' is served without its tokenizer")
             tokenizer = SentenceTokenizer(text, entry.tokenizer)
         return _ServedModel(entry, router, agreement, tokenizer)
-
-    def _due_in_ms(self, budget_ms: float | None) -> float | None:
-        """How far off a request's deadline lies on the executor (see :meth:`_deadline`)."""
-        return None if budget_ms is None else budget_ms - self._transport_allowance_ms
-
-    def _deadline(self, clock: RequestClock, budget_ms: float | None) -> float | None:
-        """When the budget of a request runs out (``time.perf_counter`` seconds): the
-        executor's deadline for it, the transport outside the clock kept free."""
-        due_in_ms = self._due_in_ms(budget_ms)
-        return None if due_in_ms is None else clock.arrived + due_in_ms / 1000
 
     def _margin_ms(self, model: str, variant: str, device: str) -> float:
         """The room a budget must leave beyond a prediction: its errors' quantile + transport."""
@@ -324,8 +310,7 @@ class DataPlane:
             variant, device = route.variant, route.device_class
             if recorded:
                 self._metrics.variant_selected(request.model, variant, route.reason)
-            deadline = self._deadline(clock, routing.latency_budget_ms)
-            result, work_ms = await self._run(record.name, route, inputs, deadline)
+            result, work_ms = await self._run(record.name, route, inputs)
             if recorded:
                 self._shadow.maybe_compare(
                     record, variant, served.agreement[variant], inputs, result.outputs
@@ -388,18 +373,13 @@ class DataPlane:
         return parameters
 
     async def _run(
-        self,
-        model: str,
-        route: Route,
-        inputs: Mapping[str, np.ndarray],
-        deadline: float | None = None,
+        self, model: str, route: Route, inputs: Mapping[str, np.ndarray]
     ) -> tuple[BatchResult, float]:
         """The variant's result, and how long the backend took to give it (ms)."""
         self._metrics.inflight(model, route.device_class, 1)
         started = time.perf_counter()
         try:
-            backend = self._backends[route.device_class]
-            result = await backend.infer(model, route.variant, inputs, deadline)
+            result = await self._backends[route.device_class].infer(model, route.variant, inputs)
         finally:
             self._metrics.inflight(model, route.device_class, -1)
         return result, (time.perf_counter() - started) * 1000

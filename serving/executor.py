@@ -1,15 +1,11 @@
 """Where ONNX Runtime runs: worker threads per device class, with dynamic batching.
 
 One :class:`DeviceExecutor` serves every variant hosted on one device class in this process.
-Requests queue per variant, each with a deadline: the moment its caller's latency budget runs
-out, or :data:`UNBUDGETED_DEADLINE_S` after it was queued when it has none. Each worker thread
-takes the variant holding the most urgent request (earliest deadline first: a request with a
-tight budget does not wait behind queued work that has time to spare), merges that variant's
-queued requests into one batch, most urgent first (up to ``max_batch_size`` rows of the same
-trailing shapes, waiting at most ``max_wait_ms`` for more), runs it, and hands each caller its
-rows back on the caller's event loop. Requests with no budget, alone, run in arrival order.
-Sessions never run on the event loop, so decoding, health probes and timers never wait for a
-session.
+Requests queue per variant; each worker thread takes the variant whose oldest request has
+waited longest, merges that variant's queued requests into one batch (up to
+``max_batch_size`` rows of the same trailing shapes, waiting at most ``max_wait_ms`` for more),
+runs it, and hands each caller its rows back on the caller's event loop. Sessions never run on
+the event loop, so decoding, health probes and timers never wait for a session.
 
 Handing a batch to a worker thread and its answer back costs two thread wake-ups (measured at
 warm-up: about 0.3 ms on a small VM, up to 0.8 ms in the request path). A batch predicted to
@@ -48,10 +44,6 @@ from gearbox.serving.queue_model import RunningBatch, ServiceTimes, WorkState, v
 
 logger = logging.getLogger(__name__)
 
-UNBUDGETED_DEADLINE_S = 1.0
-"""The deadline of a request without a latency budget, after it was queued: budgeted requests
-go first while they are due sooner, and an unbudgeted one never waits behind them for longer."""
-
 HOP_MEASURE_GAP_S = 0.002
 """Idle time before each batch :meth:`DeviceExecutor.measure_hop` times."""
 
@@ -78,15 +70,9 @@ class _Pending:
     layout: tuple[tuple[str, str, tuple[int, ...]], ...]
     future: asyncio.Future[BatchResult]
     loop: asyncio.AbstractEventLoop
-    deadline: float
-    """``time.perf_counter`` seconds by which the caller needs its answer."""
     enqueued_at: float = field(default_factory=time.perf_counter)
     abandoned: bool = False
     """The caller went away (cancelled): skipped when batches form."""
-
-    @property
-    def urgency(self) -> tuple[float, float]:
-        return (self.deadline, self.enqueued_at)
 
 
 _Answer = tuple[_Pending, "BatchResult | None", "BaseException | None"]
@@ -172,30 +158,21 @@ class DeviceExecutor:
 
     # -- the request side (event loop) ---------------------------------------------------------
 
-    async def submit(
-        self, model: str, variant: str, inputs: Arrays, deadline: float | None = None
-    ) -> BatchResult:
-        """Runs ``inputs`` on the variant; ``deadline`` (``time.perf_counter`` seconds) is when
-        the caller's budget runs out, None if it has none."""
+    async def submit(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
         entry = self._entry(model, variant)
         rows = _batch_rows(inputs)
         if self.runs_inline(entry.key, rows):
             return self._run_inline(entry, inputs, rows)
-        return await self._on_worker(entry, inputs, rows, deadline)
+        return await self._on_worker(entry, inputs, rows)
 
-    async def _on_worker(
-        self, entry: _Variant, inputs: Arrays, rows: int, deadline: float | None = None
-    ) -> BatchResult:
+    async def _on_worker(self, entry: _Variant, inputs: Arrays, rows: int) -> BatchResult:
         loop = asyncio.get_running_loop()
-        now = time.perf_counter()
         pending = _Pending(
             inputs,
             rows,
             _layout(inputs, entry.pads_sequences),
             loop.create_future(),
             loop,
-            deadline=deadline if deadline is not None else now + UNBUDGETED_DEADLINE_S,
-            enqueued_at=now,
         )
         with self._ready:
             if self._stopped:
@@ -276,14 +253,7 @@ class DeviceExecutor:
                 for run in self._running
             ]
             queued = {e.key: e.queued_rows for e in self._variants.values() if e.queued_rows}
-            due = {
-                e.key: tuple(
-                    ((p.deadline - now) * 1000, p.rows) for p in e.queue if not p.abandoned
-                )
-                for e in self._variants.values()
-                if e.queued_rows
-            }
-        return WorkState(self.workers, self._batching.max_batch_size, running, queued, due)
+        return WorkState(self.workers, self._batching.max_batch_size, running, queued)
 
     def depth(self) -> int:
         """Requests admitted on this device class and not yet answered."""
@@ -332,7 +302,7 @@ class DeviceExecutor:
         while True:
             if self._stopped:
                 return [], None
-            entry = self._most_urgent()
+            entry = self._oldest()
             # A caller may go away between the two looks: then look again.
             batch = self._take(entry, []) if entry is not None else []
             if entry is not None and batch:
@@ -350,33 +320,26 @@ class DeviceExecutor:
                 batch = self._take(entry, batch)
         return batch, entry
 
-    def _most_urgent(self) -> _Variant | None:
-        """The variant holding the live request due first (earliest deadline; among equal
-        deadlines, the one queued first)."""
-        chosen: _Variant | None = None
-        chosen_urgency = (0.0, 0.0)
+    def _oldest(self) -> _Variant | None:
+        """The variant whose first live request has waited longest (requests are served in
+        arrival order across variants)."""
+        oldest: _Variant | None = None
         for entry in self._variants.values():
-            self._drop_abandoned(entry)
-            live = [p.urgency for p in entry.queue if not p.abandoned]
-            if live and (chosen is None or min(live) < chosen_urgency):
-                chosen, chosen_urgency = entry, min(live)
-        return chosen
-
-    def _drop_abandoned(self, entry: _Variant) -> None:
-        for pending in [p for p in entry.queue if p.abandoned]:
-            entry.queue.remove(pending)
-            entry.queued_rows -= pending.rows
-            entry.admitted -= 1
-            self._queued -= 1
+            while entry.queue and entry.queue[0].abandoned:
+                dropped = entry.queue.popleft()
+                entry.queued_rows -= dropped.rows
+                entry.admitted -= 1
+                self._queued -= 1
+            if entry.queue and (
+                oldest is None or entry.queue[0].enqueued_at < oldest.queue[0].enqueued_at
+            ):
+                oldest = entry
+        return oldest
 
     def _take(self, entry: _Variant, batch: list[_Pending]) -> list[_Pending]:
-        """Moves queued requests that fit (same trailing shapes, row budget) into ``batch``,
-        most urgent first."""
+        """Moves queued requests that fit (same trailing shapes, row budget) into ``batch``."""
         rows = sum(p.rows for p in batch)
         kept: deque[_Pending] = deque()
-        ordered = sorted(entry.queue, key=lambda p: p.urgency)
-        entry.queue.clear()
-        entry.queue.extend(ordered)
         while entry.queue:
             pending = entry.queue.popleft()
             entry.queued_rows -= pending.rows

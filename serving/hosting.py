@@ -33,25 +33,12 @@ class Backend(Protocol):
 
     device_class: str
 
-    async def infer(
-        self, model: str, variant: str, inputs: Arrays, deadline: float | None = None
-    ) -> BatchResult:
-        """The variant's answer; ``deadline`` (``time.perf_counter`` seconds, None: no budget)
-        is when the caller's budget runs out: the more urgent requests run first."""
-        ...
+    async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult: ...
 
-    def predict_ms(
-        self,
-        model: str,
-        variant: str,
-        rows: int,
-        tokens: int | None = None,
-        deadline_ms: float | None = None,
-    ) -> float:
+    def predict_ms(self, model: str, variant: str, rows: int, tokens: int | None = None) -> float:
         """How long ``infer`` would take for a request of ``rows`` rows (of ``tokens`` tokens,
-        for a text model) arriving now, due in ``deadline_ms`` (None: no budget): queueing,
-        the hop to the session and back, and the run (the gateway's own overhead is not
-        included)."""
+        for a text model) arriving now: queueing, the hop to the session and back, and the run
+        (the gateway's own overhead is not included)."""
         ...
 
     def depth(self) -> int:
@@ -183,26 +170,15 @@ class LocalBackend:
                 key = variant_key(model, variant)
                 self.times.seed(key, self.device_class, self._profiled[key], self._by_tokens[key])
 
-    async def infer(
-        self, model: str, variant: str, inputs: Arrays, deadline: float | None = None
-    ) -> BatchResult:
-        return await self.executor.submit(model, variant, inputs, deadline)
+    async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
+        return await self.executor.submit(model, variant, inputs)
 
-    def predict_ms(
-        self,
-        model: str,
-        variant: str,
-        rows: int,
-        tokens: int | None = None,
-        deadline_ms: float | None = None,
-    ) -> float:
+    def predict_ms(self, model: str, variant: str, rows: int, tokens: int | None = None) -> float:
         key = variant_key(model, variant)
         if self.executor.runs_inline(key, rows):  # on the event loop, beside any worker's batch
             return self.times.batch_ms(key, self.device_class, rows, tokens)
         state = self.executor.work_state()
-        queued = predict_ms(
-            state, self.times, self.device_class, key, rows, tokens=tokens, deadline_ms=deadline_ms
-        )
+        queued = predict_ms(state, self.times, self.device_class, key, rows, tokens=tokens)
         return queued + self.executor.hop_ms
 
     def depth(self) -> int:
@@ -231,11 +207,7 @@ class RemoteBackend:
     def settle(self) -> None:
         """Nothing to forget here: its own replicas settle their predictions."""
 
-    async def infer(
-        self, model: str, variant: str, inputs: Arrays, deadline: float | None = None
-    ) -> BatchResult:
-        # Its replicas order their own queues: a deadline on this process's clock means nothing
-        # there, and the requests in flight are all waited for below.
+    async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
         self._inflight += 1
         started = time.perf_counter()
         try:
@@ -257,14 +229,7 @@ class RemoteBackend:
         )
         return result
 
-    def predict_ms(
-        self,
-        model: str,
-        variant: str,
-        rows: int,
-        tokens: int | None = None,
-        deadline_ms: float | None = None,
-    ) -> float:
+    def predict_ms(self, model: str, variant: str, rows: int, tokens: int | None = None) -> float:
         own = self.times.batch_ms(variant_key(model, variant), self.device_class, rows, tokens)
         return own * (1 + self._inflight)
 

@@ -178,17 +178,6 @@ class WorkState:
     max_batch_size: int
     running: Sequence[RunningBatch] = ()
     queued_rows: Mapping[str, int] = field(default_factory=dict)
-    queued_due: Mapping[str, Sequence[tuple[float, int]]] = field(default_factory=dict)
-    """Per variant, (ms until the deadline, rows) of each waiting request: the executor runs
-    the most urgent first. A variant missing here has all of its queued rows due first."""
-
-    def rows_due_by(self, variant: str, deadline_ms: float | None) -> int:
-        """The variant's queued rows that run before a request due in ``deadline_ms`` (all of
-        them when either is unknown)."""
-        due = self.queued_due.get(variant)
-        if deadline_ms is None or due is None:
-            return self.queued_rows.get(variant, 0)
-        return sum(rows for until_ms, rows in due if until_ms <= deadline_ms)
 
 
 def batches_of(rows: int, max_batch_size: int) -> list[int]:
@@ -205,17 +194,13 @@ def predict_ms(
     rows: int = 1,
     overhead_ms: float = 0.0,
     tokens: int | None = None,
-    deadline_ms: float | None = None,
 ) -> float:
-    """When a request of ``rows`` rows for ``variant`` arriving now, due in ``deadline_ms``
-    (None: after everything queued), would be answered, in ms.
+    """When a request of ``rows`` rows for ``variant`` arriving now would be answered, in ms.
 
     The executor's workers are laid out in time: each is free once what is left of its running
-    batch is done (an idle one at once), and every queued batch due before the request goes,
-    in order, to the worker free first; the executor runs the most urgent first, so what is
-    due later waits behind it. The request joins its variant's last partial batch if it fits;
-    its batch starts on the first worker free after the batches ahead and runs for its own
-    service time.
+    batch is done (an idle one at once), and every queued batch goes, in order, to the worker
+    free first. The request joins its variant's last partial batch if it fits; its batch
+    starts on the first worker free after the batches ahead and runs for its own service time.
     """
     free_at = sorted(
         max(times.batch_ms(run.variant, device_class, run.rows) - run.elapsed_ms, 0.0)
@@ -230,12 +215,11 @@ def predict_ms(
         heapq.heappush(free_at, start + ms)
         return start
 
-    for other in state.queued_rows:
+    for other, queued in state.queued_rows.items():
         if other != variant:
-            ahead = state.rows_due_by(other, deadline_ms)
-            for size in batches_of(ahead, state.max_batch_size):
+            for size in batches_of(queued, state.max_batch_size):
                 run_next(times.batch_ms(other, device_class, size))
-    mine = batches_of(state.rows_due_by(variant, deadline_ms), state.max_batch_size)
+    mine = batches_of(state.queued_rows.get(variant, 0), state.max_batch_size)
     own_rows = rows
     if mine and mine[-1] + rows <= state.max_batch_size:
         own_rows += mine.pop()

@@ -124,10 +124,9 @@ class Route:
     reason: str
 
 
-Predict = Callable[[str, str, int, int | None, float | None], float]
+Predict = Callable[[str, str, int, int | None], float]
 """Predicted latency in ms of a request of ``rows`` rows (and, for a text model, ``tokens``
-tokens; None: its usual length) with a latency budget of ``budget_ms`` (None: none; the
-executor runs the most urgent requests first) for (variant, device class)."""
+tokens; None: its usual length) for (variant, device class)."""
 
 Margin = Callable[[str, str], float]
 """How much room (ms) a budget must leave beyond (variant, device class)'s prediction."""
@@ -163,7 +162,7 @@ class Router:
     def predicted_ms(
         self, variant: str, device_class: str, rows: int = 1, tokens: int | None = None
     ) -> float:
-        return self._predict(variant, device_class, rows, tokens, None)
+        return self._predict(variant, device_class, rows, tokens)
 
     def choose(
         self, routing: RoutingRequest, pinned: str = "", rows: int = 1, tokens: int | None = None
@@ -173,7 +172,7 @@ class Router:
             if pinned not in self._variants:
                 raise NotFoundError(f"variant '{pinned}' of model '{self._model}' is not served")
             return self._fastest(
-                [self._option(pinned, d, rows, tokens, routing) for d in devices], Reason.PINNED
+                [self._option(pinned, d, rows, tokens) for d in devices], Reason.PINNED
             )
 
         variants = list(self._variants.values())
@@ -185,9 +184,7 @@ class Router:
                     f"no variant of model '{self._model}' reaches {MIN_QUALITY_PARAMETER} "
                     f"{routing.min_quality:g} (best: {best:.4f})"
                 )
-        options = [
-            self._option(v.variant, d, rows, tokens, routing) for v in variants for d in devices
-        ]
+        options = [self._option(v.variant, d, rows, tokens) for v in variants for d in devices]
 
         if routing.latency_budget_ms is None:
             if routing.routing_key is not None:
@@ -218,16 +215,8 @@ class Router:
             )
         return served
 
-    def _option(
-        self,
-        variant: str,
-        device_class: str,
-        rows: int,
-        tokens: int | None,
-        routing: RoutingRequest,
-    ) -> Route:
-        predicted = self._predict(variant, device_class, rows, tokens, routing.latency_budget_ms)
-        return Route(variant, device_class, predicted, "")
+    def _option(self, variant: str, device_class: str, rows: int, tokens: int | None) -> Route:
+        return Route(variant, device_class, self._predict(variant, device_class, rows, tokens), "")
 
     def _fastest(self, options: Sequence[Route], reason: str) -> Route:
         best = min(options, key=lambda o: (o.predicted_ms, o.variant, o.device_class))

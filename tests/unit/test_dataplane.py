@@ -457,19 +457,15 @@ class FakeBackend:
         self.error = error
         self.value = value
         self.calls: list[tuple[str, str, int]] = []
-        self.deadlines: list[float | None] = []
-        self.due_in_ms: list[float | None] = []
 
-    async def infer(self, model, variant, inputs, deadline=None):
+    async def infer(self, model, variant, inputs):
         rows = len(inputs[INPUT])
         self.calls.append((model, variant, rows))
-        self.deadlines.append(deadline)
         if self.error is not None:
             raise self.error
         return BatchResult({OUTPUT: np.full((rows, 10), self.value, np.float32)}, 0.0, 0.0, rows)
 
-    def predict_ms(self, model, variant, rows, tokens=None, deadline_ms=None):
-        self.due_in_ms.append(deadline_ms)
+    def predict_ms(self, model, variant, rows, tokens=None):
         return self.predicted
 
     def depth(self):
@@ -1041,37 +1037,9 @@ def test_a_transport_allowance_is_left_free_when_choosing_but_not_counted_on_the
 class LateBackend(FakeBackend):
     """Predicts 1 ms and answers 20 ms later."""
 
-    async def infer(self, model, variant, inputs, deadline=None):
+    async def infer(self, model, variant, inputs):
         await asyncio.sleep(0.02)
-        return await super().infer(model, variant, inputs, deadline)
-
-
-def test_a_budget_reaches_the_executor_as_a_deadline_the_transport_kept_free(tiny_repository):
-    backend = FakeBackend(DEVICE, predicted_ms=1.0)
-    plane = DataPlane(
-        Catalog.load(tiny_repository), [backend], [DEVICE], RecordingMetrics(),
-        transport_allowance_ms=2.0,
-    )  # fmt: skip
-    budgeted, unbudgeted = RequestClock.start(), RequestClock.start()
-
-    async def main() -> None:
-        plane.answered(await plane.infer(infer_request(latency_budget_ms=50.0), budgeted))
-        backend.due_in_ms.clear()
-        plane.answered(await plane.infer(infer_request(), unbudgeted))
-
-    run(main())
-    assert backend.deadlines == [pytest.approx(budgeted.arrived + 0.048), None]
-    assert set(backend.due_in_ms) == {None}  # every candidate, predicted without a budget
-
-
-def test_candidates_are_predicted_as_due_when_the_budget_runs_out(tiny_repository):
-    backend = FakeBackend(DEVICE, predicted_ms=1.0)
-    plane = DataPlane(
-        Catalog.load(tiny_repository), [backend], [DEVICE], RecordingMetrics(),
-        transport_allowance_ms=2.0,
-    )  # fmt: skip
-    plane.answered(run(plane.infer(infer_request(latency_budget_ms=50.0), RequestClock.start())))
-    assert backend.due_in_ms and set(backend.due_in_ms) == {48.0}
+        return await super().infer(model, variant, inputs)
 
 
 def test_answers_that_run_late_teach_the_router_to_leave_room_for_them(tiny_repository):

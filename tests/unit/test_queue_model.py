@@ -248,29 +248,6 @@ def test_everything_together():
     assert predict_ms(state, TIMES, CPU, "a", rows=1, overhead_ms=0.25) == pytest.approx(expected)
 
 
-def test_only_queued_rows_due_sooner_run_ahead_of_a_request_with_a_deadline():
-    state = WorkState(
-        1, 8,
-        queued_rows={"b": 6, "a": 2},
-        queued_due={"b": ((5.0, 2), (40.0, 4)), "a": ((1000.0, 2),)},
-    )  # fmt: skip
-    # Due in 10 ms: b's 2 rows due in 5 ms run first (2 ms); the rest waits behind it.
-    assert predict_ms(state, TIMES, CPU, "a", deadline_ms=10.0) == 2.0 + 3.0
-    # Due in 50 ms: all of b (6 rows: 4 ms) and neither of a's rows, due later.
-    assert predict_ms(state, TIMES, CPU, "a", deadline_ms=50.0) == 4.0 + 3.0
-    # Without a deadline, everything queued is ahead, as without deadlines at all.
-    everything = 4.0 + TIMES.batch_ms("a", CPU, 3)
-    assert predict_ms(state, TIMES, CPU, "a") == everything
-    assert predict_ms(WorkState(1, 8, queued_rows={"b": 6, "a": 2}), TIMES, CPU, "a",
-                      deadline_ms=10.0) == everything  # fmt: skip
-
-
-def test_rows_due_by_counts_what_is_due_no_later():
-    state = WorkState(1, 8, queued_rows={"b": 3}, queued_due={"b": ((5.0, 1), (7.0, 2))})
-    assert [state.rows_due_by("b", ms) for ms in (4.0, 5.0, 7.0, None)] == [0, 1, 3, 3]
-    assert state.rows_due_by("a", 10.0) == 0
-
-
 def test_an_idle_worker_means_no_wait():
     state = WorkState(workers=2, max_batch_size=8, running=[RunningBatch("b", 8, 0.0)])
     assert predict_ms(state, TIMES, CPU, "a") == TIMES.batch_ms("a", CPU, 1)

@@ -37,18 +37,11 @@ class Predictions:
         }
         self.extra: dict[tuple[str, str], float] = {}
         self.calls: list[tuple[str, str, int]] = []
-        self.budgets: list[float | None] = []
 
     def __call__(
-        self,
-        variant: str,
-        device_class: str,
-        rows: int,
-        tokens: int | None = None,
-        budget_ms: float | None = None,
+        self, variant: str, device_class: str, rows: int, tokens: int | None = None
     ) -> float:
         self.calls.append((variant, device_class, rows))
-        self.budgets.append(budget_ms)
         key = (variant, device_class)
         return self.ms[key] + self.extra.get(key, 0.0)
 
@@ -280,19 +273,6 @@ def test_every_candidate_is_predicted_at_the_request_rows():
     assert {rows for *_, rows in predictions.calls} == {1}
     assert router.predicted_ms("small", "gpu", 7) == 0.25
     assert predictions.calls[-1] == ("small", "gpu", 7)
-
-
-def test_every_candidate_is_predicted_with_the_requests_budget():
-    predictions = Predictions({"cpu": SEEDS})
-    router = make_router(predictions=predictions)
-    router.choose(budget(2))
-    assert set(predictions.budgets) == {2.0}
-    predictions.budgets.clear()
-    router.choose(RoutingRequest.from_parameters({"latency_budget_ms": 3}, KNOWN), pinned="int8")
-    assert predictions.budgets == [3.0]
-    predictions.budgets.clear()
-    router.choose(RoutingRequest())
-    assert set(predictions.budgets) == {None}
 
 
 # --- sticky routing ------------------------------------------------------------------------

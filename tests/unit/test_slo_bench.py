@@ -1,0 +1,84 @@
+"""The SLO benchmark's own logic: its schedule, its request bodies, and how it judges budgets
+and quality per policy (no server is started here)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_bench():
+    sys.path.insert(0, str(ROOT / "bench"))  # slo_bench imports its sibling serving_peers
+    try:
+        spec = importlib.util.spec_from_file_location("slo_bench", ROOT / "bench" / "slo_bench.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["slo_bench"] = module  # its dataclasses look their module up by name
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return module
+
+
+bench = _load_bench()
+
+
+def _answer(variant, data):
+    return {"model_version": variant, "outputs": [{"name": "y", "data": list(data)}]}
+
+
+def test_the_schedule_doubles_its_rate_in_the_middle_third():
+    offsets, phases = bench._schedule(np.random.default_rng(3), rate=200.0, seconds=30.0)
+    counts = np.histogram(offsets, bins=[0, 10, 20, 30])[0]
+    assert offsets == sorted(offsets) and offsets[0] > 0 and offsets[-1] < 30.0
+    assert counts[1] == pytest.approx(2 * counts[0], rel=0.15)
+    assert counts[2] == pytest.approx(counts[0], rel=0.15)
+    # A phase is the rate an arrival's gap was drawn at: the spike's, well inside it.
+    assert all(phase == 1 for t, phase in zip(offsets, phases, strict=True) if 10.5 <= t < 19.5)
+    assert all(phase == 0 for t, phase in zip(offsets, phases, strict=True) if not 9.5 <= t < 20.5)
+    again, _ = bench._schedule(np.random.default_rng(3), rate=200.0, seconds=30.0)
+    assert again == offsets  # replayable from the seed
+
+
+def test_a_digits_body_carries_the_image_and_the_budget_only_when_given():
+    workload = bench.digits_workload()
+    budgeted, unbudgeted = workload.bodies(np.array([4, 4]), [3.5, None])
+    document = json.loads(budgeted)
+    [tensor] = document["inputs"]
+    assert (tensor["name"], tensor["datatype"]) == ("images", "FP32")
+    assert len(tensor["data"]) == int(np.prod(tensor["shape"]))
+    assert document["parameters"] == {"latency_budget_ms": 3.5}
+    assert "parameters" not in json.loads(unbudgeted)
+
+
+def test_a_digits_answer_scores_one_exactly_when_its_top_class_is_the_label():
+    workload = bench.digits_workload()
+    one_hot = np.eye(10)
+    # Each held-out digit has exactly one class whose one-hot answer scores 1.
+    for item in range(0, len(workload.inputs), 37):
+        scores = [workload.score(item, _answer("fp32", one_hot[c])) for c in range(10)]
+        assert sorted(scores) == [0.0] * 9 + [1.0]
+
+
+def test_budgets_are_judged_at_the_client_and_only_where_feasible():
+    results = [
+        {"status": 200, "ms": 4.0, "late_ms": 0.1, "variant": "a", "score": 1.0},  # met
+        {"status": 200, "ms": 9.0, "late_ms": 0.1, "variant": "b", "score": 0.5},  # too late
+        {"status": 429, "ms": 0.5, "late_ms": 0.1},  # refused: a miss
+        {"status": 200, "ms": 1.0, "late_ms": 0.1, "variant": "a", "score": 1.0},  # infeasible
+        {"status": 200, "ms": 50.0, "late_ms": 0.1, "variant": "b", "score": 0.0},  # no budget
+    ]
+    budgets = [5.0, 5.0, 5.0, 2.0, None]
+    floors = np.array([3.0, 3.0, 3.0, 2.5, 3.0])  # the last-but-one item needs 2.5 ms unloaded
+    row = bench._summarise(results, budgets, floors, {"a": 0.99, "b": 0.95}, seconds=2.0)
+    assert (row["feasible"], row["met"], row["misses"]) == (3, 1, 2)
+    assert row["met_share"] == pytest.approx(1 / 3)
+    assert row["quality"] == pytest.approx((1.0 + 0.5 + 1.0 + 0.0) / 4)
+    assert row["mean_manifest_quality"] == pytest.approx((0.99 + 0.95 + 0.99 + 0.95) / 4)
+    assert row["throughput_rps"] == 2.0
+    assert row["statuses"] == {"200": 4, "429": 1}
+    assert row["variants"] == {"a": 2, "b": 2, "-": 1}

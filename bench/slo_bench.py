@@ -146,6 +146,7 @@ def minilm_workload(base: str) -> Workload:
     """Held-out sentences, as text; each answer is scored against what the served ``fp32``
     answers for the same sentence (fetched here, one request at a time)."""
     from gearbox.compression.examples.minilm import split_sentences
+    from gearbox.compression.quality import row_cosines
 
     sentences = split_sentences()[2]
     inputs = [
@@ -165,10 +166,7 @@ def minilm_workload(base: str) -> Workload:
 
     def cosine(item: int, answer: dict[str, Any]) -> float:
         embedding = np.asarray(answer["outputs"][0]["data"], dtype=np.float64)
-        reference = references[item]
-        return float(
-            embedding @ reference / (np.linalg.norm(embedding) * np.linalg.norm(reference))
-        )
+        return float(row_cosines(embedding[None], references[item][None])[0])
 
     return Workload("minilm", inputs, cosine, "mean cosine to fp32", uniform=False)
 

@@ -323,15 +323,7 @@ def unfuse_attention(model: onnx.ModelProto) -> int:
         nodes += plain
         graph.initializer.extend(constants)
         rewritten += 1
-    typed = {info.name for info in (*graph.value_info, *graph.output)}
-    created = {output for node in nodes for output in node.output} - producers.keys()
-    # Every tensor written here is FP32; saying so spares the quantiser a warning for each.
-    graph.value_info.extend(
-        helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-        for name in sorted(created - typed)
-    )
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _replace_nodes(graph, nodes)
     return rewritten
 
 
@@ -355,11 +347,23 @@ def unfuse_bias_gelu(model: onnx.ModelProto) -> int:
                 domain="com.microsoft",
             ),
         ]
-        graph.value_info.append(helper.make_tensor_value_info(biased, onnx.TensorProto.FLOAT, None))
     rewritten = len(nodes) - len(graph.node)
+    _replace_nodes(graph, nodes)
+    return rewritten
+
+
+def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Makes ``nodes`` the graph's, declaring every tensor they newly write FP32 (the rewrites
+    here write nothing else; saying so spares the quantiser a warning for each)."""
+    produced = {output for node in graph.node for output in node.output}
+    typed = {info.name for info in (*graph.value_info, *graph.output)}
+    created = {output for node in nodes for output in node.output} - produced - typed
+    float_tensor = onnx.TensorProto.FLOAT
+    graph.value_info.extend(
+        helper.make_tensor_value_info(name, float_tensor, None) for name in sorted(created)
+    )
     del graph.node[:]
     graph.node.extend(nodes)
-    return rewritten
 
 
 def _first_output(path: str, rows: dict[str, np.ndarray]) -> np.ndarray:
@@ -453,25 +457,18 @@ def quantize_int8(config: Int8Config, inputs: TechniqueInput) -> CompressedModel
                 # Dynamic mode rewrites weights only and needs no shape pre-processing, which
                 # cannot infer the shapes of fused transformer operators anyway.
                 rewritten = onnx.load(source)
-                changed = False
                 if config.unfuse_attention:
-                    unfused = unfuse_attention(rewritten)
-                    params.update(unfused_attention_nodes=unfused)
-                    changed = unfused > 0
+                    params.update(unfused_attention_nodes=unfuse_attention(rewritten))
                 if config.unfuse_bias_gelu:
-                    split = unfuse_bias_gelu(rewritten)
-                    params.update(unfused_bias_gelu_nodes=split)
-                    changed = changed or split > 0
+                    params.update(unfused_bias_gelu_nodes=unfuse_bias_gelu(rewritten))
                 if config.smoothing_alpha is not None:
                     inputs.report("smoothing normalised activations", 0.2)
                     smoothed = smooth_normalized_inputs(
                         rewritten, calibration.take(len(calibration)), config.smoothing_alpha
                     )
                     params.update(smoothing_alpha=config.smoothing_alpha, smoothed_nodes=smoothed)
-                    changed = changed or bool(smoothed)
-                if changed:
-                    source = os.path.join(workdir, "rewritten.onnx")
-                    onnx.save(rewritten, source)
+                source = os.path.join(workdir, "rewritten.onnx")
+                onnx.save(rewritten, source)
                 excluded, min_cosine = _quantize_dynamic_keeping_sensitive(
                     config, source, target, calibration, inputs
                 )

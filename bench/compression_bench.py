@@ -237,7 +237,9 @@ def with_minilm_section(document: str, section: str) -> str:
     return f"{head}\n{section}{document[end:]}"
 
 
-def bench_minilm(repo_dir: Path, compress_seconds: float | None, docs: Path | None) -> list[Check]:
+def bench_minilm(
+    repo_dir: Path, compress_seconds: float | None, docs: Path | None, json_path: Path | None
+) -> list[Check]:
     repo = ModelRepository(repo_dir)
     rows = measure_minilm(repo)
     speed_ms = interleaved_p50(repo) if "fp32" in rows else {}
@@ -248,6 +250,27 @@ def bench_minilm(repo_dir: Path, compress_seconds: float | None, docs: Path | No
     if docs is not None:
         docs.write_text(with_minilm_section(docs.read_text(), section))
         print(f"written to {docs}")
+    if json_path is not None:
+        figures = {
+            "compress_seconds": compress_seconds,
+            "speed_p50_ms": speed_ms,
+            "checks": [
+                {"check": name, "pass": ok, "figure": figure} for name, ok, figure in checks
+            ],
+            "variants": [
+                {
+                    "variant": name,
+                    "status": manifest.status,
+                    "size_bytes": manifest.size_bytes,
+                    "params": manifest.param_count,
+                    "quality": manifest.quality.value,
+                    "quality_details": dict(manifest.quality.details),
+                    "latency_ms": latency,
+                }
+                for name, (manifest, latency) in rows.items()
+            ],
+        }
+        json_path.write_text(json.dumps(figures, indent=2))
     return checks
 
 
@@ -278,7 +301,9 @@ def main() -> int:
         compress_seconds = time.perf_counter() - started
 
     if args.example == "minilm":
-        checks = bench_minilm(repo_dir, compress_seconds, None if args.no_docs else args.docs)
+        checks = bench_minilm(
+            repo_dir, compress_seconds, None if args.no_docs else args.docs, args.json
+        )
         return 0 if all(ok for _, ok, _ in checks) else 1
 
     repo = ModelRepository(repo_dir)

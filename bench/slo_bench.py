@@ -466,7 +466,13 @@ def main() -> int:
         help="gearbox serve's --transport-allowance-ms (default: measure the time unloaded "
         "requests spend outside the gateway's clock on a first server, then serve with it)",
     )  # fmt: skip
+    parser.add_argument(
+        "--device-classes", type=Path,
+        help="gearbox serve's --device-classes: YAML file of device classes (default: cpu)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.device_classes is not None and not args.device_classes.is_file():
+        parser.error(f"--device-classes: no file {args.device_classes}")
     if args.reuse and args.repo is None:
         parser.error("--reuse needs --repo")
     if args.seconds <= 0 or args.seconds > 600:
@@ -512,7 +518,8 @@ def _gateway(repo: Path, args: argparse.Namespace, allowance_ms: float) -> Itera
     server = subprocess.Popen(
         [GEARBOX, "serve", "--repo", str(repo), "--http-port", str(args.http_port),
          "--grpc-port", str(args.grpc_port), "--metrics-port", str(args.metrics_port),
-         "--transport-allowance-ms", str(allowance_ms)],
+         "--transport-allowance-ms", str(allowance_ms),
+         *(["--device-classes", str(args.device_classes)] if args.device_classes else [])],
         stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:

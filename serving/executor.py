@@ -4,7 +4,10 @@ One :class:`DeviceExecutor` serves every variant hosted on one device class in t
 Requests queue per variant; each worker thread takes the variant whose oldest request has
 waited longest, merges that variant's queued requests into one batch (up to
 ``max_batch_size`` rows of the same trailing shapes, waiting at most ``max_wait_ms`` for more),
-runs it, and hands each caller its rows back on the caller's event loop. Sessions never run on
+runs it, and hands each caller its rows back on the caller's event loop. A variant merges only
+where a batch answers its requests sooner on average than running them one by one
+(:func:`~gearbox.serving.queue_model.merging_pays`: a small network, not a transformer at 64
+tokens, whose batch of eight costs about eight runs). Sessions never run on
 the event loop, so decoding, health probes and timers never wait for a session.
 
 Handing a batch to a worker thread and its answer back costs two thread wake-ups (measured at
@@ -40,7 +43,13 @@ from gearbox.compression.errors import (
     UnavailableError,
 )
 from gearbox.serving.config import BatchingConfig
-from gearbox.serving.queue_model import RunningBatch, ServiceTimes, WorkState, variant_key
+from gearbox.serving.queue_model import (
+    RunningBatch,
+    ServiceTimes,
+    WorkState,
+    merging_pays,
+    variant_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +262,16 @@ class DeviceExecutor:
                 for run in self._running
             ]
             queued = {e.key: e.queued_rows for e in self._variants.values() if e.queued_rows}
-        return WorkState(self.workers, self._batching.max_batch_size, running, queued)
+        limits = {key: 1 for key in {*queued, *(run.variant for run in running)}
+                  if self._batch_limit(key, None) == 1}  # fmt: skip
+        return WorkState(self.workers, self._batching.max_batch_size, running, queued, limits)
+
+    def _batch_limit(self, key: str, tokens: int | None) -> int:
+        """Rows a batch of ``key`` may hold at ``tokens``: the configured maximum where merging
+        requests pays (:func:`~.queue_model.merging_pays`), else one."""
+        if merging_pays(self._times, key, self.device_class, tokens, self.hop_ms):
+            return self._batching.max_batch_size
+        return 1
 
     def depth(self) -> int:
         """Requests admitted on this device class and not yet answered."""
@@ -312,7 +330,8 @@ class DeviceExecutor:
         wait_s = self._batching.max_wait_ms / 1000
         if wait_s > 0:
             deadline = time.perf_counter() + wait_s
-            while sum(p.rows for p in batch) < self._batching.max_batch_size:
+            tokens = _sequence_length([p.inputs for p in batch]) if entry.pads_sequences else None
+            while sum(p.rows for p in batch) < self._batch_limit(entry.key, tokens):
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0 or self._stopped:
                     break
@@ -337,8 +356,10 @@ class DeviceExecutor:
         return oldest
 
     def _take(self, entry: _Variant, batch: list[_Pending]) -> list[_Pending]:
-        """Moves queued requests that fit (same trailing shapes, row budget) into ``batch``."""
+        """Moves queued requests that fit (same trailing shapes, row budget, and a batch that
+        still pays at its length: :meth:`_batch_limit`) into ``batch``."""
         rows = sum(p.rows for p in batch)
+        tokens = _sequence_length([p.inputs for p in batch]) if entry.pads_sequences else None
         kept: deque[_Pending] = deque()
         while entry.queue:
             pending = entry.queue.popleft()
@@ -347,10 +368,15 @@ class DeviceExecutor:
             if pending.abandoned:
                 entry.admitted -= 1
                 continue
+            merged_tokens = tokens
+            if batch and entry.pads_sequences:
+                merged_tokens = max(tokens or 0, _sequence_length([pending.inputs]) or 0)
             if not batch or (
                 pending.layout == batch[0].layout
-                and rows + pending.rows <= self._batching.max_batch_size
+                and rows + pending.rows <= self._batch_limit(entry.key, merged_tokens)
             ):
+                if entry.pads_sequences:
+                    tokens = _sequence_length([p.inputs for p in (*batch, pending)])
                 batch.append(pending)
                 rows += pending.rows
             else:

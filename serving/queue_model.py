@@ -37,6 +37,9 @@ class BatchCost:
 
     fixed_ms: float
     per_row_ms: float
+    measured_shape: bool = True
+    """Whether the split into fixed and per-row cost was measured (two batch sizes) rather than
+    assumed from one figure."""
 
     @classmethod
     def from_profile(cls, b1_ms: float, b8_ms: float | None = None) -> BatchCost:
@@ -47,7 +50,7 @@ class BatchCost:
         """
         b1_ms = max(b1_ms, 0.0)
         if b8_ms is None or b8_ms <= 0:
-            return cls(b1_ms / 2, b1_ms / 2)
+            return cls(b1_ms / 2, b1_ms / 2, measured_shape=False)
         per_row = max((b8_ms - b1_ms) / 7, 0.0)
         return cls(max(b1_ms - per_row, 0.0), per_row)
 
@@ -121,7 +124,7 @@ class ServiceTimes:
         base = cost.ms(rows) * self._length_factor(key, rows, tokens) if cost is not None else 0.0
         if base <= 0:
             # Nothing to scale: the first measurement becomes the cost of one row.
-            self._costs[key] = BatchCost(0.0, milliseconds / max(rows, 1))
+            self._costs[key] = BatchCost(0.0, milliseconds / max(rows, 1), measured_shape=False)
             self._scales[key] = 1.0
             return
         scale = self._scales[key]
@@ -144,7 +147,7 @@ class ServiceTimes:
         ((rows, ms),) = measured_ms.items()
         cost = self._costs.get(key)
         if cost is None or cost.ms(rows) <= 0:
-            self._costs[key] = BatchCost(0.0, ms / max(rows, 1))
+            self._costs[key] = BatchCost(0.0, ms / max(rows, 1), measured_shape=False)
             self._scales[key] = 1.0
         else:
             self._scales[key] = ms / cost.ms(rows)
@@ -152,6 +155,12 @@ class ServiceTimes:
     def knows(self, variant: str, device_class: str) -> bool:
         """Whether ``variant`` has a cost on ``device_class`` (seeded or observed)."""
         return (variant, device_class) in self._costs
+
+    def knows_batch_shape(self, variant: str, device_class: str) -> bool:
+        """Whether ``variant``'s split into fixed and per-row cost on ``device_class`` was
+        measured (see :attr:`BatchCost.measured_shape`)."""
+        cost = self._costs.get((variant, device_class))
+        return cost is not None and cost.measured_shape
 
     def batch_ms(
         self, variant: str, device_class: str, rows: int = 1, tokens: int | None = None
@@ -161,6 +170,37 @@ class ServiceTimes:
         if cost is None:
             return 0.0
         return self._scales[key] * cost.ms(rows) * self._length_factor(key, rows, tokens)
+
+
+MERGE_GAIN = 1.5
+"""Two requests merged into one batch must cost less than this many single runs (see
+:func:`merging_pays`)."""
+
+
+def merging_pays(
+    times: ServiceTimes,
+    variant: str,
+    device_class: str,
+    tokens: int | None = None,
+    per_batch_ms: float = 0.0,
+) -> bool:
+    """Whether merging queued requests of ``variant`` into one batch answers them sooner, on
+    average, than running them one after another.
+
+    Merged, every request waits for the whole batch; one by one, the k-th waits for k runs. With
+    a batch's cost linear in its rows (``fixed + per_row * rows``, ``per_batch_ms`` such as the
+    hop to a worker counted as fixed), k requests merged finish sooner on average exactly when
+    the fixed cost exceeds the per-row cost, for every k: when two rows together cost less than
+    one and a half single runs. A small network's batch mostly costs its fixed part and merges;
+    a transformer at 64 tokens costs about eight runs for eight rows, and merging would only
+    make every request wait for all the others in its batch. A variant whose split into fixed
+    and per-row cost is not measured merges as configured.
+    """
+    if not times.knows_batch_shape(variant, device_class):
+        return True
+    one = times.batch_ms(variant, device_class, 1, tokens) + per_batch_ms
+    two = times.batch_ms(variant, device_class, 2, tokens) + per_batch_ms
+    return two < MERGE_GAIN * one
 
 
 @dataclass(frozen=True)
@@ -178,6 +218,12 @@ class WorkState:
     max_batch_size: int
     running: Sequence[RunningBatch] = ()
     queued_rows: Mapping[str, int] = field(default_factory=dict)
+    batch_limits: Mapping[str, int] = field(default_factory=dict)
+    """Rows per batch of a variant that merges fewer than ``max_batch_size`` (1: it never
+    merges, see :func:`merging_pays`)."""
+
+    def batch_limit(self, variant: str) -> int:
+        return self.batch_limits.get(variant, self.max_batch_size)
 
 
 def batches_of(rows: int, max_batch_size: int) -> list[int]:
@@ -217,11 +263,12 @@ def predict_ms(
 
     for other, queued in state.queued_rows.items():
         if other != variant:
-            for size in batches_of(queued, state.max_batch_size):
+            for size in batches_of(queued, state.batch_limit(other)):
                 run_next(times.batch_ms(other, device_class, size))
-    mine = batches_of(state.queued_rows.get(variant, 0), state.max_batch_size)
+    limit = state.batch_limit(variant)
+    mine = batches_of(state.queued_rows.get(variant, 0), limit)
     own_rows = rows
-    if mine and mine[-1] + rows <= state.max_batch_size:
+    if mine and mine[-1] + rows <= limit:
         own_rows += mine.pop()
     for size in mine:
         run_next(times.batch_ms(variant, device_class, size))

@@ -937,3 +937,66 @@ def test_token_sequences_of_different_lengths_never_merge_where_the_model_does_n
     results = run(held_then(harness, submit, queued=3))
     assert model.seen == [(2, 3), (1, 7)]
     assert [r.outputs["total"].tolist() for r in results] == [[6], [28], [6]]
+
+
+def test_a_variant_whose_batch_costs_its_rows_runs_queued_requests_one_by_one(make):
+    harness = make(max_batch_size=8)
+    model = harness.host(Model())
+    harness.times.seed(KEY, "cpu", BatchCost(0.1, 10.0))  # eight rows cost eight runs
+    requests = [rows(i) for i in range(3)]
+
+    def submit():
+        return [asyncio.ensure_future(harness.submit(r)) for r in requests]
+
+    results = run(held_then(harness, submit, queued=3))
+    assert model.batches == [1, 1, 1]
+    for request, result in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(result.outputs["y"], request["x"] * 10)
+    state_limits = harness.executor.work_state().batch_limits
+    assert state_limits == {}  # nothing queued or running: nothing to say
+
+
+def test_the_work_state_tells_the_queue_model_which_variants_never_merge(make):
+    harness = make(max_batch_size=8)
+    harness.host(Model(), variant="lone")
+    harness.host(Model(), variant="merging")
+    harness.times.seed(variant_key("m", "lone"), "cpu", BatchCost(0.1, 10.0))
+    harness.times.seed(variant_key("m", "merging"), "cpu", BatchCost(10.0, 0.1))
+
+    async def main():
+        async with harness.gate().held():
+            futures = [
+                asyncio.ensure_future(harness.submit(rows(i), variant=variant))
+                for i, variant in enumerate(["lone", "lone", "merging", "merging"])
+            ]
+            await until(lambda: sum(harness.executor.work_state().queued_rows.values()) == 4)
+            state = harness.executor.work_state()
+        await asyncio.gather(*futures)
+        return state
+
+    state = run(main())
+    assert state.batch_limit(variant_key("m", "lone")) == 1
+    assert state.batch_limit(variant_key("m", "merging")) == 8
+    assert harness.batches() == [("lone", 1), ("lone", 1), ("merging", 2)]
+
+
+def test_a_text_variant_merges_short_sentences_but_not_long_ones(make):
+    harness = make(max_batch_size=8)
+    model = MaskedSum()
+    harness.executor.host("m", "v", model, pads_sequences=True)
+    # Short batches mostly cost their fixed part; at 64 tokens every row costs a run.
+    harness.times.seed(
+        KEY,
+        "cpu",
+        BatchCost(0.5, 10.0),
+        by_tokens={4: BatchCost(3.0, 1.0), 64: BatchCost(0.5, 10.0)},
+    )
+    requests = [tokens(3), tokens(4), tokens(60), tokens(64), tokens(2)]
+
+    def submit():
+        return [asyncio.ensure_future(harness.submit(r)) for r in requests]
+
+    run(held_then(harness, submit, queued=5))
+    # The two short ones and the last short one merge; the long ones would make the short
+    # batch a long one, and among themselves merging does not pay.
+    assert model.seen == [(3, 4), (1, 60), (1, 64)]

@@ -23,6 +23,7 @@ from gearbox.serving.queue_model import (
     ServiceTimes,
     WorkState,
     batches_of,
+    merging_pays,
     predict_ms,
     variant_key,
 )
@@ -48,14 +49,17 @@ def test_from_profile_passes_through_batch_one_and_batch_eight():
 
 @pytest.mark.parametrize("b8", [None, 0.0, -1.0])
 def test_from_profile_without_batch_eight_splits_batch_one_in_half(b8):
-    assert BatchCost.from_profile(4.0, b8) == BatchCost(2.0, 2.0)
+    cost = BatchCost.from_profile(4.0, b8)
+    assert (cost.fixed_ms, cost.per_row_ms) == (2.0, 2.0)
+    assert not cost.measured_shape  # an assumption, which batching decisions must not trust
+    assert BatchCost.from_profile(4.0, 12.0).measured_shape
 
 
 def test_from_profile_never_goes_negative():
     # Batch 8 no slower than batch 1: all of it is fixed cost.
     assert BatchCost.from_profile(4.0, 3.0) == BatchCost(4.0, 0.0)
     # A negative figure counts as nothing.
-    assert BatchCost.from_profile(-1.0) == BatchCost(0.0, 0.0)
+    assert BatchCost.from_profile(-1.0) == BatchCost(0.0, 0.0, measured_shape=False)
     # Batch 8 far above 8 x batch 1: the fixed part is clamped at zero.
     steep = BatchCost.from_profile(1.0, 50.0)
     assert steep.fixed_ms == 0.0
@@ -136,6 +140,7 @@ def test_without_a_usable_seed_the_first_observation_is_the_cost_of_a_row(seed):
     times.observe("m/v", CPU, 4, 8.0)
     assert times.batch_ms("m/v", CPU, 4) == pytest.approx(8.0)
     assert times.batch_ms("m/v", CPU, 1) == pytest.approx(2.0)
+    assert not times.knows_batch_shape("m/v", CPU)
 
 
 def test_calibrate_with_two_batch_sizes_fixes_both_costs():
@@ -246,6 +251,49 @@ def test_everything_together():
     )
     expected = 0.25 + 3.5 + 5.0 + TIMES.batch_ms("a", CPU, 4)
     assert predict_ms(state, TIMES, CPU, "a", rows=1, overhead_ms=0.25) == pytest.approx(expected)
+
+
+def test_a_variant_that_never_merges_queues_in_batches_of_one():
+    state = WorkState(1, 8, queued_rows={"a": 3, "b": 2}, batch_limits={"a": 1})
+    # b's two rows run as one batch (2 ms); a's three as three (3 ms each); ours after them.
+    assert predict_ms(state, TIMES, CPU, "a") == 2.0 + 9.0 + 3.0
+    assert state.batch_limit("a") == 1
+    assert state.batch_limit("b") == 8
+
+
+def test_merging_pays_where_the_fixed_cost_exceeds_the_per_row_cost():
+    times = times_for(
+        small=BatchCost(2.0, 1.0),  # two merged: 4 ms, against 1.5 x 3 ms one by one
+        transformer=BatchCost(0.5, 10.0),  # 20.5 ms, against 1.5 x 10.5 ms
+        even=BatchCost(1.0, 1.0),  # 3 ms against 3 ms: no gain, so no merging
+    )
+    assert merging_pays(times, "small", CPU)
+    assert not merging_pays(times, "transformer", CPU)
+    assert not merging_pays(times, "even", CPU)
+    # A fixed cost per batch outside the session (the hop to a worker) counts towards merging.
+    assert merging_pays(times, "even", CPU, per_batch_ms=0.5)
+
+
+def test_merging_is_judged_at_the_batchs_own_length():
+    times = ServiceTimes()
+    times.seed(
+        "text",
+        CPU,
+        BatchCost(0.5, 10.0),
+        by_tokens={16: BatchCost(3.0, 1.0), 64: BatchCost(0.5, 10.0)},
+    )
+    assert merging_pays(times, "text", CPU, tokens=16)
+    assert not merging_pays(times, "text", CPU, tokens=64)
+
+
+@pytest.mark.parametrize("cost", [None, BatchCost.from_profile(4.0)])
+def test_a_variant_whose_batch_shape_is_unmeasured_merges(cost):
+    times = ServiceTimes()
+    if cost is not None:
+        times.seed("v", CPU, cost)
+    else:
+        times.observe("v", CPU, 1, 5.0)
+    assert merging_pays(times, "v", CPU)
 
 
 def test_an_idle_worker_means_no_wait():

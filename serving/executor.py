@@ -4,10 +4,11 @@ One :class:`DeviceExecutor` serves every variant hosted on one device class in t
 Requests queue per variant; each worker thread takes the variant whose oldest request has
 waited longest, merges that variant's queued requests into one batch (up to
 ``max_batch_size`` rows of the same trailing shapes, waiting at most ``max_wait_ms`` for more),
-runs it, and hands each caller its rows back on the caller's event loop. A variant merges only
-where a batch answers its requests sooner on average than running them one by one
-(:func:`~gearbox.serving.queue_model.merging_pays`: a small network, not a transformer at 64
-tokens, whose batch of eight costs about eight runs). Sessions never run on
+runs it, and hands each caller its rows back on the caller's event loop. A batch holds as many
+rows as answer the variant's waiting requests soonest on average
+(:func:`~gearbox.serving.queue_model.batch_limit`): all of them for a small network, one at a
+time for a transformer at 64 tokens (whose batch of eight costs about eight runs) until many
+wait. Sessions never run on
 the event loop, so decoding, health probes and timers never wait for a session.
 
 Handing a batch to a worker thread and its answer back costs two thread wake-ups (measured at
@@ -47,7 +48,7 @@ from gearbox.serving.queue_model import (
     RunningBatch,
     ServiceTimes,
     WorkState,
-    merging_pays,
+    batch_limit,
     variant_key,
 )
 
@@ -262,16 +263,27 @@ class DeviceExecutor:
                 for run in self._running
             ]
             queued = {e.key: e.queued_rows for e in self._variants.values() if e.queued_rows}
-        limits = {key: 1 for key in {*queued, *(run.variant for run in running)}
-                  if self._batch_limit(key, None) == 1}  # fmt: skip
+            waiting = {e.key: len(e.queue) for e in self._variants.values() if e.queue}
+        limits = {}
+        for key, requests in waiting.items():
+            # Batches as they will form once a request arriving now has joined the queue.
+            limit = self._batch_limit(key, None, requests + 1)
+            if limit < self._batching.max_batch_size:
+                limits[key] = limit
         return WorkState(self.workers, self._batching.max_batch_size, running, queued, limits)
 
-    def _batch_limit(self, key: str, tokens: int | None) -> int:
-        """Rows a batch of ``key`` may hold at ``tokens``: the configured maximum where merging
-        requests pays (:func:`~.queue_model.merging_pays`), else one."""
-        if merging_pays(self._times, key, self.device_class, tokens, self.hop_ms):
-            return self._batching.max_batch_size
-        return 1
+    def _batch_limit(self, key: str, tokens: int | None, waiting: int) -> int:
+        """Rows a batch of ``key`` may hold at ``tokens`` with ``waiting`` requests to serve
+        (:func:`~.queue_model.batch_limit`)."""
+        return batch_limit(
+            self._times,
+            key,
+            self.device_class,
+            waiting,
+            self._batching.max_batch_size,
+            tokens,
+            self.hop_ms,
+        )
 
     def depth(self) -> int:
         """Requests admitted on this device class and not yet answered."""
@@ -331,7 +343,9 @@ class DeviceExecutor:
         if wait_s > 0:
             deadline = time.perf_counter() + wait_s
             tokens = _sequence_length([p.inputs for p in batch]) if entry.pads_sequences else None
-            while sum(p.rows for p in batch) < self._batch_limit(entry.key, tokens):
+            while sum(p.rows for p in batch) < self._batch_limit(
+                entry.key, tokens, len(batch) + len(entry.queue)
+            ):
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0 or self._stopped:
                     break
@@ -356,10 +370,11 @@ class DeviceExecutor:
         return oldest
 
     def _take(self, entry: _Variant, batch: list[_Pending]) -> list[_Pending]:
-        """Moves queued requests that fit (same trailing shapes, row budget, and a batch that
-        still pays at its length: :meth:`_batch_limit`) into ``batch``."""
+        """Moves queued requests that fit (same trailing shapes, and rows within
+        :meth:`_batch_limit` at the batch's length) into ``batch``."""
         rows = sum(p.rows for p in batch)
         tokens = _sequence_length([p.inputs for p in batch]) if entry.pads_sequences else None
+        waiting = len(batch) + len(entry.queue)
         kept: deque[_Pending] = deque()
         while entry.queue:
             pending = entry.queue.popleft()
@@ -373,7 +388,7 @@ class DeviceExecutor:
                 merged_tokens = max(tokens or 0, _sequence_length([pending.inputs]) or 0)
             if not batch or (
                 pending.layout == batch[0].layout
-                and rows + pending.rows <= self._batch_limit(entry.key, merged_tokens)
+                and rows + pending.rows <= self._batch_limit(entry.key, merged_tokens, waiting)
             ):
                 if entry.pads_sequences:
                     tokens = _sequence_length([p.inputs for p in (*batch, pending)])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -172,35 +173,38 @@ class ServiceTimes:
         return self._scales[key] * cost.ms(rows) * self._length_factor(key, rows, tokens)
 
 
-MERGE_GAIN = 1.5
-"""Two requests merged into one batch must cost less than this many single runs (see
-:func:`merging_pays`)."""
-
-
-def merging_pays(
+def batch_limit(
     times: ServiceTimes,
     variant: str,
     device_class: str,
+    waiting: int,
+    max_batch_size: int,
     tokens: int | None = None,
     per_batch_ms: float = 0.0,
-) -> bool:
-    """Whether merging queued requests of ``variant`` into one batch answers them sooner, on
-    average, than running them one after another.
+) -> int:
+    """The batch size that answers ``waiting`` queued requests of ``variant`` soonest on
+    average, at most ``max_batch_size``.
 
-    Merged, every request waits for the whole batch; one by one, the k-th waits for k runs. With
-    a batch's cost linear in its rows (``fixed + per_row * rows``, ``per_batch_ms`` such as the
-    hop to a worker counted as fixed), k requests merged finish sooner on average exactly when
-    the fixed cost exceeds the per-row cost, for every k: when two rows together cost less than
-    one and a half single runs. A small network's batch mostly costs its fixed part and merges;
-    a transformer at 64 tokens costs about eight runs for eight rows, and merging would only
-    make every request wait for all the others in its batch. A variant whose split into fixed
-    and per-row cost is not measured merges as configured.
+    Every request of a batch waits for the whole batch. With a batch's cost linear in its rows
+    (``fixed + per_row * rows``, ``per_batch_ms`` such as the hop to a worker counted as fixed),
+    n requests served in batches of k are answered on average after about ``(n / k + 1) / 2``
+    batches of ``fixed + per_row * k``, which is least at ``k = sqrt(n * fixed / per_row)``.
+    A small network, whose batch costs mostly its fixed part, merges whatever waits. A
+    transformer at 64 tokens, whose batch of eight costs about eight runs, runs its requests
+    one at a time until a deep queue makes a little merging worth it. A variant whose split into
+    fixed and per-row cost is not measured merges up to ``max_batch_size``.
     """
     if not times.knows_batch_shape(variant, device_class):
-        return True
+        return max_batch_size
     one = times.batch_ms(variant, device_class, 1, tokens) + per_batch_ms
     two = times.batch_ms(variant, device_class, 2, tokens) + per_batch_ms
-    return two < MERGE_GAIN * one
+    per_row, fixed = two - one, 2 * one - two
+    if per_row <= 0:
+        return max_batch_size
+    if fixed <= 0:
+        return 1
+    best = round(math.sqrt(max(waiting, 1) * fixed / per_row))
+    return min(max(best, 1), max_batch_size)
 
 
 @dataclass(frozen=True)
@@ -219,8 +223,8 @@ class WorkState:
     running: Sequence[RunningBatch] = ()
     queued_rows: Mapping[str, int] = field(default_factory=dict)
     batch_limits: Mapping[str, int] = field(default_factory=dict)
-    """Rows per batch of a variant that merges fewer than ``max_batch_size`` (1: it never
-    merges, see :func:`merging_pays`)."""
+    """Rows per batch of a variant whose queued requests merge into batches smaller than
+    ``max_batch_size`` (see :func:`batch_limit`)."""
 
     def batch_limit(self, variant: str) -> int:
         return self.batch_limits.get(variant, self.max_batch_size)

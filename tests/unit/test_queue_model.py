@@ -3,7 +3,7 @@
 Pure arithmetic on hand-made work states, then a check of :func:`predict_ms` against a small
 discrete-event simulation of an executor that forms batches by the same rule as
 :class:`~gearbox.serving.executor.DeviceExecutor` (the variant with the oldest waiting request
-first; its requests merged up to ``max_batch_size`` rows), in virtual time: no threads, no clock.
+first; its requests merged up to :func:`batch_limit` rows), in virtual time: no threads, no clock.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from gearbox.serving.queue_model import (
     RunningBatch,
     ServiceTimes,
     WorkState,
+    batch_limit,
     batches_of,
-    merging_pays,
     predict_ms,
     variant_key,
 )
@@ -261,20 +261,32 @@ def test_a_variant_that_never_merges_queues_in_batches_of_one():
     assert state.batch_limit("b") == 8
 
 
-def test_merging_pays_where_the_fixed_cost_exceeds_the_per_row_cost():
+def test_the_batch_limit_answers_the_waiting_requests_soonest_on_average():
     times = times_for(
-        small=BatchCost(2.0, 1.0),  # two merged: 4 ms, against 1.5 x 3 ms one by one
-        transformer=BatchCost(0.5, 10.0),  # 20.5 ms, against 1.5 x 10.5 ms
-        even=BatchCost(1.0, 1.0),  # 3 ms against 3 ms: no gain, so no merging
+        small=BatchCost(2.0, 1.0),
+        transformer=BatchCost(0.5, 10.0),
+        even=BatchCost(1.0, 1.0),
+        free_rows=BatchCost(1.0, 0.0),
     )
-    assert merging_pays(times, "small", CPU)
-    assert not merging_pays(times, "transformer", CPU)
-    assert not merging_pays(times, "even", CPU)
-    # A fixed cost per batch outside the session (the hop to a worker) counts towards merging.
-    assert merging_pays(times, "even", CPU, per_batch_ms=0.5)
+
+    def limit(variant: str, waiting: int, **kwargs) -> int:
+        return batch_limit(times, variant, CPU, waiting, 8, **kwargs)
+
+    # Two waiting, fixed cost above the per-row cost: merged both answer after 4 ms, one by
+    # one after 3 and 6 ms (4.5 on average).
+    assert limit("small", 2) == 2
+    assert limit("small", 32) == 8  # sqrt(32 * 2) = 8
+    # A batch of eight costs about eight runs: one at a time, until the queue is deep.
+    assert limit("transformer", 2) == 1
+    assert limit("transformer", 20) == 1  # sqrt(20 * 0.05) = 1
+    assert limit("transformer", 200) == 3  # sqrt(200 * 0.05) = 3.2
+    # No gain from merging two; a fixed cost outside the session (the worker hop) tips it.
+    assert limit("even", 2) == 1
+    assert limit("even", 2, per_batch_ms=1.0) == 2
+    assert limit("free_rows", 1) == 8  # rows cost nothing: merge everything
 
 
-def test_merging_is_judged_at_the_batchs_own_length():
+def test_the_batch_limit_is_judged_at_the_batchs_own_length():
     times = ServiceTimes()
     times.seed(
         "text",
@@ -282,18 +294,18 @@ def test_merging_is_judged_at_the_batchs_own_length():
         BatchCost(0.5, 10.0),
         by_tokens={16: BatchCost(3.0, 1.0), 64: BatchCost(0.5, 10.0)},
     )
-    assert merging_pays(times, "text", CPU, tokens=16)
-    assert not merging_pays(times, "text", CPU, tokens=64)
+    assert batch_limit(times, "text", CPU, 8, 8, tokens=16) == 5  # sqrt(8 * 3)
+    assert batch_limit(times, "text", CPU, 8, 8, tokens=64) == 1
 
 
 @pytest.mark.parametrize("cost", [None, BatchCost.from_profile(4.0)])
-def test_a_variant_whose_batch_shape_is_unmeasured_merges(cost):
+def test_a_variant_whose_batch_shape_is_unmeasured_merges_as_configured(cost):
     times = ServiceTimes()
     if cost is not None:
         times.seed("v", CPU, cost)
     else:
         times.observe("v", CPU, 1, 5.0)
-    assert merging_pays(times, "v", CPU)
+    assert batch_limit(times, "v", CPU, 2, 8) == 8
 
 
 def test_an_idle_worker_means_no_wait():
@@ -362,15 +374,16 @@ def simulate(workers: int, load: float, seed: int = 7) -> Outcome:
     answered: dict[int, float] = {}
 
     def start_batches(now: float) -> None:
-        # DeviceExecutor's rule: the oldest head first; merge its variant up to MAX_BATCH rows.
+        # DeviceExecutor's rule: the oldest head first; merge its variant up to its batch limit.
         while len(running) < workers:
             heads = [(queue[0][0], v) for v, queue in queues.items() if queue]
             if not heads:
                 return
             _, variant = min(heads)
+            limit = batch_limit(times, variant, CPU, len(queues[variant]), MAX_BATCH)
             taken, kept, rows = [], [], 0
             for item in queues[variant]:
-                if not taken or rows + item[1] <= MAX_BATCH:
+                if not taken or rows + item[1] <= limit:
                     taken.append(item)
                     rows += item[1]
                 else:
@@ -395,7 +408,9 @@ def simulate(workers: int, load: float, seed: int = 7) -> Outcome:
             MAX_BATCH,
             [RunningBatch(b.variant, b.rows, now - b.started) for b in running],
             {v: sum(item[1] for item in queue) for v, queue in queues.items() if queue},
-        )
+            {v: batch_limit(times, v, CPU, len(queue) + 1, MAX_BATCH)
+             for v, queue in queues.items() if queue},
+        )  # fmt: skip
         predicted[index] = predict_ms(state, times, CPU, variant, rows)
         arrived[index] = now
         queues[variant].append((now, rows, index))

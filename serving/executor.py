@@ -8,8 +8,8 @@ runs it, and hands each caller its rows back on the caller's event loop. A batch
 rows as answer the variant's waiting requests soonest on average
 (:func:`~gearbox.serving.queue_model.batch_limit`): all of them for a small network, one at a
 time for a transformer at 64 tokens (whose batch of eight costs about eight runs) until many
-wait. Sessions never run on
-the event loop, so decoding, health probes and timers never wait for a session.
+wait. Sessions never run on the event loop, so decoding, health probes and timers never wait
+for a session.
 
 Handing a batch to a worker thread and its answer back costs two thread wake-ups (measured at
 warm-up: about 0.3 ms on a small VM, up to 0.8 ms in the request path). A batch predicted to

@@ -136,7 +136,9 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
     )
     command.add_argument(
         "--max-batch-size", type=_positive_int, default=BatchingConfig.max_batch_size,
-        metavar="ROWS", help="rows per dynamic batch",
+        metavar="ROWS",
+        help="most rows per dynamic batch; a variant merges fewer while few requests wait and "
+        "its batch costs mostly per row, as a transformer's does (default %(default)s)",
     )  # fmt: skip
     command.add_argument(
         "--max-batch-wait-ms", type=_non_negative, default=BatchingConfig.max_wait_ms,

@@ -19,7 +19,8 @@ class BatchingConfig:
     """Dynamic batching per variant x device class, and the queue bound behind backpressure."""
 
     max_batch_size: int = 8
-    """Rows run together in one ONNX Runtime call."""
+    """The most rows run together in one ONNX Runtime call (a batch holds fewer where that
+    answers its waiting requests sooner: :func:`~gearbox.serving.queue_model.batch_limit`)."""
     max_wait_ms: float = 0.0
     """How long a batch may wait for more requests once the first has arrived. Zero batches
     only what queued while the previous batch ran, so an idle gateway adds no delay."""

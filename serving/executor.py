@@ -384,14 +384,14 @@ class DeviceExecutor:
                 entry.admitted -= 1
                 continue
             merged_tokens = tokens
-            if batch and entry.pads_sequences:
-                merged_tokens = max(tokens or 0, _sequence_length([pending.inputs]) or 0)
+            if entry.pads_sequences:
+                lengths = (tokens, _sequence_length([pending.inputs]))
+                merged_tokens = max((n for n in lengths if n is not None), default=None)
             if not batch or (
                 pending.layout == batch[0].layout
                 and rows + pending.rows <= self._batch_limit(entry.key, merged_tokens, waiting)
             ):
-                if entry.pads_sequences:
-                    tokens = _sequence_length([p.inputs for p in (*batch, pending)])
+                tokens = merged_tokens
                 batch.append(pending)
                 rows += pending.rows
             else:

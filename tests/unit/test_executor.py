@@ -952,8 +952,7 @@ def test_a_variant_whose_batch_costs_its_rows_runs_queued_requests_one_by_one(ma
     assert model.batches == [1, 1, 1]
     for request, result in zip(requests, results, strict=True):
         np.testing.assert_array_equal(result.outputs["y"], request["x"] * 10)
-    state_limits = harness.executor.work_state().batch_limits
-    assert state_limits == {}  # nothing queued or running: nothing to say
+    assert harness.executor.work_state().batch_limits == {}  # nothing waits: no limit to state
 
 
 def test_the_work_state_tells_the_queue_model_which_variants_never_merge(make):

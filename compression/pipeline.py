@@ -48,6 +48,7 @@ from gearbox.compression.techniques import (
     TechniqueConfig,
     TechniqueInput,
     apply_technique,
+    config_to_params,
 )
 from gearbox.compression.training import fit, predict
 
@@ -230,13 +231,15 @@ def _gate(
         model=spec.name,
         variant=config.name,
         technique=config.technique,
-        params=dict(build.compressed.params),
+        params=config_to_params(config),
         parent=None if config.name == REFERENCE_VARIANT else (config.parent or REFERENCE_VARIANT),
         status="rejected" if reason else "ready",
         reason=reason,
         sha256=sha256_hex(artifact),
         size_bytes=len(artifact),
         param_count=build.compressed.param_count,
+        details=dict(build.compressed.details),
+        storage_bytes=build.compressed.storage_bytes,
         quality=Quality(
             metric=spec.metric,
             value=round(value, 6),

@@ -195,7 +195,17 @@ class VariantManifest:
     latency_ms: Mapping[str, Mapping[str, BatchLatency]]
     created_at: str = field(default_factory=utc_now)
     build: Mapping[str, Any] = field(default_factory=dict)
-    """Provenance: which Ray node built the variant and how long it took."""
+    """Provenance: the Ray node that built the variant, how long it took, the code version and
+    the digest of everything it was built from."""
+    details: Mapping[str, Any] = field(default_factory=dict)
+    """What the technique did and measured (per step for a composed recipe)."""
+    storage_bytes: int | None = None
+    """Bytes of the compressed storage form (codebook + packed indices, sparse encoding) where
+    it differs from the served artifact; None: ``size_bytes``."""
+
+    @property
+    def stored_size(self) -> int:
+        return self.size_bytes if self.storage_bytes is None else self.storage_bytes
 
     @property
     def is_ready(self) -> bool:
@@ -237,6 +247,7 @@ class VariantManifest:
             "reason": self.reason,
             "sha256": self.sha256,
             "size_bytes": self.size_bytes,
+            "storage_bytes": self.stored_size,
             "param_count": self.param_count,
             "quality": self.quality.to_json(),
             "latency_ms": {
@@ -245,6 +256,7 @@ class VariantManifest:
             },
             "created_at": self.created_at,
             "build": dict(self.build),
+            "details": dict(self.details),
         }
 
     @classmethod
@@ -265,6 +277,10 @@ class VariantManifest:
                 latency_ms=_parse_latency(data.get("latency_ms", {})),
                 created_at=data.get("created_at", ""),
                 build=data.get("build", {}),
+                details=data.get("details", {}),
+                storage_bytes=(
+                    None if data.get("storage_bytes") is None else int(data["storage_bytes"])
+                ),
             )
         except KeyError as exc:
             raise RepositoryError(f"malformed variant manifest: missing {exc}") from exc

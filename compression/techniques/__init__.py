@@ -1,7 +1,8 @@
 """Compression techniques: one ``<Name>Config`` dataclass and one registered handler each.
 
-``apply_technique(config, inputs)`` applies any of them. A recipe is a named config: the
-variant name a user asks for on the command line.
+``apply_technique(config, inputs)`` applies any of them, or a :class:`ComposedConfig` of
+several. A recipe is a named config: the variant name a user asks for on the command line.
+Each technique lives in its own module here.
 """
 
 from __future__ import annotations
@@ -10,15 +11,27 @@ from gearbox.compression.errors import InvalidArgumentError
 from gearbox.compression.techniques.base import (
     CompressedModel,
     ProgressFn,
+    Stage,
     TechniqueConfig,
     TechniqueInput,
+    TransformedArtifact,
+    TransformedModel,
 )
+from gearbox.compression.techniques.composed import ComposedConfig
 from gearbox.compression.techniques.distilled import DistilledConfig
 from gearbox.compression.techniques.fp32 import Fp32Config
 from gearbox.compression.techniques.int8 import Int8Config
 from gearbox.compression.techniques.pruned import PrunedConfig
+from gearbox.compression.techniques.params import (
+    PARAMS_SCHEMA_VERSION,
+    config_from_mapping,
+    config_from_params,
+    config_to_params,
+    override,
+)
 from gearbox.compression.techniques.registry import (
     apply_technique,
+    config_type_for,
     register_technique,
     registered_config_types,
 )
@@ -33,7 +46,10 @@ CORE_RECIPES: tuple[TechniqueConfig, ...] = (
 )
 ALL_RECIPES: tuple[TechniqueConfig, ...] = (
     *CORE_RECIPES,
+    Int8Config(name="int8-static", mode="static"),
     Int8Config(name="distilled-int8", parent="distilled"),
+    Int8Config(name="pruned-int8", parent="pruned"),
+    ComposedConfig(steps=(PrunedConfig(), DistilledConfig(), Int8Config())),
 )
 
 
@@ -64,16 +80,26 @@ def resolve_recipes(names: str | None) -> tuple[TechniqueConfig, ...]:
 __all__ = [
     "ALL_RECIPES",
     "CORE_RECIPES",
+    "PARAMS_SCHEMA_VERSION",
     "REFERENCE_VARIANT",
+    "ComposedConfig",
     "CompressedModel",
     "DistilledConfig",
     "Fp32Config",
     "Int8Config",
     "ProgressFn",
     "PrunedConfig",
+    "Stage",
     "TechniqueConfig",
     "TechniqueInput",
+    "TransformedArtifact",
+    "TransformedModel",
     "apply_technique",
+    "config_from_mapping",
+    "config_from_params",
+    "config_to_params",
+    "config_type_for",
+    "override",
     "register_technique",
     "registered_config_types",
     "resolve_recipes",

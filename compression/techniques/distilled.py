@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import nn
+
 from gearbox.compression.errors import InvalidArgumentError
-from gearbox.compression.onnx_export import export_verified
 from gearbox.compression.spec import ModelSpec, TrainingConfig
 from gearbox.compression.surgery import count_parameters, shrink_channels
-from gearbox.compression.techniques.base import CompressedModel, TechniqueConfig, TechniqueInput
+from gearbox.compression.techniques.base import TechniqueConfig, TechniqueInput, TransformedModel
 from gearbox.compression.techniques.registry import register_technique
 from gearbox.compression.training import distill, uses_layer_loss
 
@@ -52,15 +53,21 @@ def _student_training(spec: ModelSpec) -> TrainingConfig:
 
 
 @register_technique(DistilledConfig)
-def distill_student(config: DistilledConfig, inputs: TechniqueInput) -> CompressedModel:
+def distill_student(
+    config: DistilledConfig, model: nn.Module, inputs: TechniqueInput
+) -> TransformedModel:
+    """The student is ``model`` itself after earlier steps of a composed recipe (a pruned
+    network, say); otherwise the spec's student, or the teacher shrunk to ``width``."""
     spec = inputs.spec
     inputs.report("building student", 0.05)
-    student = spec.build_student()
-    if student is None:
-        student, _ = shrink_channels(inputs.reference_model, keep_ratio=config.width)
-        student_origin = f"teacher architecture at width {config.width}"
+    built = None if inputs.steps_before else spec.build_student()
+    if inputs.steps_before:
+        student, student_origin = model, f"the result of {' -> '.join(inputs.steps_before)}"
+    elif built is not None:
+        student, student_origin = built, spec.student_factory
     else:
-        student_origin = spec.student_factory
+        student, _ = shrink_channels(model, keep_ratio=config.width)
+        student_origin = f"teacher architecture at width {config.width}"
     training = _student_training(spec)
     epochs = config.epochs or training.epochs
     distill(
@@ -77,12 +84,10 @@ def distill_student(config: DistilledConfig, inputs: TechniqueInput) -> Compress
             f"distilling epoch {done}/{total}", 0.1 + 0.75 * done / total
         ),
     )
-    inputs.report("exporting to ONNX", 0.88)
     layered = uses_layer_loss(spec, student, inputs.reference_model, config.hidden_weight)
-    return CompressedModel(
-        onnx=export_verified(student, spec, inputs.data.heldout),
-        param_count=count_parameters(student),
-        params={
+    return TransformedModel(
+        model=student,
+        details={
             "student": student_origin,
             **(
                 {

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from gearbox.compression.onnx_export import export_described
-from gearbox.compression.surgery import count_parameters
-from gearbox.compression.techniques.base import CompressedModel, TechniqueConfig, TechniqueInput
+from torch import nn
+
+from gearbox.compression.techniques.base import TechniqueConfig, TechniqueInput, TransformedModel
 from gearbox.compression.techniques.registry import register_technique
 
 
@@ -18,11 +18,6 @@ class Fp32Config(TechniqueConfig):
 
 
 @register_technique(Fp32Config)
-def export_fp32(config: Fp32Config, inputs: TechniqueInput) -> CompressedModel:
-    inputs.report("exporting to ONNX", 0.1)
-    exported = export_described(inputs.reference_model, inputs.spec, inputs.data.heldout)
-    return CompressedModel(
-        onnx=exported.onnx,
-        param_count=count_parameters(inputs.reference_model),
-        params=dict(exported.description),
-    )
+def keep_reference(config: Fp32Config, model: nn.Module, inputs: TechniqueInput) -> TransformedModel:
+    """The reference as it is: Gearbox's standard export is the whole technique."""
+    return TransformedModel(model=model, details={})

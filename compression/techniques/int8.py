@@ -50,7 +50,12 @@ from gearbox.compression.devices import CPU
 from gearbox.compression.errors import CompressionError, InvalidArgumentError
 from gearbox.compression.quality import row_cosines
 from gearbox.compression.spec import Split
-from gearbox.compression.techniques.base import CompressedModel, TechniqueConfig, TechniqueInput
+from gearbox.compression.techniques.base import (
+    Stage,
+    TechniqueConfig,
+    TechniqueInput,
+    TransformedArtifact,
+)
 from gearbox.compression.techniques.registry import register_technique
 
 _CALIBRATION_METHODS = {
@@ -63,6 +68,7 @@ _CALIBRATION_METHODS = {
 @dataclass(frozen=True)
 class Int8Config(TechniqueConfig):
     technique: ClassVar[str] = "quantize"
+    stage: ClassVar[Stage] = Stage.ARTIFACT
     name: str = "int8"
     parent: str | None = "fp32"
     mode: Literal["auto", "static", "dynamic"] = "auto"
@@ -416,9 +422,10 @@ def _quantize_dynamic_keeping_sensitive(
 
 
 @register_technique(Int8Config)
-def quantize_int8(config: Int8Config, inputs: TechniqueInput) -> CompressedModel:
-    assert inputs.parent_artifact is not None  # apply_technique checks this
-    parent = onnx.load_from_string(inputs.parent_artifact)
+def quantize_int8(
+    config: Int8Config, parent_artifact: bytes, inputs: TechniqueInput
+) -> TransformedArtifact:
+    parent = onnx.load_from_string(parent_artifact)
     mode = choose_mode(parent) if config.mode == "auto" else config.mode
     calibration = inputs.data.calibration
     params: dict[str, object] = {
@@ -431,7 +438,7 @@ def quantize_int8(config: Int8Config, inputs: TechniqueInput) -> CompressedModel
         prepared = os.path.join(workdir, "prepared.onnx")
         target = os.path.join(workdir, "int8.onnx")
         with open(source, "wb") as f:
-            f.write(inputs.parent_artifact)
+            f.write(parent_artifact)
         try:
             if mode == "static":
                 inputs.report("preparing graph for quantization", 0.2)
@@ -485,8 +492,4 @@ def quantize_int8(config: Int8Config, inputs: TechniqueInput) -> CompressedModel
             ) from exc
         with open(target, "rb") as f:
             artifact = f.read()
-    return CompressedModel(
-        onnx=artifact,
-        param_count=inputs.parent_param_count or 0,
-        params=params,
-    )
+    return TransformedArtifact(onnx=artifact, details=params)

@@ -6,11 +6,12 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import nn
+
 from gearbox.compression.errors import InvalidArgumentError
-from gearbox.compression.onnx_export import export_verified
 from gearbox.compression.spec import TrainingConfig
 from gearbox.compression.surgery import shrink_channels
-from gearbox.compression.techniques.base import CompressedModel, TechniqueConfig, TechniqueInput
+from gearbox.compression.techniques.base import TechniqueConfig, TechniqueInput, TransformedModel
 from gearbox.compression.techniques.registry import register_technique
 from gearbox.compression.training import fit
 
@@ -31,9 +32,11 @@ class PrunedConfig(TechniqueConfig):
 
 
 @register_technique(PrunedConfig)
-def prune_structured(config: PrunedConfig, inputs: TechniqueInput) -> CompressedModel:
+def prune_structured(
+    config: PrunedConfig, model: nn.Module, inputs: TechniqueInput
+) -> TransformedModel:
     inputs.report("removing channels", 0.05)
-    pruned, surgery = shrink_channels(inputs.reference_model, keep_ratio=1.0 - config.amount)
+    pruned, surgery = shrink_channels(model, keep_ratio=1.0 - config.amount)
     training = inputs.spec.training or TrainingConfig()
     epochs = config.finetune_epochs or max(1, math.ceil(training.epochs / 3))
     fit(
@@ -47,11 +50,9 @@ def prune_structured(config: PrunedConfig, inputs: TechniqueInput) -> Compressed
             f"fine-tuning epoch {done}/{total}", 0.1 + 0.7 * done / total
         ),
     )
-    inputs.report("exporting to ONNX", 0.85)
-    return CompressedModel(
-        onnx=export_verified(pruned, inputs.spec, inputs.data.heldout),
-        param_count=surgery.params_after,
-        params={
+    return TransformedModel(
+        model=pruned,
+        details={
             "amount": config.amount,
             "criterion": "l1-norm",
             "pruned_layers": len(surgery.layers),

@@ -12,7 +12,7 @@ from gearbox.compression import (
 from gearbox.compression.evaluation import Evaluation
 from gearbox.compression.pipeline import VariantBuild, _gate
 from gearbox.compression.repository import sha256_hex
-from gearbox.compression.techniques import CompressedModel
+from gearbox.compression.techniques import CompressedModel, config_from_params
 from tests.unit.tiny_model import conv_spec
 
 SPEC = conv_spec()
@@ -25,7 +25,7 @@ def build(config, quality, outputs=REFERENCE_OUTPUTS, artifact=None, param_count
     return VariantBuild(
         config=config,
         compressed=CompressedModel(
-            onnx=artifact, param_count=param_count, params={"technique_param": 1}
+            onnx=artifact, param_count=param_count, details={"technique_param": 1}
         ),
         evaluation=Evaluation(quality=quality, outputs=outputs),
         node="host-a/0123456789ab",
@@ -100,7 +100,8 @@ def test_manifest_describes_the_artifact_and_build():
     assert manifest.sha256 == sha256_hex(artifact)
     assert manifest.size_bytes == len(artifact)
     assert manifest.param_count == 42
-    assert manifest.params == {"technique_param": 1}
+    assert manifest.details == {"technique_param": 1}
+    assert config_from_params(manifest.params) == PrunedConfig()
     assert manifest.latency_ms == LATENCY
     assert manifest.build == {"node": "host-a/0123456789ab", "seconds": 12.35}
 

@@ -98,15 +98,15 @@ def test_technique_produces_a_runnable_onnx_artifact(conv_case, config):
 def test_fp32_counts_the_reference_models_parameters(conv_case):
     fp32 = conv_case.apply(Fp32Config())
     assert fp32.param_count == count_parameters(conv_case.model)
-    assert fp32.params["verified"] is True
+    assert fp32.details["export"]["verified"] is True
 
 
 def test_int8_of_a_conv_model_is_static_qdq_and_smaller(conv_case):
     fp32 = conv_case.apply(Fp32Config())
     int8 = conv_case.apply(Int8Config())
-    assert int8.params["mode"] == "static"
-    assert int8.params["format"] == "QDQ"
-    assert int8.params["calibration_samples"] == len(conv_case.data.calibration)
+    assert int8.details["mode"] == "static"
+    assert int8.details["format"] == "QDQ"
+    assert int8.details["calibration_samples"] == len(conv_case.data.calibration)
     assert {"QuantizeLinear", "DequantizeLinear"} <= op_types(int8.onnx)
     assert len(int8.onnx) < len(fp32.onnx)
     assert int8.param_count == fp32.param_count
@@ -116,7 +116,7 @@ def test_int8_of_a_linear_only_model_is_dynamic_and_smaller(mlp_case):
     fp32 = mlp_case.apply(Fp32Config())
     assert "Conv" not in op_types(fp32.onnx)
     int8 = mlp_case.apply(Int8Config())
-    assert int8.params["mode"] == "dynamic"
+    assert int8.details["mode"] == "dynamic"
     assert "DynamicQuantizeLinear" in op_types(int8.onnx)
     assert len(int8.onnx) < len(fp32.onnx)
     session = ort.InferenceSession(int8.onnx, providers=["CPUExecutionProvider"])
@@ -177,7 +177,7 @@ def test_int8_mode_can_be_forced(mlp_case):
     int8 = apply_technique(
         Int8Config(name="int8-static", mode="static"), mlp_case.inputs(Int8Config())
     )
-    assert int8.params["mode"] == "static"
+    assert int8.details["mode"] == "static"
     assert "QuantizeLinear" in op_types(int8.onnx)
 
 
@@ -196,24 +196,24 @@ def test_pruned_has_fewer_parameters_than_fp32(conv_case):
     fp32 = conv_case.apply(Fp32Config())
     pruned = conv_case.apply(PrunedConfig())
     assert pruned.param_count < fp32.param_count
-    assert pruned.params["params_before"] == fp32.param_count
-    assert pruned.params["pruned_layers"] == 2
-    assert pruned.params["finetune_epochs"] == 1
+    assert pruned.details["params_before"] == fp32.param_count
+    assert pruned.details["pruned_layers"] == 2
+    assert pruned.details["finetune_epochs"] == 1
 
 
 def test_distilled_has_fewer_parameters_than_fp32(conv_case):
     fp32 = conv_case.apply(Fp32Config())
     distilled = conv_case.apply(DistilledConfig())
     assert distilled.param_count < fp32.param_count
-    assert distilled.params["student"] == "tests.unit.tiny_model:TinyConvStudent"
-    assert distilled.params["teacher_params"] == fp32.param_count
-    assert distilled.params["epochs"] == 1
+    assert distilled.details["student"] == "tests.unit.tiny_model:TinyConvStudent"
+    assert distilled.details["teacher_params"] == fp32.param_count
+    assert distilled.details["epochs"] == 1
 
 
 def test_distilled_without_a_student_factory_shrinks_the_teacher(mlp_case):
     fp32 = mlp_case.apply(Fp32Config())
     distilled = mlp_case.apply(DistilledConfig())
-    assert distilled.params["student"] == "teacher architecture at width 0.25"
+    assert distilled.details["student"] == "teacher architecture at width 0.25"
     assert distilled.param_count < fp32.param_count
 
 

@@ -21,7 +21,6 @@ from gearbox.compression.techniques.composed import ComposedConfig
 from gearbox.compression.techniques.distilled import DistilledConfig
 from gearbox.compression.techniques.fp32 import Fp32Config
 from gearbox.compression.techniques.int8 import Int8Config
-from gearbox.compression.techniques.pruned import PrunedConfig
 from gearbox.compression.techniques.params import (
     PARAMS_SCHEMA_VERSION,
     config_from_mapping,
@@ -29,6 +28,7 @@ from gearbox.compression.techniques.params import (
     config_to_params,
     override,
 )
+from gearbox.compression.techniques.pruned import PrunedConfig
 from gearbox.compression.techniques.registry import (
     apply_technique,
     config_type_for,

@@ -18,6 +18,8 @@ class Fp32Config(TechniqueConfig):
 
 
 @register_technique(Fp32Config)
-def keep_reference(config: Fp32Config, model: nn.Module, inputs: TechniqueInput) -> TransformedModel:
+def keep_reference(
+    config: Fp32Config, model: nn.Module, inputs: TechniqueInput
+) -> TransformedModel:
     """The reference as it is: Gearbox's standard export is the whole technique."""
     return TransformedModel(model=model, details={})

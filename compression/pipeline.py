@@ -7,6 +7,7 @@ to the repository; workers therefore never need the repository's filesystem.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from gearbox.compression.errors import (
     CompressionError,
     GearboxError,
     InvalidArgumentError,
+    NotFoundError,
 )
 from gearbox.compression.evaluation import (
     Evaluation,
@@ -32,6 +34,13 @@ from gearbox.compression.evaluation import (
     profile_latency,
 )
 from gearbox.compression.progress import ProgressBoard, ProgressListener, SilentProgress
+from gearbox.compression.provenance import (
+    BuildCache,
+    CachedBuild,
+    code_version,
+    reference_digest,
+    variant_digests,
+)
 from gearbox.compression.quality import get_metric
 from gearbox.compression.repository import (
     ModelRecord,
@@ -45,6 +54,7 @@ from gearbox.compression.spec import DataSplits, ModelSpec
 from gearbox.compression.techniques import (
     REFERENCE_VARIANT,
     CompressedModel,
+    Stage,
     TechniqueConfig,
     TechniqueInput,
     apply_technique,
@@ -80,6 +90,9 @@ class VariantBuild:
 class CompressionReport:
     model: str
     published: list[VariantManifest]
+    """Variants built and published by this run."""
+    unchanged: list[VariantManifest]
+    """Published variants whose inputs had not changed: kept, not rebuilt."""
     failed: dict[str, str]
     """Variant -> why it failed."""
     seconds: float
@@ -255,6 +268,73 @@ def _gate(
     )
 
 
+def _to_cached(build: VariantBuild) -> CachedBuild:
+    return CachedBuild(
+        onnx=build.compressed.onnx,
+        param_count=build.compressed.param_count,
+        details=build.compressed.details,
+        storage_bytes=build.compressed.storage_bytes,
+        quality=build.evaluation.quality,
+        outputs=build.evaluation.outputs,
+        node=build.node,
+        seconds=build.seconds,
+    )
+
+
+def _from_cached(config: TechniqueConfig, cached: CachedBuild) -> VariantBuild:
+    return VariantBuild(
+        config=config,
+        compressed=CompressedModel(
+            onnx=cached.onnx,
+            param_count=cached.param_count,
+            details=cached.details,
+            storage_bytes=cached.storage_bytes,
+        ),
+        evaluation=Evaluation(quality=cached.quality, outputs=cached.outputs),
+        node=cached.node,
+        seconds=cached.seconds,
+    )
+
+
+def _published_build(
+    repository: ModelRepository,
+    manifest: VariantManifest,
+    config: TechniqueConfig,
+    spec: ModelSpec,
+    data: DataSplits,
+) -> VariantBuild:
+    """An unchanged published variant as a build: a parent to transform or the reference to
+    gate against. Its held-out outputs are computed again from the verified artifact."""
+    artifact = repository.read_artifact(manifest)
+    return VariantBuild(
+        config=config,
+        compressed=CompressedModel(
+            onnx=artifact,
+            param_count=manifest.param_count,
+            details=manifest.details,
+            storage_bytes=manifest.storage_bytes,
+        ),
+        evaluation=evaluate_quality(artifact, spec, data),
+        node=str(manifest.build.get("node", "")),
+        seconds=float(manifest.build.get("seconds", 0.0)),
+    )
+
+
+def _unchanged_variants(
+    repository: ModelRepository, spec: ModelSpec, digests: dict[str, str]
+) -> dict[str, VariantManifest]:
+    """Published variants whose inputs digest is the one this run would build from."""
+    try:
+        published = {manifest.variant: manifest for manifest in repository.variants(spec.name)}
+    except NotFoundError:
+        return {}
+    return {
+        name: manifest
+        for name, manifest in published.items()
+        if name in digests and manifest.build.get("inputs_digest") == digests[name]
+    }
+
+
 def compress(
     spec: ModelSpec,
     repository: ModelRepository,
@@ -264,12 +344,17 @@ def compress(
     device_classes: Sequence[DeviceClass] = DEFAULT_DEVICE_CLASSES,
     latency_budget: LatencyBudget | None = None,
     cpus_per_variant: float = 1.0,
+    rebuild: bool = False,
 ) -> CompressionReport:
     """Build, evaluate, gate and publish ``recipes`` of ``spec`` (Ray must be initialised).
 
     The reference variant must succeed, or nothing is published. Other variants that fail are
     listed in the report; the ones that succeed are published, each atomically.
     ``max_accuracy_drop`` defaults to the metric's own gate (accuracy 0.02, cosine 0.05).
+
+    A published variant whose inputs (model, data, config, code version, parent) are unchanged
+    is kept as it is, unless ``rebuild``; a build finished by an interrupted run is taken from
+    the repository's build cache instead of being built again.
     """
     if max_accuracy_drop is None:
         max_accuracy_drop = get_metric(spec.metric).default_max_drop
@@ -280,32 +365,64 @@ def compress(
     names = [recipe.name for recipe in recipes]
     if REFERENCE_VARIANT not in names:
         raise InvalidArgumentError(f"the reference variant '{REFERENCE_VARIANT}' must be built")
+    if len(set(names)) != len(names):
+        raise InvalidArgumentError(f"two recipes publish the same variant name: {names}")
     progress = progress or SilentProgress()
     started = time.perf_counter()
     repository.ensure_writable()
     tokenizer = spec.read_tokenizer()  # before any training: a missing file fails at once
     data = spec.load_data()
+    by_name = {recipe.name: recipe for recipe in recipes}
+    digests = variant_digests(spec, data, recipes)
+    cache = BuildCache(repository, spec.name)
+    unchanged = {} if rebuild else _unchanged_variants(repository, spec, digests)
+    results: dict[str, Any] = {}
+    for name in names:
+        if name not in unchanged and (cached := cache.load_build(digests[name])) is not None:
+            results[name] = _from_cached(by_name[name], cached)
+    to_build = [r for r in recipes if r.name not in unchanged and r.name not in results]
 
     board = ProgressBoard.remote()
     data_ref = ray.put(data)
     jobs: dict[str, ray.ObjectRef] = {}
     trained_ref = None
-    if spec.training is not None:
-        # Asking for more CPUs than any node has would leave the task pending forever.
-        train_cpus = min(spec.training.num_cpus, _largest_node_cpus())
-        trained_ref = _train_reference.options(
-            num_cpus=train_cpus, name=f"gearbox-train:{spec.name}"
-        ).remote(spec, data_ref, board)
-        jobs[TRAINING_JOB] = trained_ref
-    for recipe in recipes:
-        parent_ref = jobs.get(recipe.parent) if recipe.parent else None
+    training_digest = reference_digest(spec, data)
+    if spec.training is not None and any(r.stage is Stage.MODEL for r in to_build):
+        weights = cache.load_reference(training_digest)
+        if weights is not None:
+            trained_ref = ray.put(TrainedReference(weights=weights, heldout_quality=float("nan")))
+        else:
+            # Asking for more CPUs than any node has would leave the task pending forever.
+            train_cpus = min(spec.training.num_cpus, _largest_node_cpus())
+            trained_ref = _train_reference.options(
+                num_cpus=train_cpus, name=f"gearbox-train:{spec.name}"
+            ).remote(spec, data_ref, board)
+            jobs[TRAINING_JOB] = trained_ref
+
+    def parent_of(recipe: TechniqueConfig) -> Any:
+        if recipe.stage is not Stage.ARTIFACT or recipe.parent is None:
+            return None
+        if recipe.parent in jobs:
+            return jobs[recipe.parent]
+        if recipe.parent in results:
+            return results[recipe.parent]
+        if recipe.parent in unchanged:
+            return _published_build(
+                repository, unchanged[recipe.parent], by_name[recipe.parent], spec, data
+            )
+        return None
+
+    for recipe in to_build:
         build_cpus = min(recipe.num_cpus(spec) or cpus_per_variant, _largest_node_cpus())
         jobs[recipe.name] = _build_variant.options(
             num_cpus=build_cpus, name=f"gearbox-variant:{spec.name}/{recipe.name}"
-        ).remote(spec, recipe, data_ref, trained_ref, parent_ref, board)
+        ).remote(spec, recipe, data_ref, trained_ref, parent_of(recipe), board)
 
-    progress.started(list(jobs))
-    results: dict[str, Any] = {}
+    progress.started(names if TRAINING_JOB not in jobs else [TRAINING_JOB, *names])
+    for name, manifest in unchanged.items():
+        progress.finished(name, manifest.is_ready, f"unchanged: {manifest.status}")
+    for name in results:
+        progress.update(name, "built by an earlier run; waiting to profile latency", 0.95)
     failed: dict[str, str] = {}
     by_ref = {ref: job for job, ref in jobs.items()}
     pending = list(jobs.values())
@@ -329,9 +446,11 @@ def compress(
                         pending = []
                     continue
                 if job == TRAINING_JOB:
+                    cache.save_reference(training_digest, results[job].weights)
                     summary = f"trained: held-out {spec.metric} {results[job].heldout_quality:.4f}"
                     progress.finished(job, True, summary)
                 else:
+                    cache.save_build(digests[job], _to_cached(results[job]))
                     progress.update(job, "built; waiting to profile latency", 0.95)
     except KeyboardInterrupt:
         for ref in pending:
@@ -347,7 +466,12 @@ def compress(
             f"reference variant '{REFERENCE_VARIANT}' failed: {failed[REFERENCE_VARIANT]}"
         )
 
-    reference: VariantBuild = results[REFERENCE_VARIANT]
+    to_publish = [name for name in names if name in results]
+    reference: VariantBuild | None = results.get(REFERENCE_VARIANT)
+    if reference is None and to_publish:
+        reference = _published_build(
+            repository, unchanged[REFERENCE_VARIANT], by_name[REFERENCE_VARIANT], spec, data
+        )
     repository.register_model(
         ModelRecord.for_spec(spec, reference_variant=REFERENCE_VARIANT, tokenizer=tokenizer),
         tokenizer,
@@ -356,15 +480,14 @@ def compress(
     # variant is timed while another one trains on the same cores.
     budget = latency_budget or LatencyBudget()
     published: list[VariantManifest] = []
-    for name in names:
-        if name not in results:
-            continue
+    for name in to_publish:
+        assert reference is not None
         progress.update(name, "profiling latency", 0.97)
         build: VariantBuild = results[name]
         try:
             latency = ray.get(
                 _profile_variant.options(num_cpus=cpus_per_variant).remote(
-                    jobs[name], data_ref, device_classes, budget, spec.signature
+                    jobs.get(name, build), data_ref, device_classes, budget, spec.signature
                 )
             )
         except RayError as exc:
@@ -372,13 +495,23 @@ def compress(
             progress.finished(name, False, f"failed: {failed[name]}")
             continue
         manifest = _gate(build, latency, reference, spec, max_accuracy_drop)
+        manifest = dataclasses.replace(
+            manifest,
+            build={
+                **manifest.build,
+                "code_version": code_version(),
+                "inputs_digest": digests[name],
+            },
+        )
         repository.publish_variant(manifest, build.compressed.onnx)
+        cache.drop_build(digests[name])
         published.append(manifest)
         summary = f"{manifest.status}: held-out {spec.metric} {manifest.quality.value:.4f}"
         progress.finished(name, manifest.is_ready, summary)
     return CompressionReport(
         model=spec.name,
         published=published,
+        unchanged=[unchanged[name] for name in names if name in unchanged],
         failed={name: reason for name, reason in failed.items() if name != TRAINING_JOB},
         seconds=time.perf_counter() - started,
     )

@@ -205,7 +205,25 @@ def _parser() -> argparse.ArgumentParser:
         "--variants",
         metavar="A,B,…|all",
         help="variants to build (default: the model's own, else fp32,int8,pruned,distilled; "
-        "'all': every technique)",
+        "'all': every technique and the composed recipes)",
+    )
+    compress_cmd.add_argument(
+        "--recipe",
+        metavar="FILE.yaml",
+        help="a recipe file: the variants to build (names or full configs) and parameters to set",
+    )
+    compress_cmd.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="VARIANT.PARAM=VALUE",
+        help="set one parameter of a variant being built, e.g. distilled.epochs=20 (repeatable)",
+    )
+    compress_cmd.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="build every variant again, even those whose inputs have not changed",
     )
     compress_cmd.add_argument(
         "--max-accuracy-drop",
@@ -257,9 +275,12 @@ def _parser() -> argparse.ArgumentParser:
 def _compress(args: argparse.Namespace, out: Console, err: Console) -> int:
     # The training stack (torch) loads only for the commands that train.
     from gearbox.compression import compress, load_spec, resolve_recipes
+    from gearbox.compression.recipe_file import apply_settings, load_recipe_file
 
     spec = load_spec(EXAMPLES[args.example] if args.example else args.spec)
-    recipes = resolve_recipes(args.variants or ",".join(spec.default_variants) or None)
+    from_file, settings = load_recipe_file(args.recipe) if args.recipe else ((), [])
+    names = args.variants or (None if from_file else ",".join(spec.default_variants) or None)
+    recipes = apply_settings(resolve_recipes(names, from_file), [*settings, *args.settings])
     repository = ModelRepository(args.repo)
     repository.ensure_writable()  # fail in a second, before Ray starts (compress checks again)
     with ray_session(args.address), RichProgress(err) as progress:
@@ -269,13 +290,21 @@ def _compress(args: argparse.Namespace, out: Console, err: Console) -> int:
             recipes,
             max_accuracy_drop=args.max_accuracy_drop,
             progress=progress,
+            rebuild=args.rebuild,
         )
-    out.print(variant_table(spec.name, report.published))
-    for line in rejected_reasons(report.published):
+    shown = sorted([*report.published, *report.unchanged], key=lambda m: m.variant)
+    out.print(variant_table(spec.name, shown))
+    for line in rejected_reasons(shown):
         out.print(line, highlight=False)
+    kept = (
+        f"; {len(report.unchanged)} unchanged variant(s) kept: "
+        + ", ".join(m.variant for m in report.unchanged)
+        if report.unchanged
+        else ""
+    )
     out.print(
         f"published {len(report.published)} variant(s) of '{spec.name}' to {repository.root} "
-        f"in {report.seconds:.0f} s",
+        f"in {report.seconds:.0f} s{kept}",
         highlight=False,
     )
     if report.failed:
@@ -370,7 +399,7 @@ def _demo(args: argparse.Namespace, out: Console, err: Console) -> int:
             with RichProgress(err) as progress:
                 recipes = resolve_recipes(",".join(spec.default_variants) or None)
                 report = compress(spec, repository, recipes, progress=progress)
-            manifests = report.published
+            manifests = sorted([*report.published, *report.unchanged], key=lambda m: m.variant)
         out.print(variant_table(spec.name, manifests))
         for line in rejected_reasons(manifests):
             out.print(line, highlight=False)

@@ -7,6 +7,8 @@ Each technique lives in its own module here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from gearbox.compression.errors import InvalidArgumentError
 from gearbox.compression.techniques.base import (
     CompressedModel,
@@ -53,28 +55,55 @@ ALL_RECIPES: tuple[TechniqueConfig, ...] = (
 )
 
 
-def resolve_recipes(names: str | None) -> tuple[TechniqueConfig, ...]:
-    """Turn ``a,b,c`` / ``all`` / ``None`` (core) into configs, parents included and first."""
+def resolve_recipes(
+    names: str | None, extra: Sequence[TechniqueConfig] = ()
+) -> tuple[TechniqueConfig, ...]:
+    """Turn ``a,b,c`` / ``all`` / ``None`` (core) into configs, plus ``extra`` configs (from a
+    recipe file); the reference and every parent a config transforms are added, parents
+    first."""
+    known = {recipe.name: recipe for recipe in (*ALL_RECIPES, *extra)}
     if names is None or names.strip() == "":
-        return CORE_RECIPES
-    if names.strip() == "all":
-        return ALL_RECIPES
+        wanted = [] if extra else [recipe.name for recipe in CORE_RECIPES]
+    elif names.strip() == "all":
+        wanted = [recipe.name for recipe in ALL_RECIPES]
+    else:
+        wanted = [name.strip() for name in names.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in known]
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown variant {', '.join(repr(n) for n in unknown)} "
+                f"(known: {', '.join(known)}, or 'all')"
+            )
+    return with_dependencies([known[name] for name in [*wanted, *(r.name for r in extra)]])
+
+
+def with_dependencies(configs: Sequence[TechniqueConfig]) -> tuple[TechniqueConfig, ...]:
+    """``configs`` with the reference and every parent they transform, parents first.
+    A parent that is not among them must be one of Gearbox's own recipes."""
+    chosen: dict[str, TechniqueConfig] = {}
     by_name = {recipe.name: recipe for recipe in ALL_RECIPES}
-    wanted = [name.strip() for name in names.split(",") if name.strip()]
-    unknown = [name for name in wanted if name not in by_name]
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown variant {', '.join(repr(n) for n in unknown)} "
-            f"(known: {', '.join(by_name)}, or 'all')"
-        )
-    # The reference variant anchors the accuracy gate; transformed parents must be built too.
-    chosen = {REFERENCE_VARIANT, *wanted}
-    for name in list(chosen):
-        parent = by_name[name].parent
-        while parent is not None:
-            chosen.add(parent)
-            parent = by_name[parent].parent
-    return tuple(recipe for recipe in ALL_RECIPES if recipe.name in chosen)
+    by_name.update({config.name: config for config in configs})
+
+    def add(config: TechniqueConfig, path: tuple[str, ...]) -> None:
+        if config.name in chosen:
+            return
+        if config.name in path:
+            raise InvalidArgumentError(f"variant '{config.name}' is its own ancestor")
+        if config.stage is Stage.ARTIFACT and config.parent is not None:
+            parent = by_name.get(config.parent)
+            if parent is None:
+                raise InvalidArgumentError(
+                    f"variant '{config.name}' transforms '{config.parent}', which is neither "
+                    "asked for nor one of Gearbox's recipes"
+                )
+            add(parent, (*path, config.name))
+        chosen[config.name] = config
+
+    # The reference variant anchors the accuracy gate, so it is always built, and first.
+    add(by_name[REFERENCE_VARIANT], ())
+    for config in configs:
+        add(config, ())
+    return tuple(chosen.values())
 
 
 __all__ = [
@@ -103,4 +132,5 @@ __all__ = [
     "register_technique",
     "registered_config_types",
     "resolve_recipes",
+    "with_dependencies",
 ]

@@ -103,18 +103,18 @@ def override(config: TechniqueConfig, parameter: str, text: str) -> TechniqueCon
         )
         return dataclasses.replace(config, steps=steps)
     try:
-        value = yaml.safe_load(text)
+        value = None if text.strip().lower() == "none" else yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InvalidArgumentError(f"cannot read the value '{text}': {exc}") from exc
     fields = _config_json(config)
-    if parameter not in fields or parameter == "technique":
-        known = ", ".join(name for name in fields if name != "technique")
+    if parameter not in fields or parameter in ("technique", "name"):
+        known = ", ".join(name for name in fields if name not in ("technique", "name"))
         raise InvalidArgumentError(
             f"variant '{config.name}' ({config.technique}) has no parameter '{parameter}' "
             f"(known: {known})"
         )
     fields[parameter] = value
-    return config_from_mapping(fields, f"--set {config.name}.{parameter}")
+    return config_from_mapping(fields, f"variant '{config.name}'")
 
 
 @functools.cache

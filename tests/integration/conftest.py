@@ -137,6 +137,16 @@ def run_gearbox(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subproces
     )
 
 
+def start_gearbox(*args: str, cwd: Path = ROOT) -> subprocess.Popen:
+    """The real console script, started in the background (to interrupt it)."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("gearbox")), *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 @pytest.fixture(scope="session")
 def digits_repository(
     ray_address: str, tmp_path_factory: pytest.TempPathFactory

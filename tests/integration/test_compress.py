@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import time
 
 import onnxruntime as ort
 import pytest
@@ -14,7 +16,10 @@ from gearbox.compression import (
     load_spec,
     resolve_recipes,
 )
-from tests.integration.conftest import run_gearbox
+from gearbox.compression.provenance import code_version
+from gearbox.compression.recipe_file import apply_settings
+from gearbox.compression.techniques import config_from_params
+from tests.integration.conftest import run_gearbox, start_gearbox
 
 MANIFEST_KEYS = {
     "model",
@@ -30,6 +35,9 @@ MANIFEST_KEYS = {
     "quality",
     "latency_ms",
     "created_at",
+    "build",
+    "details",
+    "storage_bytes",
 }
 
 
@@ -65,17 +73,99 @@ def test_compress_builds_evaluates_and_publishes_core_variants(ray_address, tmp_
     manifests = {
         v: _assert_complete(repo, "tiny-digits", v) for v in ("fp32", "int8", "pruned", "distilled")
     }
+    by_name = {recipe.name: recipe for recipe in CORE_RECIPES}
     fp32 = manifests["fp32"]
     assert fp32["status"] == "ready" and fp32["parent"] is None
     assert fp32["quality"]["agreement"] == 1.0
     assert fp32["quality"]["value"] == fp32["quality"]["reference"]
     assert manifests["int8"]["parent"] == "fp32"
-    assert manifests["int8"]["params"]["mode"] == "static"
+    assert manifests["int8"]["details"]["mode"] == "static"
     assert manifests["int8"]["size_bytes"] < fp32["size_bytes"]
+    for raw in manifests.values():
+        assert config_from_params(raw["params"]) == by_name[raw["variant"]]
+        assert raw["build"]["code_version"] == code_version()
+        assert len(raw["build"]["inputs_digest"]) == 64
     assert manifests["pruned"]["param_count"] < fp32["param_count"]
     assert manifests["distilled"]["param_count"] < fp32["param_count"]
     # Variants ran in parallel tasks spread over both one-CPU nodes of the cluster.
     assert len({m["build"]["node"] for m in manifests.values()}) == 2
+
+
+def test_unchanged_variants_are_kept_and_only_what_changed_is_rebuilt(ray_address, tmp_path):
+    repo = ModelRepository(tmp_path / "repo")
+    spec = load_spec("tests.fixtures.specs:tiny_digits")
+    recipes = resolve_recipes("int8,pruned")
+    first = compress(spec, repo, recipes, max_accuracy_drop=1.0)
+    assert [m.variant for m in first.published] == ["fp32", "int8", "pruned"]
+    before = {m.variant: m for m in repo.variants("tiny-digits")}
+
+    again = compress(spec, repo, recipes, max_accuracy_drop=1.0)
+
+    assert again.published == []
+    assert [m.variant for m in again.unchanged] == ["fp32", "int8", "pruned"]
+    assert {m.variant: m for m in repo.variants("tiny-digits")} == before
+
+    changed = compress(
+        spec, repo, apply_settings(recipes, ["pruned.amount=0.25"]), max_accuracy_drop=1.0
+    )
+
+    assert [m.variant for m in changed.published] == ["pruned"]
+    assert [m.variant for m in changed.unchanged] == ["fp32", "int8"]
+    pruned = repo.manifest("tiny-digits", "pruned")
+    assert pruned.params["amount"] == 0.25
+    assert pruned.build["inputs_digest"] != before["pruned"].build["inputs_digest"]
+    assert pruned.param_count > before["pruned"].param_count
+    assert repo.manifest("tiny-digits", "int8") == before["int8"]
+
+    rebuilt = compress(spec, repo, resolve_recipes("int8"), max_accuracy_drop=1.0, rebuild=True)
+    assert [m.variant for m in rebuilt.published] == ["fp32", "int8"]
+
+
+def test_an_interrupted_run_resumes_from_the_builds_it_finished(ray_address, tmp_path):
+    repo = tmp_path / "repo"
+    command = [
+        "compress",
+        "--spec",
+        "tests.fixtures.specs:tiny_digits",
+        "--repo",
+        str(repo),
+        "--variants",
+        "int8,pruned,distilled",
+        "--max-accuracy-drop",
+        "1",
+        "--address",
+        ray_address,
+    ]
+    builds = repo / "tiny-digits" / ".builds"
+    interrupted = start_gearbox(*command)
+    try:
+        deadline = time.monotonic() + 300
+        while not (builds.is_dir() and any(p.name[0] != "." for p in builds.iterdir())):
+            assert interrupted.poll() is None, "the run ended before any build was kept"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        interrupted.send_signal(signal.SIGKILL)
+    finally:
+        interrupted.wait(timeout=60)
+    kept = {
+        entry.name: json.loads((entry / "build.json").read_text())
+        for entry in builds.iterdir()
+        if entry.name[0] != "."
+    }
+    assert kept
+
+    resumed = run_gearbox(*command)
+
+    assert resumed.returncode == 0, resumed.stderr
+    repository = ModelRepository(repo)
+    manifests = {m.variant: m for m in repository.variants("tiny-digits")}
+    assert sorted(manifests) == ["distilled", "fp32", "int8", "pruned"]
+    by_digest = {m.build["inputs_digest"]: m for m in manifests.values()}
+    for digest, build in kept.items():
+        # Built once, by the interrupted run: the same node and the same build time.
+        assert by_digest[digest].build["node"] == build["node"]
+        assert by_digest[digest].build["seconds"] == round(build["seconds"], 2)
+    assert not any(p.name[0] != "." for p in builds.iterdir()), "published builds stay cached"
 
 
 def test_accuracy_gate_publishes_a_losing_variant_as_rejected(ray_address, tmp_path):
@@ -150,6 +240,6 @@ def test_digits_example_reaches_its_quality_and_every_variant_passes_the_gate(
     assert sorted(manifests) == ["distilled", "fp32", "int8", "pruned"]
     assert all(m.status == "ready" for m in manifests.values())
     assert manifests["fp32"].quality.value >= 0.97
-    assert manifests["int8"].params["mode"] == "static"
+    assert manifests["int8"].details["mode"] == "static"
     for variant in ("pruned", "distilled"):
         assert manifests[variant].param_count < manifests["fp32"].param_count

@@ -122,14 +122,14 @@ def test_the_section_replaces_only_what_lies_between_the_markers():
     )
     checks = bench.minilm_checks(ROWS, 293.4, SPEEDS)
     section = bench.minilm_section(ROWS, checks, 293.4, SPEEDS)
-    updated = bench.with_minilm_section(document, section)
+    updated = bench.with_section(document, section)
     assert "old figures" not in updated
     assert updated.startswith(f"# Benchmarks\n\nbefore\n\n{bench.MINILM_BEGIN}\n")
     assert updated.endswith(f"{bench.MINILM_END}\n\nafter, by hand\n")
     assert "took **293 s** of wall time" in updated
     assert "\n- FAIL int8 minimum cosine >= 0.99: 0.9890\n" in updated
     # Writing again gives the same document.
-    assert bench.with_minilm_section(updated, section) == updated
+    assert bench.with_section(updated, section) == updated
 
 
 def test_the_section_says_when_compression_was_not_timed():
@@ -139,7 +139,7 @@ def test_the_section_says_when_compression_was_not_timed():
 
 def test_a_document_without_the_markers_is_refused():
     with pytest.raises(ValueError, match="needs one"):
-        bench.with_minilm_section("# Benchmarks\n", "figures\n")
+        bench.with_section("# Benchmarks\n", "figures\n")
 
 
 def test_benchmarks_md_has_the_minilm_markers_once_in_order():
@@ -147,3 +147,63 @@ def test_benchmarks_md_has_the_minilm_markers_once_in_order():
     assert document.count(bench.MINILM_BEGIN) == 1
     assert document.count(bench.MINILM_END) == 1
     assert document.index(bench.MINILM_BEGIN) < document.index(bench.MINILM_END)
+
+
+def test_benchmarks_md_has_the_digits_markers_once_in_order():
+    document = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    assert document.count(bench.DIGITS_BEGIN) == 1
+    assert document.count(bench.DIGITS_END) == 1
+    assert document.index(bench.DIGITS_BEGIN) < document.index(bench.DIGITS_END)
+
+
+def _digits_row(variant, technique="prune", parent=None, size=1_000_000, storage=None, **more):
+    row = {
+        "variant": variant,
+        "technique": technique,
+        "parent": parent,
+        "status": "ready",
+        "accuracy": 0.99,
+        "reference_accuracy": 0.99,
+        "agreement": 0.99,
+        "size_bytes": size,
+        "storage_bytes": storage or size,
+        "params": 1000,
+        "latency_ms": {"1": {"p50": 1.0, "p95": 1.2}, "8": {"p50": 4.0, "p95": 4.4}},
+    }
+    row.update(more)
+    return row
+
+
+def test_digits_checks_judge_storage_composition_and_speed():
+    fast = {"1": {"p50": 0.5, "p95": 0.6}, "8": {"p50": 2.0, "p95": 2.2}}
+    rows = [
+        _digits_row("fp32", technique="export", size=8_000_000),
+        _digits_row("clustered", technique="cluster", size=8_000_000, storage=1_300_000),
+        _digits_row("lowrank", technique="lowrank", latency_ms=fast),
+        # 16x smaller but below the gate, so the best composed recipe is the 8.9x one.
+        _digits_row(
+            "pruned-int8", technique="quantize", parent="pruned", size=500_000, accuracy=0.95
+        ),
+        _digits_row("pruned-distilled-int8", technique="compose", size=900_000),
+    ]
+    checks = {name: (ok, figure) for name, ok, figure in bench.digits_checks(rows, 500.0, False)}
+    assert checks["clustered storage >= 6x smaller than fp32"] == (True, "6.2x")
+    assert checks["lowrank faster than fp32 at batch 1"] == (True, "2.00x")
+    assert checks["best composed recipe >= 8x smaller, within the gate"] == (
+        True,
+        "pruned-distilled-int8 8.9x",
+    )
+    assert checks["pruned-int8 ready within the gate"][0] is False
+    assert "compress wall time <= 180 s" not in checks
+
+
+def test_digits_checks_fail_when_no_composed_recipe_is_within_the_gate():
+    rows = [
+        _digits_row("fp32", technique="export", size=8_000_000),
+        _digits_row("pruned-distilled-int8", technique="compose", size=100_000, status="rejected"),
+    ]
+    checks = {name: (ok, figure) for name, ok, figure in bench.digits_checks(rows, None, True)}
+    assert checks["best composed recipe >= 8x smaller, within the gate"] == (
+        False,
+        "none within the gate",
+    )

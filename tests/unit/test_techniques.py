@@ -276,5 +276,5 @@ def test_resolve_recipes_brings_in_the_parent_of_int8():
 
 def test_resolve_recipes_always_builds_the_reference_first():
     assert names(resolve_recipes("pruned")) == ["fp32", "pruned"]
-    assert names(resolve_recipes(" distilled , int8 ")) == ["fp32", "int8", "distilled"]
+    assert names(resolve_recipes(" distilled , int8 ")) == ["fp32", "distilled", "int8"]
     assert names(resolve_recipes("fp32,fp32")) == ["fp32"]

@@ -59,14 +59,19 @@ def _params(count: int) -> str:
 
 
 def variant_table(model: str, manifests: Sequence[VariantManifest]) -> Table:
-    """The table of DESIGN.md §3: variant, technique, status, size, params, quality,
-    agreement, p50/p95 per device class (batch 1 and 8)."""
+    """Variant, technique, status, size, params, quality, agreement, p50/p95 per device class
+    (batch 1 and 8); a ``stored`` column after ``size`` where some variant's compressed
+    storage (codebook and indices, sparse encoding) differs from its served artifact."""
     device_classes = sorted({d for m in manifests for d in m.latency_ms})
     batch_sizes = sorted({b for m in manifests for d in m.latency_ms.values() for b in d}, key=int)
     metric = manifests[0].quality.metric if manifests else "quality"
+    stored = any(m.stored_size != m.size_bytes for m in manifests)
     table = Table(title=f"model {model}", title_justify="left")
-    for column in ("variant", "technique", "status", "size", "params", metric, "agreement"):
-        table.add_column(column, justify="right" if column in ("size", "params") else "left")
+    columns = ("variant", "technique", "status", "size", *(("stored",) if stored else ()))
+    for column in (*columns, "params", metric, "agreement"):
+        table.add_column(
+            column, justify="right" if column in ("size", "stored", "params") else "left"
+        )
     for device in device_classes:
         for batch in batch_sizes:
             table.add_column(f"{device} b{batch} ms\np50/p95", justify="right")
@@ -78,6 +83,7 @@ def variant_table(model: str, manifests: Sequence[VariantManifest]) -> Table:
             m.technique,
             status,
             _size(m.size_bytes),
+            *((_size(m.stored_size),) if stored else ()),
             _params(m.param_count),
             f"{m.quality.value:.4f}",
             f"{m.quality.agreement:.4f}",

@@ -183,3 +183,24 @@ def test_variants_of_an_empty_repository_says_so(tmp_path, capsys):
     assert out == ""
     # rich wraps stderr at 80 columns when it is not a terminal; compare the words only
     assert "holds no models" in " ".join(" ".join(err).split())
+
+
+def test_variants_shows_a_stored_column_only_where_storage_differs(tmp_path, capsys):
+    repository = build_repository(tmp_path)
+    code, out, _ = run(capsys, "variants", "--repo", str(tmp_path))
+    assert code == 0 and "stored" not in out
+    clustered = linear_onnx(seed=2)
+    repository.publish_variant(
+        make_manifest(
+            clustered,
+            variant="clustered",
+            technique="cluster",
+            parent="fp32",
+            storage_bytes=123,
+        ),
+        clustered,
+    )
+    code, out, _ = run(capsys, "variants", "--repo", str(tmp_path))
+    assert code == 0 and "stored" in out
+    row = next(line for line in out.splitlines() if " clustered " in line)
+    assert "123 B" in row

@@ -19,6 +19,7 @@ from gearbox.compression.techniques.base import (
     TransformedArtifact,
     TransformedModel,
 )
+from gearbox.compression.techniques.clustered import ClusteredConfig
 from gearbox.compression.techniques.composed import ComposedConfig
 from gearbox.compression.techniques.distilled import DistilledConfig
 from gearbox.compression.techniques.fp32 import Fp32Config
@@ -49,6 +50,7 @@ CORE_RECIPES: tuple[TechniqueConfig, ...] = (
 ALL_RECIPES: tuple[TechniqueConfig, ...] = (
     *CORE_RECIPES,
     Int8Config(name="int8-static", mode="static"),
+    ClusteredConfig(),
     Int8Config(name="distilled-int8", parent="distilled"),
     Int8Config(name="pruned-int8", parent="pruned"),
     ComposedConfig(steps=(PrunedConfig(), DistilledConfig(), Int8Config())),
@@ -111,6 +113,7 @@ __all__ = [
     "CORE_RECIPES",
     "PARAMS_SCHEMA_VERSION",
     "REFERENCE_VARIANT",
+    "ClusteredConfig",
     "ComposedConfig",
     "CompressedModel",
     "DistilledConfig",

@@ -7,6 +7,7 @@ import torch
 from gearbox.compression import (
     ALL_RECIPES,
     CORE_RECIPES,
+    ClusteredConfig,
     DistilledConfig,
     Fp32Config,
     Int8Config,
@@ -21,7 +22,13 @@ from gearbox.compression.techniques import TechniqueInput, registered_config_typ
 from gearbox.compression.training import fit
 from tests.unit.tiny_model import conv_spec, mlp_spec
 
-ROUND_TRIP_CONFIGS = [Fp32Config(), Int8Config(), PrunedConfig(), DistilledConfig()]
+ROUND_TRIP_CONFIGS = [
+    Fp32Config(),
+    Int8Config(),
+    PrunedConfig(),
+    DistilledConfig(),
+    ClusteredConfig(),
+]
 
 
 class TrainedCase:

@@ -113,6 +113,7 @@ class TransformerShape:
     model_type: str
     num_heads: int
     hidden_size: int
+    """The attention's width: the model's hidden size, or less after heads were pruned."""
 
 
 def transformer_shape(model: nn.Module) -> TransformerShape | None:
@@ -120,9 +121,13 @@ def transformer_shape(model: nn.Module) -> TransformerShape | None:
     for module in model.modules():
         config = getattr(module, "config", None)
         if getattr(config, "model_type", None) in FUSABLE_MODEL_TYPES:
-            return TransformerShape(
-                config.model_type, int(config.num_attention_heads), int(config.hidden_size)
+            # The optimizer matches attention by its width, which is the hidden size unless
+            # pruning removed heads (then the heads left times the head size).
+            width = next(
+                (int(m.all_head_size) for m in module.modules() if hasattr(m, "all_head_size")),
+                int(config.hidden_size),
             )
+            return TransformerShape(config.model_type, int(config.num_attention_heads), width)
     return None
 
 

@@ -24,6 +24,7 @@ from gearbox.compression.techniques.composed import ComposedConfig
 from gearbox.compression.techniques.distilled import DistilledConfig
 from gearbox.compression.techniques.fp32 import Fp32Config
 from gearbox.compression.techniques.int8 import Int8Config
+from gearbox.compression.techniques.lowrank import LowRankConfig
 from gearbox.compression.techniques.params import (
     PARAMS_SCHEMA_VERSION,
     config_from_mapping,
@@ -38,6 +39,7 @@ from gearbox.compression.techniques.registry import (
     register_technique,
     registered_config_types,
 )
+from gearbox.compression.techniques.sparse import SparseConfig
 
 REFERENCE_VARIANT = "fp32"
 
@@ -50,7 +52,9 @@ CORE_RECIPES: tuple[TechniqueConfig, ...] = (
 ALL_RECIPES: tuple[TechniqueConfig, ...] = (
     *CORE_RECIPES,
     Int8Config(name="int8-static", mode="static"),
+    LowRankConfig(),
     ClusteredConfig(),
+    SparseConfig(),
     Int8Config(name="distilled-int8", parent="distilled"),
     Int8Config(name="pruned-int8", parent="pruned"),
     ComposedConfig(steps=(PrunedConfig(), DistilledConfig(), Int8Config())),
@@ -119,8 +123,10 @@ __all__ = [
     "DistilledConfig",
     "Fp32Config",
     "Int8Config",
+    "LowRankConfig",
     "ProgressFn",
     "PrunedConfig",
+    "SparseConfig",
     "Stage",
     "TechniqueConfig",
     "TechniqueInput",

@@ -26,6 +26,7 @@ multiplied by it, which leaves the FP32 function unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -421,6 +422,19 @@ def _quantize_dynamic_keeping_sensitive(
     return excluded, worst
 
 
+def _prepare_for_static(source: str, prepared: str, workdir: str) -> None:
+    """ONNX Runtime's pre-processing, with its symbolic shape inference where it completes.
+
+    When that inference is incomplete ONNX Runtime writes a debugging copy of the model into
+    the current directory before it raises, hence the change of directory; ONNX's own shape
+    inference is then enough for static quantisation."""
+    with contextlib.chdir(workdir):
+        try:
+            quant_pre_process(source, prepared, skip_symbolic_shape=False)
+        except Exception:
+            quant_pre_process(source, prepared, skip_symbolic_shape=True)
+
+
 @register_technique(Int8Config)
 def quantize_int8(
     config: Int8Config, parent_artifact: bytes, inputs: TechniqueInput
@@ -442,7 +456,7 @@ def quantize_int8(
         try:
             if mode == "static":
                 inputs.report("preparing graph for quantization", 0.2)
-                quant_pre_process(source, prepared, skip_symbolic_shape=False)
+                _prepare_for_static(source, prepared, workdir)
                 inputs.report(f"calibrating on {len(calibration)} samples", 0.4)
                 quantize_static(
                     prepared,

@@ -65,7 +65,7 @@ def test_the_fp32_variant_is_fused_and_equals_torch(encoder, data):
     fp32 = apply_technique(
         Fp32Config(), TechniqueInput(spec=spec, data=data, reference_model=encoder)
     )
-    assert fp32.params["fused_operators"]["Attention"] == 6
+    assert fp32.details["export"]["fused_operators"]["Attention"] == 6
     assert fp32.param_count == pytest.approx(22.7e6, rel=0.01)
     with torch.no_grad():
         rows = data.heldout.take(32)

@@ -64,8 +64,8 @@ def test_the_encoder_mean_pools_the_real_tokens_and_normalises():
 
 def test_fp32_of_a_bert_is_fused_and_matches_torch(fp32):
     assert transformer_shape(tiny_encoder()).num_heads == 4
-    assert fp32.params["exporter"] == "torchscript"
-    assert fp32.params["fused_operators"]["Attention"] == LAYERS
+    assert fp32.details["export"]["exporter"] == "torchscript"
+    assert fp32.details["export"]["fused_operators"]["Attention"] == LAYERS
     ops = {node.op_type for node in onnx.load_from_string(fp32.onnx).graph.node}
     assert {"Attention", "LayerNormalization"} <= ops
     assert "SkipLayerNormalization" not in ops  # slower on ONNX Runtime's CPU than Add + LN
@@ -101,7 +101,9 @@ def test_unfusing_attention_keeps_the_function_padding_included(fp32):
 
 def test_unfusing_bias_gelu_keeps_the_function(fp32):
     model = onnx.load_from_string(fp32.onnx)
-    assert unfuse_bias_gelu(model) == fp32.params["fused_operators"]["BiasGelu"] == LAYERS
+    assert (
+        unfuse_bias_gelu(model) == fp32.details["export"]["fused_operators"]["BiasGelu"] == LAYERS
+    )
     onnx.checker.check_model(model)
     ops = [node.op_type for node in model.graph.node]
     assert "BiasGelu" not in ops
@@ -115,7 +117,7 @@ def test_unfusing_bias_gelu_keeps_the_function(fp32):
 
 def test_int8_folds_the_feed_forward_bias_into_the_quantised_matmul(fp32, tmp_path):
     int8 = apply_technique(Int8Config(), _inputs(tiny_encoder(), fp32.onnx, fp32.param_count))
-    assert int8.params["unfused_bias_gelu_nodes"] == LAYERS
+    assert int8.details["unfused_bias_gelu_nodes"] == LAYERS
     optimized = tmp_path / "optimized.onnx"
     CPU.create_session(int8.onnx, save_optimized_to=optimized)
     graph = onnx.load(optimized).graph
@@ -128,19 +130,19 @@ def test_int8_folds_the_feed_forward_bias_into_the_quantised_matmul(fp32, tmp_pa
     kept = Int8Config(unfuse_bias_gelu=False)
     fused = apply_technique(kept, _inputs(tiny_encoder(), fp32.onnx, fp32.param_count))
     assert "BiasGelu" in {node.op_type for node in onnx.load_from_string(fused.onnx).graph.node}
-    assert "unfused_bias_gelu_nodes" not in fused.params
+    assert "unfused_bias_gelu_nodes" not in fused.details
 
 
 def test_int8_of_an_encoder_quantises_its_unfused_attention_projections(fp32):
     int8 = apply_technique(Int8Config(), _inputs(tiny_encoder(), fp32.onnx, fp32.param_count))
-    assert int8.params["unfused_attention_nodes"] == LAYERS
+    assert int8.details["unfused_attention_nodes"] == LAYERS
     ops = {node.op_type for node in onnx.load_from_string(int8.onnx).graph.node}
     assert "QAttention" not in ops and "Attention" not in ops
     assert "DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops
     kept = Int8Config(unfuse_attention=False)
     fused = apply_technique(kept, _inputs(tiny_encoder(), fp32.onnx, fp32.param_count))
     assert "QAttention" in {node.op_type for node in onnx.load_from_string(fused.onnx).graph.node}
-    assert "unfused_attention_nodes" not in fused.params
+    assert "unfused_attention_nodes" not in fused.details
 
 
 def test_int8_keeps_the_most_sensitive_nodes_in_fp32_until_the_target_holds(fp32):
@@ -154,8 +156,8 @@ def test_int8_keeps_the_most_sensitive_nodes_in_fp32_until_the_target_holds(fp32
         for config in (strict, one_row, loose)
     }
     assert len(DATA.calibration) > 1
-    assert quantized[loose].params["excluded_nodes"] == []
-    excluded = quantized[strict].params["excluded_nodes"]
+    assert quantized[loose].details["excluded_nodes"] == []
+    excluded = quantized[strict].details["excluded_nodes"]
     assert excluded, "a near-perfect target must keep some node in FP32"
     quantized_graph = onnx.load_from_string(fp32.onnx)
     unfuse_attention(quantized_graph)  # as int8 does first
@@ -167,10 +169,10 @@ def test_int8_keeps_the_most_sensitive_nodes_in_fp32_until_the_target_holds(fp32
     }
     for config in (strict, one_row):
         assert closeness[config] == pytest.approx(
-            quantized[config].params["calibration_min_cosine"], abs=1e-5
+            quantized[config].details["calibration_min_cosine"], abs=1e-5
         )
         assert closeness[config] >= closeness[loose]
-    assert quantized[one_row].params["excluded_nodes"]
+    assert quantized[one_row].details["excluded_nodes"]
 
 
 def test_keep_layers_copies_the_chosen_teacher_layers():
@@ -193,12 +195,12 @@ def test_distilling_an_encoder_brings_the_student_closer_to_the_teacher():
     result = apply_technique(DistilledConfig(), _inputs(teacher))
     trained = run_onnx(result.onnx, SPEC, DATA.heldout)
     assert np.mean(row_cosines(trained, expected)) > np.mean(row_cosines(untrained, expected))
-    assert result.params["loss"] == (
+    assert result.details["loss"] == (
         "1 - cosine to the teacher's embedding + hidden_weight * layer loss"
     )
-    assert result.params["hidden_weight"] == 1.0
-    assert result.params["epochs"] == SPEC.student_training.epochs
-    assert result.param_count < result.params["teacher_params"]
+    assert result.details["hidden_weight"] == 1.0
+    assert result.details["epochs"] == SPEC.student_training.epochs
+    assert result.param_count < result.details["teacher_params"]
 
 
 def _layer_loss_on_heldout(student, teacher) -> float:
@@ -230,8 +232,8 @@ def test_a_student_cut_from_its_teacher_maps_its_layers_to_the_teachers():
 def test_layer_by_layer_distillation_matches_the_teachers_layers_better_than_embeddings_alone():
     teacher = tiny_encoder()
     embeddings_only = apply_technique(DistilledConfig(hidden_weight=0.0), _inputs(teacher))
-    assert embeddings_only.params["loss"] == "1 - cosine to the teacher's embedding"
-    assert "hidden_weight" not in embeddings_only.params
+    assert embeddings_only.details["loss"] == "1 - cosine to the teacher's embedding"
+    assert "hidden_weight" not in embeddings_only.details
 
     def trained(weight: float):
         student = SPEC.build_student()
@@ -293,7 +295,7 @@ def test_docstring_sentences_keep_prose_and_drop_sections_fields_and_doctests():
 def _build(config, outputs) -> VariantBuild:
     return VariantBuild(
         config=config,
-        compressed=CompressedModel(onnx=config.name.encode(), param_count=1, params={}),
+        compressed=CompressedModel(onnx=config.name.encode(), param_count=1, details={}),
         evaluation=Evaluation(quality=None, outputs=outputs),
         node="host/0",
         seconds=1.0,
@@ -404,7 +406,7 @@ def test_distillation_leaves_a_students_frozen_parameters_as_they_are():
 
 
 def test_sessions_keep_add_and_layer_normalization_unfused(fp32, tmp_path):
-    assert fp32.params["fused_operators"].get("SkipLayerNormalization", 0) == 0
+    assert fp32.details["export"]["fused_operators"].get("SkipLayerNormalization", 0) == 0
     optimized = tmp_path / "optimized.onnx"
     CPU.create_session(fp32.onnx, save_optimized_to=optimized)
     operators = {node.op_type for node in onnx.load(optimized).graph.node}

@@ -12,7 +12,9 @@ from gearbox.compression import (
     Fp32Config,
     Int8Config,
     InvalidArgumentError,
+    LowRankConfig,
     PrunedConfig,
+    SparseConfig,
     TechniqueConfig,
     apply_technique,
     resolve_recipes,
@@ -28,6 +30,8 @@ ROUND_TRIP_CONFIGS = [
     PrunedConfig(),
     DistilledConfig(),
     ClusteredConfig(),
+    LowRankConfig(),
+    SparseConfig(),
 ]
 
 

@@ -91,6 +91,26 @@ def test_compress_builds_evaluates_and_publishes_core_variants(ray_address, tmp_
     assert len({m["build"]["node"] for m in manifests.values()}) == 2
 
 
+def test_a_composed_recipe_is_published_as_one_variant_named_after_its_steps(ray_address, tmp_path):
+    repo = ModelRepository(tmp_path / "repo")
+    spec = load_spec("tests.fixtures.specs:tiny_digits")
+
+    report = compress(spec, repo, resolve_recipes("pruned-distilled-int8"), max_accuracy_drop=1.0)
+
+    assert [m.variant for m in report.published] == ["fp32", "pruned-distilled-int8"]
+    fp32 = _assert_complete(repo, "tiny-digits", "fp32")
+    raw = _assert_complete(repo, "tiny-digits", "pruned-distilled-int8")
+    assert raw["technique"] == "compose" and raw["parent"] == "fp32"
+    assert [step["technique"] for step in raw["params"]["steps"]] == [
+        "prune",
+        "distill",
+        "quantize",
+    ]
+    assert list(raw["details"]) == ["pruned", "distilled", "export", "int8"]
+    assert raw["param_count"] < fp32["param_count"]
+    assert raw["size_bytes"] < fp32["size_bytes"] / 4
+
+
 def test_unchanged_variants_are_kept_and_only_what_changed_is_rebuilt(ray_address, tmp_path):
     repo = ModelRepository(tmp_path / "repo")
     spec = load_spec("tests.fixtures.specs:tiny_digits")

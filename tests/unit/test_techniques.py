@@ -8,6 +8,8 @@ from gearbox.compression import (
     ALL_RECIPES,
     CORE_RECIPES,
     ClusteredConfig,
+    ComposedConfig,
+    CompressionError,
     DistilledConfig,
     Fp32Config,
     Int8Config,
@@ -219,6 +221,29 @@ def test_distilled_has_fewer_parameters_than_fp32(conv_case):
     assert distilled.details["student"] == "tests.unit.tiny_model:TinyConvStudent"
     assert distilled.details["teacher_params"] == fp32.param_count
     assert distilled.details["epochs"] == 1
+
+
+def test_a_composed_recipe_chains_its_steps_into_one_artifact(conv_case):
+    fp32 = conv_case.apply(Fp32Config())
+    pruned = conv_case.apply(PrunedConfig())
+    recipe = ComposedConfig(steps=(PrunedConfig(), DistilledConfig(), Int8Config()))
+    composed = conv_case.apply(recipe)
+
+    assert list(composed.details) == ["pruned", "distilled", "export", "int8"]
+    # The pruned network itself is distilled (not the spec's student), then quantised.
+    assert composed.details["distilled"]["student"] == "the result of pruned"
+    assert composed.param_count == pruned.param_count < fp32.param_count
+    assert {"QuantizeLinear", "DequantizeLinear"} <= op_types(composed.onnx)
+    assert len(composed.onnx) < len(pruned.onnx)
+    session = ort.InferenceSession(composed.onnx, providers=["CPUExecutionProvider"])
+    [logits] = session.run(None, conv_case.data.heldout.take(4))
+    assert logits.shape == (4, 10) and np.all(np.isfinite(logits))
+
+
+def test_a_step_after_one_that_exports_its_own_graph_is_refused(conv_case):
+    recipe = ComposedConfig(steps=(SparseConfig(finetune_epochs=1), PrunedConfig()))
+    with pytest.raises(CompressionError, match="exports its own graph"):
+        conv_case.apply(recipe)
 
 
 def test_distilled_without_a_student_factory_shrinks_the_teacher(mlp_case):

@@ -33,6 +33,7 @@ from gearbox.compression.techniques.params import (
     override,
 )
 from gearbox.compression.techniques.pruned import PrunedConfig
+from gearbox.compression.techniques.qat import QatConfig
 from gearbox.compression.techniques.registry import (
     apply_technique,
     config_type_for,
@@ -52,6 +53,7 @@ CORE_RECIPES: tuple[TechniqueConfig, ...] = (
 ALL_RECIPES: tuple[TechniqueConfig, ...] = (
     *CORE_RECIPES,
     Int8Config(name="int8-static", mode="static"),
+    QatConfig(),
     LowRankConfig(),
     ClusteredConfig(),
     SparseConfig(),
@@ -126,6 +128,7 @@ __all__ = [
     "LowRankConfig",
     "ProgressFn",
     "PrunedConfig",
+    "QatConfig",
     "SparseConfig",
     "Stage",
     "TechniqueConfig",

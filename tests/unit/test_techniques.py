@@ -16,6 +16,7 @@ from gearbox.compression import (
     InvalidArgumentError,
     LowRankConfig,
     PrunedConfig,
+    QatConfig,
     SparseConfig,
     TechniqueConfig,
     apply_technique,
@@ -34,6 +35,7 @@ ROUND_TRIP_CONFIGS = [
     ClusteredConfig(),
     LowRankConfig(),
     SparseConfig(),
+    QatConfig(epochs=1),
 ]
 
 

@@ -10,10 +10,14 @@ import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from gearbox.compression import EXAMPLES, GearboxError, ModelRepository
+if TYPE_CHECKING:
+    from gearbox.compression import ModelSpec
+
+from gearbox.compression import EXAMPLES, GearboxError, InvalidArgumentError, ModelRepository
 from gearbox.compression.cluster import ray_session
 from gearbox.compression.quality import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_COSINE_DROP
 from gearbox.serving.config import (
@@ -221,6 +225,19 @@ def _parser() -> argparse.ArgumentParser:
         help="set one parameter of a variant being built, e.g. distilled.epochs=20 (repeatable)",
     )
     compress_cmd.add_argument(
+        "--search",
+        action="store_true",
+        help="search technique parameters and student sizes with Ray Tune and publish the "
+        "Pareto front of quality, latency and size inside the accuracy gate",
+    )
+    compress_cmd.add_argument(
+        "--trials",
+        type=_positive_int,
+        default=20,
+        metavar="N",
+        help="--search: candidates to build and evaluate (default: 20)",
+    )
+    compress_cmd.add_argument(
         "--rebuild",
         action="store_true",
         help="build every variant again, even those whose inputs have not changed",
@@ -269,6 +286,12 @@ def _parser() -> argparse.ArgumentParser:
     variants_cmd = commands.add_parser("variants", help="show a repository's variants")
     variants_cmd.add_argument("--repo", required=True, metavar="DIR", help="model repository")
     variants_cmd.add_argument("model", nargs="?", help="only this model")
+    variants_cmd.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw quality against latency (batch 1), every variant labelled, rejected "
+        "ones grey, the Pareto front joined (one model: name it if the repository has several)",
+    )
     return parser
 
 
@@ -278,6 +301,12 @@ def _compress(args: argparse.Namespace, out: Console, err: Console) -> int:
     from gearbox.compression.recipe_file import apply_settings, load_recipe_file
 
     spec = load_spec(EXAMPLES[args.example] if args.example else args.spec)
+    if args.search:
+        if args.variants or args.recipe or args.settings:
+            raise InvalidArgumentError(
+                "--search chooses its own candidates: leave out --variants, --recipe and --set"
+            )
+        return _search(args, spec, out, err)
     from_file, settings = load_recipe_file(args.recipe) if args.recipe else ((), [])
     names = args.variants or (None if from_file else ",".join(spec.default_variants) or None)
     recipes = apply_settings(resolve_recipes(names, from_file), [*settings, *args.settings])
@@ -311,6 +340,34 @@ def _compress(args: argparse.Namespace, out: Console, err: Console) -> int:
         name, reason = next(iter(report.failed.items()))
         more = f" (and {len(report.failed) - 1} more)" if len(report.failed) > 1 else ""
         raise GearboxError(f"variant '{name}' failed: {reason}{more}")
+    return 0
+
+
+def _search(args: argparse.Namespace, spec: ModelSpec, out: Console, err: Console) -> int:
+    from gearbox.compression.search import search
+
+    repository = ModelRepository(args.repo)
+    repository.ensure_writable()
+    with ray_session(args.address), RichProgress(err) as progress:
+        report = search(
+            spec,
+            repository,
+            args.trials,
+            max_accuracy_drop=args.max_accuracy_drop,
+            progress=progress,
+        )
+    out.print(variant_table(spec.name, repository.variants(spec.name)))
+    for trial in report.trials:
+        figures = (f"{spec.metric} {trial.quality:.4f}, " if trial.quality is not None else "") + (
+            f"{trial.latency_p50_ms:.3f} ms" if trial.latency_p50_ms is not None else ""
+        )
+        reason = f" ({trial.reason})" if trial.reason else ""
+        out.print(f"  {trial.label}: {trial.status}{reason} {figures}".rstrip(), highlight=False)
+    out.print(
+        f"searched {len(report.trials)} candidate(s) of '{spec.name}' in {report.seconds:.0f} s; "
+        f"published the front: {', '.join(report.front) or 'nothing inside the gate'}",
+        highlight=False,
+    )
     return 0
 
 
@@ -446,11 +503,18 @@ def _variants(args: argparse.Namespace, out: Console, err: Console) -> int:
     models = [args.model] if args.model else repository.models()
     if not models:
         err.print(f"repository {repository.root} holds no models", highlight=False)
+    if args.plot and len(models) > 1:
+        raise InvalidArgumentError(f"--plot draws one model; name one of {', '.join(models)}")
     for model in models:
         manifests = repository.variants(model)
         out.print(variant_table(model, manifests))
         for line in rejected_reasons(manifests):
             out.print(line, highlight=False)
+        if args.plot and manifests:
+            from gearbox.compression.pareto import plot_front
+
+            plot_front(manifests, args.plot)
+            out.print(f"plot of {model}'s variants written to {args.plot}", highlight=False)
     return 0
 
 

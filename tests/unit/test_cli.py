@@ -6,7 +6,7 @@ import pytest
 
 from gearbox.compression import ModelRecord, ModelRepository
 from gearbox.serving.cli import main
-from tests.unit.tiny_model import CONV_SIGNATURE, MODULE, linear_onnx, make_manifest
+from tests.unit.tiny_model import CONV_SIGNATURE, MODULE, linear_onnx, make_manifest, make_record
 
 
 @pytest.fixture(autouse=True)
@@ -204,3 +204,23 @@ def test_variants_shows_a_stored_column_only_where_storage_differs(tmp_path, cap
     assert code == 0 and "stored" in out
     row = next(line for line in out.splitlines() if " clustered " in line)
     assert "123 B" in row
+
+
+def test_variants_plot_writes_a_png_of_the_model(tmp_path, capsys):
+    build_repository(tmp_path / "repo")
+    plot = tmp_path / "front.png"
+    code, out, err = run(capsys, "variants", "--repo", str(tmp_path / "repo"), "--plot", str(plot))
+    assert code == 0, err
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert f"plot of tiny's variants written to {plot}" in out
+
+
+def test_variants_plot_of_several_models_asks_for_one(tmp_path, capsys):
+    repository = build_repository(tmp_path / "repo")
+    repository.register_model(make_record("other"))
+    code, _out, err = run(
+        capsys, "variants", "--repo", str(tmp_path / "repo"), "--plot", str(tmp_path / "x.png")
+    )
+    assert code == 1
+    assert_one_error_line(err, "--plot draws one model; name one of other, tiny")
+    assert not (tmp_path / "x.png").exists()

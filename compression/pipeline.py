@@ -115,7 +115,10 @@ def _reference_model(spec: ModelSpec, weights: Weights | None) -> torch.nn.Modul
             "not a torch.nn.Module"
         )
     if weights is not None:
-        model.load_state_dict({name: torch.from_numpy(array) for name, array in weights.items()})
+        # Arrays from Ray's object store are read-only; torch wants tensors it may write.
+        model.load_state_dict(
+            {name: torch.from_numpy(array.copy()) for name, array in weights.items()}
+        )
     return model.eval()
 
 

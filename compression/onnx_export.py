@@ -133,6 +133,12 @@ def transformer_shape(model: nn.Module) -> TransformerShape | None:
 
 def export_transformer(model: nn.Module, spec: ModelSpec, sample: Split) -> bytes:
     """TorchScript export (the graph ONNX Runtime's fusions match), every -1 left dynamic."""
+    return export_torchscript(model, spec, sample, TRANSFORMER_OPSET)
+
+
+def export_torchscript(model: nn.Module, spec: ModelSpec, sample: Split, opset: int) -> bytes:
+    """The TorchScript exporter at ``opset``, with the signature's names and every -1
+    dimension left dynamic: what fused transformers and fake-quantised models need."""
     model.eval()
     args = tuple(model_inputs(spec, sample.take(2)))
     dynamic_axes = {
@@ -150,7 +156,7 @@ def export_transformer(model: nn.Module, spec: ModelSpec, sample: Split) -> byte
             input_names=spec.signature.input_names,
             output_names=spec.signature.output_names,
             dynamic_axes=dynamic_axes,
-            opset_version=TRANSFORMER_OPSET,
+            opset_version=opset,
             do_constant_folding=True,
         )
     return buffer.getvalue()

@@ -30,12 +30,10 @@ builds that baseline from the same reference and records both qualities.
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import math
 import os
 import tempfile
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,7 +50,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from gearbox.compression.devices import CPU, DISABLED_OPTIMIZERS
 from gearbox.compression.errors import CompressionError, InvalidArgumentError
 from gearbox.compression.evaluation import evaluate_quality
-from gearbox.compression.onnx_export import export_described, run_onnx
+from gearbox.compression.onnx_export import export_described, export_torchscript, run_onnx
 from gearbox.compression.quality import get_metric
 from gearbox.compression.spec import ModelSpec, Split, TrainingConfig
 from gearbox.compression.techniques.base import TechniqueConfig, TechniqueInput, TransformedModel
@@ -396,34 +394,6 @@ def prepare(model: nn.Module, momentum: float) -> tuple[int, int]:
 # --- export -----------------------------------------------------------------------------------
 
 
-def _export_torchscript(model: nn.Module, spec: ModelSpec, sample: Split) -> bytes:
-    model.eval()
-    args = tuple(model_inputs(spec, sample.take(2)))
-    dynamic_axes = {
-        tensor.name: {axis: f"{tensor.name}_{axis}" for axis, size in enumerate(tensor.shape)
-                      if size == -1}
-        for tensor in (*spec.signature.inputs, *spec.signature.outputs)
-    }  # fmt: skip
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                args,
-                buffer,
-                dynamo=False,
-                input_names=spec.signature.input_names,
-                output_names=spec.signature.output_names,
-                dynamic_axes=dynamic_axes,
-                opset_version=QDQ_OPSET,
-                do_constant_folding=True,
-            )
-    except Exception as exc:
-        raise CompressionError(f"model '{spec.name}': QDQ export failed: {exc}") from exc
-    return buffer.getvalue()
-
-
 def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     values = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
     for node in graph.node:
@@ -542,7 +512,7 @@ def store_integer_weights(model: onnx.ModelProto) -> dict[str, int]:
 
 def export_qdq(model: nn.Module, spec: ModelSpec, sample: Split) -> tuple[bytes, dict[str, int]]:
     """The fake-quantised ``model`` as a QDQ graph with integer weights and biases."""
-    exported = onnx.load_from_string(_export_torchscript(model, spec, sample))
+    exported = onnx.load_from_string(export_torchscript(model, spec, sample, QDQ_OPSET))
     stored = store_integer_weights(exported)
     onnx.checker.check_model(exported)
     return exported.SerializeToString(), stored

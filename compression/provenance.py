@@ -10,6 +10,7 @@ picks up where it stopped. Everything is stored as ONNX, numpy arrays (never pic
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -169,7 +170,10 @@ class BuildCache:
             shutil.rmtree(staging, ignore_errors=True)
 
     def drop_build(self, digest: str) -> None:
+        """Forget a published build; the cache's folder goes too once it is empty."""
         shutil.rmtree(self._build_dir(digest), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self._build_dir(digest).parent.rmdir()
 
     def load_reference(self, digest: str) -> dict[str, np.ndarray] | None:
         path = self.model_dir / ".reference" / f"{digest}.npz"

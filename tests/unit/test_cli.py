@@ -224,3 +224,27 @@ def test_variants_plot_of_several_models_asks_for_one(tmp_path, capsys):
     assert code == 1
     assert_one_error_line(err, "--plot draws one model; name one of other, tiny")
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "distilled.epoch=3"], "has no parameter 'epoch'"),
+        (["--set", "pruned.amount=0.3"], "variant 'pruned' is not being built"),
+        (["--variants", "int8", "--search"], "--search chooses its own candidates"),
+        (["--recipe", "missing.yaml"], "cannot read recipe file missing.yaml"),
+    ],
+)
+def test_bad_recipe_choices_are_one_error_line_before_anything_runs(
+    tmp_path, capsys, monkeypatch, extra, message
+):
+    monkeypatch.chdir(tmp_path)
+    repo = tmp_path / "repo"
+    variants = [] if "--variants" in extra else ["--variants", "distilled"]
+    code, out, err = run(
+        capsys, "compress", "--example", "digits", "--repo", str(repo), *variants, *extra
+    )
+    assert code == 1
+    assert out == ""
+    assert_one_error_line(err, message)
+    assert not repo.exists()

@@ -370,6 +370,11 @@ class _TrialProgress(tune.Callback):
         self._finished: set[str] = set()
         self._last_poll = 0.0
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment's state; a terminal's progress display
+        # (locks, a live console) cannot be, and a restored copy has nothing to show anyway.
+        return {**self.__dict__, "_progress": SilentProgress()}
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         variant = self._space.candidate(trial.config, self._spec, self._epochs).name
         self._labels[trial.trial_id] = self._label_of_variant[variant]

@@ -362,7 +362,10 @@ def _search(args: argparse.Namespace, spec: ModelSpec, out: Console, err: Consol
             f"{trial.latency_p50_ms:.3f} ms" if trial.latency_p50_ms is not None else ""
         )
         reason = f" ({trial.reason})" if trial.reason else ""
-        out.print(f"  {trial.label}: {trial.status}{reason} {figures}".rstrip(), highlight=False)
+        out.print(
+            f"  {trial.label} {trial.variant}: {trial.status}{reason} {figures}".rstrip(),
+            highlight=False,
+        )
     out.print(
         f"searched {len(report.trials)} candidate(s) of '{spec.name}' in {report.seconds:.0f} s; "
         f"published the front: {', '.join(report.front) or 'nothing inside the gate'}",

@@ -10,34 +10,8 @@ from torch import nn
 
 from gearbox.compression import InvalidArgumentError, apply_technique
 from gearbox.compression.surgery import count_parameters
-from gearbox.compression.techniques import TechniqueInput, config_from_params, config_to_params
+from gearbox.compression.techniques import config_from_params, config_to_params
 from gearbox.compression.techniques.lowrank import LowRankConfig, energy_rank, factorise_layers
-from gearbox.compression.training import fit
-from tests.unit.tiny_model import conv_spec, mlp_spec
-
-
-class TrainedCase:
-    """A spec, its data and its trained reference model."""
-
-    def __init__(self, spec):
-        self.spec = spec
-        self.data = spec.load_data()
-        torch.manual_seed(0)  # the factory's initial weights come from the global generator
-        self.model = spec.build_model()
-        fit(self.model, spec, self.data.train, spec.training)
-
-    def inputs(self, reference):
-        return TechniqueInput(spec=self.spec, data=self.data, reference_model=reference)
-
-
-@pytest.fixture(scope="module")
-def conv_case():
-    return TrainedCase(conv_spec())
-
-
-@pytest.fixture(scope="module")
-def mlp_case():
-    return TrainedCase(mlp_spec())
 
 
 def weight_of_rank(shape, rank, seed=0):
@@ -191,7 +165,7 @@ def test_mlp_handler_exports_the_smaller_factors(mlp_case):
         energy=0.9, min_layer_params=0, finetune_epochs=1, distill_from_reference=False
     )
 
-    result = apply_technique(config, mlp_case.inputs(reference))
+    result = apply_technique(config, mlp_case.inputs(reference=reference))
 
     run_signature(mlp_case, result.onnx)
     shapes = {tuple(sorted(shape)) for shape in matrix_shapes(result.onnx)}
@@ -214,7 +188,7 @@ def test_conv_handler_distils_and_exports_the_factored_conv(conv_case):
     before = {name: p.clone() for name, p in reference.state_dict().items()}
     config = LowRankConfig(energy=0.9, min_layer_params=100, finetune_epochs=1)
 
-    result = apply_technique(config, conv_case.inputs(reference))
+    result = apply_technique(config, conv_case.inputs(reference=reference))
 
     run_signature(conv_case, result.onnx)
     shapes = matrix_shapes(result.onnx)

@@ -31,44 +31,7 @@ from gearbox.compression.techniques.sparse import (
     weight_initializers,
     without_negative_zeros,
 )
-from gearbox.compression.training import fit
 from tests.unit.tiny_encoder import encoder_spec
-from tests.unit.tiny_model import conv_spec, mlp_spec
-
-
-class TrainedCase:
-    """A spec, its data and its trained reference model; configs applied once each."""
-
-    def __init__(self, spec):
-        self.spec = spec
-        self.data = spec.load_data()
-        torch.manual_seed(0)  # the factory's initial weights come from the global generator
-        self.model = spec.build_model()
-        fit(self.model, spec, self.data.train, spec.training)
-        self._results = {}
-        self.progress = {}
-
-    def apply(self, config):
-        if config not in self._results:
-            stages = self.progress.setdefault(config, [])
-            inputs = TechniqueInput(
-                spec=self.spec,
-                data=self.data,
-                reference_model=self.model,
-                report=lambda stage, fraction: stages.append((stage, fraction)),
-            )
-            self._results[config] = apply_technique(config, inputs)
-        return self._results[config]
-
-
-@pytest.fixture(scope="module")
-def conv_case():
-    return TrainedCase(conv_spec())
-
-
-@pytest.fixture(scope="module")
-def mlp_case():
-    return TrainedCase(mlp_spec())
 
 
 def initializer_arrays(artifact):

@@ -2,7 +2,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 from gearbox.compression import (
     ALL_RECIPES,
@@ -24,8 +23,6 @@ from gearbox.compression import (
 )
 from gearbox.compression.surgery import count_parameters
 from gearbox.compression.techniques import TechniqueInput, registered_config_types
-from gearbox.compression.training import fit
-from tests.unit.tiny_model import conv_spec, mlp_spec
 
 ROUND_TRIP_CONFIGS = [
     Fp32Config(),
@@ -37,46 +34,6 @@ ROUND_TRIP_CONFIGS = [
     SparseConfig(),
     QatConfig(epochs=1),
 ]
-
-
-class TrainedCase:
-    """A spec, its data and its trained reference model; techniques applied once each."""
-
-    def __init__(self, spec):
-        self.spec = spec
-        self.data = spec.load_data()
-        torch.manual_seed(0)  # the factory's initial weights come from the global generator
-        self.model = spec.build_model()
-        fit(self.model, spec, self.data.train, spec.training)
-        self._results = {}
-        self.progress = {}
-
-    def inputs(self, config):
-        parent = self.apply(Fp32Config()) if config.parent == "fp32" else None
-        stages = self.progress.setdefault(config.name, [])
-        return TechniqueInput(
-            spec=self.spec,
-            data=self.data,
-            reference_model=self.model,
-            parent_artifact=None if parent is None else parent.onnx,
-            parent_param_count=None if parent is None else parent.param_count,
-            report=lambda stage, fraction: stages.append((stage, fraction)),
-        )
-
-    def apply(self, config):
-        if config not in self._results:
-            self._results[config] = apply_technique(config, self.inputs(config))
-        return self._results[config]
-
-
-@pytest.fixture(scope="session")
-def conv_case():
-    return TrainedCase(conv_spec())
-
-
-@pytest.fixture(scope="session")
-def mlp_case():
-    return TrainedCase(mlp_spec())
 
 
 def op_types(artifact):
@@ -104,7 +61,7 @@ def test_technique_produces_a_runnable_onnx_artifact(conv_case, config):
     assert np.all(np.isfinite(logits))
     assert result.param_count > 0
 
-    fractions = [fraction for _, fraction in conv_case.progress[config.name]]
+    fractions = [fraction for _, fraction in conv_case.progress[config]]
     assert fractions, "the technique reported no progress"
     assert all(0.0 <= f <= 1.0 for f in fractions)
     assert fractions == sorted(fractions)

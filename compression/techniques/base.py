@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from gearbox.compression.errors import InvalidArgumentError
 from gearbox.compression.spec import DataSplits, ModelSpec
 
 ProgressFn = Callable[[str, float], None]
@@ -49,6 +50,22 @@ class TechniqueConfig:
     def num_cpus(self, spec: ModelSpec) -> float | None:
         """CPUs the build of this variant asks Ray for; ``None``: the pipeline's default."""
         return None
+
+
+def check_fine_tuning(
+    technique: str, epochs: int | None, learning_rate_scale: float, min_epochs: int = 1
+) -> None:
+    """The checks of the two fields every fine-tuning technique has: ``finetune_epochs``
+    (None: the technique's default; ``min_epochs`` 0 lets a technique skip fine-tuning) and
+    ``finetune_learning_rate_scale`` (of the model's own training rate)."""
+    if epochs is not None and epochs < min_epochs:
+        raise InvalidArgumentError(
+            f"{technique} finetune_epochs must be at least {min_epochs} (or None), got {epochs}"
+        )
+    if learning_rate_scale <= 0:
+        raise InvalidArgumentError(
+            f"{technique} finetune_learning_rate_scale must be positive, got {learning_rate_scale}"
+        )
 
 
 @dataclass

@@ -60,7 +60,12 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from gearbox.compression.errors import CompressionError, InvalidArgumentError
 from gearbox.compression.onnx_export import export_described
 from gearbox.compression.spec import TrainingConfig
-from gearbox.compression.techniques.base import TechniqueConfig, TechniqueInput, TransformedModel
+from gearbox.compression.techniques.base import (
+    TechniqueConfig,
+    TechniqueInput,
+    TransformedModel,
+    check_fine_tuning,
+)
 from gearbox.compression.techniques.registry import register_technique
 from gearbox.compression.training import fit
 
@@ -105,12 +110,9 @@ class ClusteredConfig(TechniqueConfig):
             raise InvalidArgumentError(
                 f"min_weights must be at least clusters ({self.clusters}), got {self.min_weights}"
             )
-        if self.finetune_epochs is not None and self.finetune_epochs < 0:
-            raise InvalidArgumentError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
-        if self.finetune_learning_rate_scale <= 0:
-            raise InvalidArgumentError(
-                f"finetune_learning_rate_scale must be > 0, got {self.finetune_learning_rate_scale}"
-            )
+        check_fine_tuning(
+            "clustered", self.finetune_epochs, self.finetune_learning_rate_scale, min_epochs=0
+        )
 
     @property
     def bits_per_index(self) -> int:

@@ -32,7 +32,12 @@ from torch import nn
 from gearbox.compression.errors import InvalidArgumentError
 from gearbox.compression.spec import TrainingConfig
 from gearbox.compression.surgery import count_parameters
-from gearbox.compression.techniques.base import TechniqueConfig, TechniqueInput, TransformedModel
+from gearbox.compression.techniques.base import (
+    TechniqueConfig,
+    TechniqueInput,
+    TransformedModel,
+    check_fine_tuning,
+)
 from gearbox.compression.techniques.registry import register_technique
 from gearbox.compression.training import distill, fit
 
@@ -68,15 +73,9 @@ class LowRankConfig(TechniqueConfig):
             raise InvalidArgumentError(
                 f"lowrank min_layer_params must be >= 0, got {self.min_layer_params}"
             )
-        if self.finetune_epochs is not None and self.finetune_epochs < 0:
-            raise InvalidArgumentError(
-                f"lowrank finetune_epochs must be >= 0, got {self.finetune_epochs}"
-            )
-        if self.finetune_learning_rate_scale <= 0:
-            raise InvalidArgumentError(
-                "lowrank finetune_learning_rate_scale must be positive, got "
-                f"{self.finetune_learning_rate_scale}"
-            )
+        check_fine_tuning(
+            "lowrank", self.finetune_epochs, self.finetune_learning_rate_scale, min_epochs=0
+        )
         if self.temperature <= 0 or not 0.0 <= self.soft_weight <= 1.0:
             raise InvalidArgumentError(
                 "lowrank distillation needs temperature > 0 and soft_weight in [0, 1]"

@@ -43,6 +43,7 @@ from gearbox.compression.techniques.base import (
     TechniqueConfig,
     TechniqueInput,
     TransformedModel,
+    check_fine_tuning,
 )
 from gearbox.compression.techniques.registry import register_technique
 from gearbox.compression.training import distill, first_output, fit, model_inputs
@@ -86,15 +87,7 @@ class PrunedConfig(TechniqueConfig):
             raise InvalidArgumentError(
                 f"pruning needs iterative_steps >= 1, got {self.iterative_steps}"
             )
-        if self.finetune_epochs is not None and self.finetune_epochs < 1:
-            raise InvalidArgumentError(
-                f"finetune_epochs must be >= 1 or None, got {self.finetune_epochs}"
-            )
-        if self.finetune_learning_rate_scale <= 0:
-            raise InvalidArgumentError(
-                "finetune_learning_rate_scale must be positive, got "
-                f"{self.finetune_learning_rate_scale}"
-            )
+        check_fine_tuning("pruned", self.finetune_epochs, self.finetune_learning_rate_scale)
 
 
 class _CannotTrace(Exception):

@@ -31,7 +31,12 @@ from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 from gearbox.compression.errors import InvalidArgumentError
 from gearbox.compression.onnx_export import export_described, verify_against_torch
 from gearbox.compression.spec import Split, TrainingConfig
-from gearbox.compression.techniques.base import TechniqueConfig, TechniqueInput, TransformedModel
+from gearbox.compression.techniques.base import (
+    TechniqueConfig,
+    TechniqueInput,
+    TransformedModel,
+    check_fine_tuning,
+)
 from gearbox.compression.techniques.registry import register_technique
 from gearbox.compression.training import distill, fit
 
@@ -92,14 +97,7 @@ class SparseConfig(TechniqueConfig):
             raise InvalidArgumentError(
                 f"update_every_steps must be at least 1, got {self.update_every_steps}"
             )
-        if self.finetune_epochs is not None and self.finetune_epochs < 1:
-            raise InvalidArgumentError(
-                f"finetune_epochs must be at least 1, got {self.finetune_epochs}"
-            )
-        if self.finetune_learning_rate_scale <= 0:
-            raise InvalidArgumentError(
-                f"finetune_learning_rate_scale must be > 0, got {self.finetune_learning_rate_scale}"
-            )
+        check_fine_tuning("sparse", self.finetune_epochs, self.finetune_learning_rate_scale)
 
 
 # --- the schedule ---------------------------------------------------------------------------

@@ -59,9 +59,9 @@ def test_config_rejects_bad_values():
         ClusteredConfig(clusters=257)
     with pytest.raises(InvalidArgumentError, match="min_weights must be at least clusters"):
         ClusteredConfig(clusters=32, min_weights=16)
-    with pytest.raises(InvalidArgumentError, match="finetune_epochs must be >= 0"):
+    with pytest.raises(InvalidArgumentError, match="finetune_epochs must be at least 0"):
         ClusteredConfig(finetune_epochs=-1)
-    with pytest.raises(InvalidArgumentError, match="finetune_learning_rate_scale must be > 0"):
+    with pytest.raises(InvalidArgumentError, match="finetune_learning_rate_scale must be positive"):
         ClusteredConfig(finetune_learning_rate_scale=0.0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -217,6 +218,48 @@ def distill(
         loss_fn = _layered_loss_fn(student, teacher, spec.name, hidden_weight)
     _train(student, spec, split, config, epochs, config.learning_rate, loss_fn, on_epoch)
     return student.eval()
+
+
+def fine_tune(
+    model: nn.Module,
+    teacher: nn.Module,
+    spec: ModelSpec,
+    split: Split,
+    training: TrainingConfig,
+    epochs: int,
+    learning_rate: float,
+    on_epoch: EpochCallback | None = None,
+    temperature: float | None = None,
+    soft_weight: float = 1.0,
+    hidden_weight: float = 0.0,
+) -> nn.Module:
+    """Recover what a technique cost: distil ``model`` from ``teacher`` when a ``temperature``
+    is given or the split has no labels (an encoder, whose only target is the teacher's
+    output), otherwise train on the labels. Zero epochs leaves the model as it is."""
+    if epochs > 0:
+        tuning = dataclasses.replace(training, learning_rate=learning_rate)
+        if temperature is not None or split.labels is None:
+            distill(
+                model,
+                teacher,
+                spec,
+                split,
+                tuning,
+                epochs=epochs,
+                temperature=1.0 if temperature is None else temperature,
+                soft_weight=1.0 if temperature is None else soft_weight,
+                hidden_weight=hidden_weight,
+                on_epoch=on_epoch,
+            )
+        else:
+            fit(model, spec, split, tuning, epochs=epochs, on_epoch=on_epoch)
+    return model.eval()
+
+
+def default_finetune_epochs(training: TrainingConfig, epochs: int | None, share: int) -> int:
+    """``epochs`` if set, else a ``share``-th of the model's own training epochs (at least
+    one)."""
+    return max(1, math.ceil(training.epochs / share)) if epochs is None else epochs
 
 
 def uses_layer_loss(

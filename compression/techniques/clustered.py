@@ -67,7 +67,7 @@ from gearbox.compression.techniques.base import (
     check_fine_tuning,
 )
 from gearbox.compression.techniques.registry import register_technique
-from gearbox.compression.training import fit
+from gearbox.compression.training import default_finetune_epochs, fine_tune
 
 MAX_CLUSTERS = 256
 """Beyond 8-bit indices a codebook no longer saves much over the float32 weights it shares."""
@@ -351,24 +351,20 @@ def cluster_weights(
     inputs.report(f"clustering {len(layers)} layers", 0.05)
     share_weights(model, layers, config.clusters)
     training = inputs.spec.training or TrainingConfig()
-    if config.finetune_epochs is None:
-        epochs = max(1, math.ceil(training.epochs / 3))
-    else:
-        epochs = config.finetune_epochs
+    epochs = default_finetune_epochs(training, config.finetune_epochs, 3)
     learning_rate = training.learning_rate * config.finetune_learning_rate_scale
-    if epochs > 0:
-        fit(
-            model,
-            inputs.spec,
-            inputs.data.train,
-            training,
-            epochs=epochs,
-            learning_rate=learning_rate,
-            on_epoch=lambda done, total: inputs.report(
-                f"fine-tuning shared weights, epoch {done}/{total}", 0.1 + 0.6 * done / total
-            ),
-        )
-    model.eval()
+    fine_tune(
+        model,
+        inputs.reference_model,
+        inputs.spec,
+        inputs.data.train,
+        training,
+        epochs,
+        learning_rate,
+        on_epoch=lambda done, total: inputs.report(
+            f"fine-tuning shared weights, epoch {done}/{total}", 0.1 + 0.6 * done / total
+        ),
+    )
     materialize_weights(model, layers)
 
     inputs.report("exporting to ONNX", 0.72)

@@ -22,7 +22,6 @@ recovered 0.9944 held-out accuracy (the reference's) where the labels alone gave
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,7 +38,7 @@ from gearbox.compression.techniques.base import (
     check_fine_tuning,
 )
 from gearbox.compression.techniques.registry import register_technique
-from gearbox.compression.training import distill, fit
+from gearbox.compression.training import default_finetune_epochs, fine_tune
 
 
 @dataclass(frozen=True)
@@ -230,39 +229,24 @@ def factorise_low_rank(
             model, config.energy, config.max_params_ratio, config.min_layer_params
         )
     training = inputs.spec.training or TrainingConfig()
-    epochs = (
-        max(1, math.ceil(training.epochs / 3))
-        if config.finetune_epochs is None
-        else config.finetune_epochs
-    )
+    epochs = default_finetune_epochs(training, config.finetune_epochs, 3)
     learning_rate = training.learning_rate * config.finetune_learning_rate_scale
 
     def on_epoch(done: int, total: int) -> None:
         inputs.report(f"fine-tuning epoch {done}/{total}", 0.1 + 0.7 * done / total)
 
-    if epochs > 0 and config.distill_from_reference:
-        distill(
-            model,
-            inputs.reference_model,
-            inputs.spec,
-            inputs.data.train,
-            dataclasses.replace(training, learning_rate=learning_rate),
-            epochs=epochs,
-            temperature=config.temperature,
-            soft_weight=config.soft_weight,
-            on_epoch=on_epoch,
-        )
-    elif epochs > 0:
-        fit(
-            model,
-            inputs.spec,
-            inputs.data.train,
-            training,
-            epochs=epochs,
-            learning_rate=learning_rate,
-            on_epoch=on_epoch,
-        )
-    model.eval()
+    fine_tune(
+        model,
+        inputs.reference_model,
+        inputs.spec,
+        inputs.data.train,
+        training,
+        epochs,
+        learning_rate,
+        on_epoch,
+        temperature=config.temperature if config.distill_from_reference else None,
+        soft_weight=config.soft_weight,
+    )
     return TransformedModel(
         model=model,
         details={

@@ -23,7 +23,6 @@ reference's embeddings and layer outputs (it has no labels).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -46,7 +45,12 @@ from gearbox.compression.techniques.base import (
     check_fine_tuning,
 )
 from gearbox.compression.techniques.registry import register_technique
-from gearbox.compression.training import distill, first_output, fit, model_inputs
+from gearbox.compression.training import (
+    default_finetune_epochs,
+    fine_tune,
+    first_output,
+    model_inputs,
+)
 
 Criterion = Literal["l1-norm", "l2-norm"]
 
@@ -253,21 +257,18 @@ def _finetune(
     def on_epoch(done: int, total: int) -> None:
         report(f"{what}: fine-tuning epoch {done}/{total}", start + (end - start) * done / total)
 
-    if spec.task == "classification":
-        fit(model, spec, inputs.data.train, training, epochs, learning_rate, on_epoch)
-    else:
-        distill(
-            model,
-            inputs.reference_model,
-            spec,
-            inputs.data.train,
-            dataclasses.replace(training, learning_rate=learning_rate),
-            epochs=epochs,
-            temperature=1.0,
-            soft_weight=1.0,
-            hidden_weight=ENCODER_LAYER_LOSS_WEIGHT,
-            on_epoch=on_epoch,
-        )
+    # A classifier trains on its labels; an encoder, which has none, on the reference.
+    fine_tune(
+        model,
+        inputs.reference_model,
+        spec,
+        inputs.data.train,
+        training,
+        epochs,
+        learning_rate,
+        on_epoch,
+        hidden_weight=ENCODER_LAYER_LOSS_WEIGHT,
+    )
 
 
 def _what_was_removed(before: _Widths, after: _Widths, model: nn.Module) -> dict[str, int]:
@@ -303,7 +304,7 @@ def prune_structured(
     before = _Widths.of(model)
     expected_shape = _output_shapes(model, example)
     training = _finetune_training(spec)
-    epochs = config.finetune_epochs or max(1, math.ceil(training.epochs / 3))
+    epochs = default_finetune_epochs(training, config.finetune_epochs, 3)
 
     report = _monotonic(inputs.report)
     report("tracing channel dependencies", 0.02)

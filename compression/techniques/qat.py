@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import os
 import tempfile
 from collections import Counter
@@ -56,7 +55,12 @@ from gearbox.compression.spec import ModelSpec, Split, TrainingConfig
 from gearbox.compression.techniques.base import TechniqueConfig, TechniqueInput, TransformedModel
 from gearbox.compression.techniques.int8 import Int8Config, quantize_int8
 from gearbox.compression.techniques.registry import register_technique
-from gearbox.compression.training import distill, fit, model_inputs, predict
+from gearbox.compression.training import (
+    default_finetune_epochs,
+    fine_tune,
+    model_inputs,
+    predict,
+)
 
 QDQ_OPSET = 17
 """Per-channel QuantizeLinear needs opset 13; 17 is what the other TorchScript exports use."""
@@ -615,30 +619,25 @@ def quantization_aware_training(
     inputs.report("calibrating activation ranges", 0.05)
     calibrate(model, spec, inputs.data.calibration)
     training = spec.training or TrainingConfig()
-    epochs = config.epochs or max(1, math.ceil(training.epochs / 3))
+    epochs = default_finetune_epochs(training, config.epochs, 3)
     learning_rate = training.learning_rate * config.learning_rate_scale
-    tuning = dataclasses.replace(training, learning_rate=learning_rate)
 
     def on_epoch(done: int, total: int) -> None:
         inputs.report(f"quantisation-aware epoch {done}/{total}", 0.08 + 0.5 * done / total)
 
-    # Without labels (an encoder) the reference's outputs are the only target.
     labelled = spec.task == "classification"
-    if config.soft_weight > 0 or not labelled:
-        distill(
-            model,
-            inputs.reference_model,
-            spec,
-            inputs.data.train,
-            tuning,
-            epochs=epochs,
-            temperature=config.temperature,
-            soft_weight=config.soft_weight,
-            on_epoch=on_epoch,
-        )
-    else:
-        fit(model, spec, inputs.data.train, tuning, epochs=epochs, on_epoch=on_epoch)
-    model.eval()
+    fine_tune(
+        model,
+        inputs.reference_model,
+        spec,
+        inputs.data.train,
+        training,
+        epochs,
+        learning_rate,
+        on_epoch,
+        temperature=config.temperature if config.soft_weight > 0 else None,
+        soft_weight=config.soft_weight,
+    )
     for layer in _quantized_layers(model):
         layer.refresh()
 

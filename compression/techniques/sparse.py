@@ -14,7 +14,6 @@ weight, so the variant runs no faster than its parent. What shrinks is storage a
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -38,7 +37,7 @@ from gearbox.compression.techniques.base import (
     check_fine_tuning,
 )
 from gearbox.compression.techniques.registry import register_technique
-from gearbox.compression.training import distill, fit
+from gearbox.compression.training import default_finetune_epochs, fine_tune
 
 RANKING = "per-layer magnitude"
 """Each layer loses the same fraction of its weights. A global ranking compares magnitudes
@@ -452,7 +451,7 @@ def sparsify(config: SparseConfig, model: nn.Module, inputs: TechniqueInput) -> 
     initializers actually served, which a later model step would overwrite anyway.
     """
     training = inputs.spec.training or TrainingConfig()
-    epochs = config.finetune_epochs or max(1, math.ceil(training.epochs / 2))
+    epochs = default_finetune_epochs(training, config.finetune_epochs, 2)
     learning_rate = training.learning_rate * config.finetune_learning_rate_scale
     total_steps = _training_steps(inputs.data.train, training, epochs)
     schedule = schedule_for(config, total_steps)
@@ -463,30 +462,16 @@ def sparsify(config: SparseConfig, model: nn.Module, inputs: TechniqueInput) -> 
         inputs.report(f"fine-tuning epoch {done}/{total}", 0.05 + 0.7 * done / total)
 
     with pruner.attached():
-        if inputs.data.train.labels is None:
-            # No labels (sentence encoders): the pruned model recovers by matching the
-            # reference's outputs instead.
-            distill(
-                model,
-                inputs.reference_model,
-                inputs.spec,
-                inputs.data.train,
-                dataclasses.replace(training, learning_rate=learning_rate),
-                epochs=epochs,
-                temperature=1.0,
-                soft_weight=1.0,
-                on_epoch=on_epoch,
-            )
-        else:
-            fit(
-                model,
-                inputs.spec,
-                inputs.data.train,
-                training,
-                epochs=epochs,
-                learning_rate=learning_rate,
-                on_epoch=on_epoch,
-            )
+        fine_tune(
+            model,
+            inputs.reference_model,
+            inputs.spec,
+            inputs.data.train,
+            training,
+            epochs,
+            learning_rate,
+            on_epoch,
+        )
     pruner.finish()
 
     inputs.report("exporting to ONNX", 0.78)

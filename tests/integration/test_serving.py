@@ -552,7 +552,10 @@ def test_the_clock_starts_before_the_body_is_read(gateway, digits):
         reply.begin()
         payload = json.loads(reply.read())
     assert reply.status == 200, payload
-    assert payload["parameters"]["latency_ms"] >= held_back_ms
+    # The clock starts when the head reaches the replica, a hop (HAProxy) after the client sent
+    # it: a fraction of a millisecond of the hold-back can fall before it (59.77 ms seen in CI).
+    # A clock started after the body was read would show about a millisecond.
+    assert payload["parameters"]["latency_ms"] >= 0.9 * held_back_ms
     assert payload["parameters"]["budget_met"] is False
 
 

@@ -63,7 +63,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -373,15 +373,25 @@ def _summarise(
     feasible_from_ms: np.ndarray,
     quality: dict[str, float],
     seconds: float,
+    multiples: Sequence[float | None] | None = None,
+    phases: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Per policy figures; request i's budget is feasible if it is at least
-    ``feasible_from_ms[i]``, what the fastest variant took for its input unloaded."""
+    ``feasible_from_ms[i]``, what the fastest variant took for its input unloaded. With the
+    budgets' ``multiples`` of L and the schedule's ``phases`` (1: the spike), the misses are
+    also counted by each."""
+    multiples = multiples if multiples is not None else [None] * len(results)
+    phases = phases if phases is not None else [0] * len(results)
+    by_budget: Counter[str] = Counter()
+    by_phase: Counter[str] = Counter()
     feasible = met = 0
     scores = []
     qualities = []
     statuses: Counter[str] = Counter()
     latencies = []
-    for record, budget, floor in zip(results, budgets, feasible_from_ms, strict=True):
+    for record, budget, floor, multiple, phase in zip(
+        results, budgets, feasible_from_ms, multiples, phases, strict=True
+    ):
         ok = record.get("status") == 200
         statuses[str(record.get("status"))] += 1
         latencies.append(record["ms"])
@@ -390,7 +400,11 @@ def _summarise(
             qualities.append(quality[record["variant"]])
         if budget is not None and budget >= floor:
             feasible += 1
-            met += ok and record["ms"] <= budget
+            hit = ok and record["ms"] <= budget
+            met += hit
+            if not hit:
+                by_budget[f"{multiple:g}L" if multiple is not None else "?"] += 1
+                by_phase["spike" if phase else "base"] += 1
     return {
         "requests": len(results),
         "feasible": feasible,
@@ -406,6 +420,8 @@ def _summarise(
         "statuses": dict(statuses),
         "late_p99_ms": float(np.percentile([r["late_ms"] for r in results], 99)),
         "variants": dict(Counter(r.get("variant", "-") for r in results)),
+        "misses_by_budget": dict(by_budget),
+        "misses_by_phase": dict(by_phase),
     }
 
 
@@ -443,6 +459,20 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{row['p95_ms']:.2f} / {row['p99_ms']:.2f} ms | {row['throughput_rps']:.0f}/s | "
             f"{used} |"
         )
+    labels = [f"{m:g}L" for m in BUDGET_MULTIPLES if m is not None]
+    lines += [
+        "",
+        "| policy | misses in the base load / the spike | misses by budget: "
+        + ", ".join(labels) + " |",
+        "|---|---|---|",
+    ]  # fmt: skip
+    for policy in POLICIES:
+        row = report["policies"][policy]
+        phase, budget = row.get("misses_by_phase", {}), row.get("misses_by_budget", {})
+        lines.append(
+            f"| {policy} | {phase.get('base', 0)} / {phase.get('spike', 0)} | "
+            + ", ".join(str(budget.get(label, 0)) for label in labels) + " |"
+        )  # fmt: skip
     lines += ["", *(f"- {'PASS' if ok else 'FAIL'} {name}: {figure}" for name, ok, figure in
                     report["checks"])]  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -469,6 +499,10 @@ def main() -> int:
     parser.add_argument(
         "--device-classes", type=Path,
         help="gearbox serve's --device-classes: YAML file of device classes (default: cpu)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-priority-lane", dest="priority_lane", action="store_false",
+        help="serve with gearbox serve's --no-priority-lane (to compare against it)",
     )  # fmt: skip
     args = parser.parse_args()
     if args.device_classes is not None and not args.device_classes.is_file():
@@ -519,7 +553,8 @@ def _gateway(repo: Path, args: argparse.Namespace, allowance_ms: float) -> Itera
         [GEARBOX, "serve", "--repo", str(repo), "--http-port", str(args.http_port),
          "--grpc-port", str(args.grpc_port), "--metrics-port", str(args.metrics_port),
          "--transport-allowance-ms", str(allowance_ms),
-         *(["--device-classes", str(args.device_classes)] if args.device_classes else [])],
+         *(["--device-classes", str(args.device_classes)] if args.device_classes else []),
+         *([] if args.priority_lane else ["--no-priority-lane"])],
         stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -604,7 +639,7 @@ def run(
         f"{capacity:.0f} req/s; base rate {rate:.0f}"
     )
 
-    offsets, _phases = _schedule(rng, rate, args.seconds)
+    offsets, phases = _schedule(rng, rate, args.seconds)
     count = len(offsets)
     picks = rng.integers(0, pool, count)
     multiples = rng.choice(np.array(BUDGET_MULTIPLES, dtype=object), count, p=BUDGET_WEIGHTS)
@@ -632,7 +667,13 @@ def run(
         )  # fmt: skip
         _read_answers(results, workload, picks)
         policies[policy] = _summarise(
-            results, budgets, unloaded.fastest_item_ms[picks], quality, args.seconds
+            results,
+            budgets,
+            unloaded.fastest_item_ms[picks],
+            quality,
+            args.seconds,
+            list(multiples),
+            phases,
         )
         row = policies[policy]
         print(

@@ -9,6 +9,7 @@ routing and inference on the common path cost a single hop. Other device classes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Mapping
@@ -45,14 +46,23 @@ GIL_SWITCH_INTERVAL_S = 0.0002
 
 
 async def _local_backend(
-    config: GatewayConfig, catalog: Catalog, device: DeviceClass, metrics: GatewayMetrics
+    config: GatewayConfig,
+    catalog: Catalog,
+    device: DeviceClass,
+    metrics: GatewayMetrics,
+    routed_here: bool = True,
 ) -> LocalBackend:
+    """``routed_here``: the router runs in this replica and may use a priority lane; a device
+    class reached through a handle runs everything on its standard lane."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    batching = config.batching
+    if not routed_here:
+        batching = dataclasses.replace(batching, priority_lane=False)
     backend = LocalBackend(
         ModelRepository(config.repository),
         catalog,
         device,
-        config.batching,
+        batching,
         on_batch=lambda model, variant, rows, _seconds: metrics.batch_formed(
             model, variant, device.name, rows
         ),
@@ -68,7 +78,9 @@ class DeviceClassHost:
     async def __init__(self, config: GatewayConfig, device_class: str) -> None:
         device = next(d for d in config.device_classes if d.name == device_class)
         catalog = Catalog.load(ModelRepository(config.repository))
-        self._backend = await _local_backend(config, catalog, device, RayServeMetrics())
+        self._backend = await _local_backend(
+            config, catalog, device, RayServeMetrics(), routed_here=False
+        )
 
     async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
         return await self._backend.infer(model, variant, inputs)

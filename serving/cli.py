@@ -154,6 +154,11 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
         "when nothing is queued, saving the hop to a worker thread (default 1)",
     )  # fmt: skip
     command.add_argument(
+        "--no-priority-lane", dest="priority_lane", action="store_false",
+        help="run every request on the standard workers, in arrival order, with no priority "
+        "worker for tight budgets (see the README's routing section)",
+    )  # fmt: skip
+    command.add_argument(
         "--max-queue", type=_positive_int, default=BatchingConfig.max_queue, metavar="N",
         help="requests admitted per variant and device class before 429 / RESOURCE_EXHAUSTED",
     )  # fmt: skip
@@ -186,6 +191,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
             max_wait_ms=args.max_batch_wait_ms,
             max_queue=args.max_queue,
             inline_max_ms=args.inline_max_ms,
+            priority_lane=args.priority_lane,
         ),
     )
 

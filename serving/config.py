@@ -33,6 +33,14 @@ class BatchingConfig:
     request then waits at most this long, while the hop to a worker and back cost a request
     0.3-1 ms on the development VM (a 0.34 ms `digits` variant answered in 0.76 ms inline
     against 1.43 ms on a worker, in-process). Zero leaves only the hop rule."""
+    priority_lane: bool = True
+    """Whether each hosted device class has a priority lane: one more worker that runs the
+    fastest variant for requests whose budget the standard workers cannot meet just then
+    (see :mod:`gearbox.serving.executor`)."""
+    standard_niceness: int = 10
+    """How many steps below the replica's own priority the standard workers run, so that the
+    priority worker, the event loop and the ingress take a core from them whenever they need
+    one (0 keeps them level; 10 leaves them about a tenth of a contended core on Linux)."""
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -43,6 +51,8 @@ class BatchingConfig:
             raise InvalidArgumentError("max_queue must be at least 1")
         if self.inline_max_ms < 0:
             raise InvalidArgumentError("inline_max_ms must not be negative")
+        if not 0 <= self.standard_niceness <= 19:
+            raise InvalidArgumentError("standard_niceness must lie in [0, 19]")
 
 
 @dataclass(frozen=True)

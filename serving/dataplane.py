@@ -34,7 +34,7 @@ from gearbox.compression.repository import ModelRecord, VariantManifest
 from gearbox.compression.signature import oip_datatype
 from gearbox.serving.catalog import Catalog, CatalogEntry
 from gearbox.serving.clock import RequestClock
-from gearbox.serving.executor import BatchResult
+from gearbox.serving.executor import BatchResult, Lane
 from gearbox.serving.hosting import Backend, synthetic_inputs
 from gearbox.serving.inference import (
     BYTES,
@@ -48,7 +48,13 @@ from gearbox.serving.inference import (
 )
 from gearbox.serving.metrics import CANCELLED, OK, GatewayMetrics
 from gearbox.serving.queue_model import PredictionErrors, variant_key
-from gearbox.serving.router import Route, Router, RoutingRequest, VariantChoice
+from gearbox.serving.router import (
+    DEVICE_CLASS_PARAMETER,
+    Route,
+    Router,
+    RoutingRequest,
+    VariantChoice,
+)
 from gearbox.serving.shadow import Agreement, Shadow
 from gearbox.serving.text import TOKENS_PARAMETER, TRUNCATED_PARAMETER, SentenceTokenizer
 
@@ -137,14 +143,23 @@ class DataPlane:
         router = None
         if choices:
 
-            def predict(variant: str, device: str, rows: int, tokens: int | None) -> float:
+            def predict(
+                variant: str,
+                device: str,
+                rows: int,
+                tokens: int | None,
+                lane: Lane = Lane.STANDARD,
+            ) -> float:
                 backend = self._backends[device]
-                return self._overhead_ms + backend.predict_ms(name, variant, rows, tokens)
+                return self._overhead_ms + backend.predict_ms(name, variant, rows, tokens, lane)
 
             def margin(variant: str, device: str) -> float:
                 return self._margin_ms(name, variant, device)
 
-            router = Router(name, choices, list(self._backends), predict, margin)
+            priority_lanes = [d for d, b in self._backends.items() if Lane.PRIORITY in b.lanes]
+            router = Router(
+                name, choices, list(self._backends), predict, margin, priority_lanes=priority_lanes
+            )
         text = entry.record.text
         tokenizer = None
         if text is not None:
@@ -176,7 +191,15 @@ class DataPlane:
             inputs = tuple(
                 Tensor(name, array) for name, array in synthetic_inputs(record, 1).items()
             )
-            request = InferRequest(record.name, inputs, version=record.reference_variant)
+            # On this replica's own device class: the overhead measured is this replica's, and
+            # a class behind a handle, still on its manifest's figures, would teach the
+            # prediction errors nothing but its first slow answers.
+            request = InferRequest(
+                record.name,
+                inputs,
+                version=record.reference_variant,
+                parameters={DEVICE_CLASS_PARAMETER: self._local.device_class},
+            )
             for _ in range(requests):
                 clock = RequestClock.start()
                 response = await self._infer(request, clock, recorded=False)
@@ -379,7 +402,8 @@ class DataPlane:
         self._metrics.inflight(model, route.device_class, 1)
         started = time.perf_counter()
         try:
-            result = await self._backends[route.device_class].infer(model, route.variant, inputs)
+            backend = self._backends[route.device_class]
+            result = await backend.infer(model, route.variant, inputs, route.lane)
         finally:
             self._metrics.inflight(model, route.device_class, -1)
         return result, (time.perf_counter() - started) * 1000

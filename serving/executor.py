@@ -20,13 +20,24 @@ behind a long one. Anything slower, and everything once requests queue, runs on 
 
 Admission is bounded: once ``max_queue`` requests of a variant are waiting or running,
 ``submit`` raises :class:`ResourceExhaustedError` (429 / RESOURCE_EXHAUSTED) at once.
+
+A device class has two executors, its lanes (:class:`Lane`). The *standard* lane runs every
+request the router sends there, its workers a few steps down in the operating system's
+priority (``niceness``). The *priority* lane, one worker at the replica's own priority, runs
+only the fastest variant, for requests whose budget the standard lane cannot meet just then: a
+tight request that arrives while a long batch runs does not wait for it, and the kernel gives
+the priority worker the core whenever both want one, so the long batch yields instead of
+competing. Without it, a tight budget is missed whenever a loose request was sent to a slow
+variant just before (``docs/BENCHMARKS.md``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
+import os
 import statistics
 import threading
 import time
@@ -54,6 +65,8 @@ from gearbox.serving.queue_model import (
 
 logger = logging.getLogger(__name__)
 
+MAX_NICENESS = 19
+
 HOP_MEASURE_GAP_S = 0.002
 """Idle time before each batch :meth:`DeviceExecutor.measure_hop` times."""
 
@@ -61,6 +74,13 @@ Arrays = Mapping[str, np.ndarray]
 RunBatch = Callable[[Arrays], dict[str, np.ndarray]]
 OnBatch = Callable[[str, str, int, float], None]
 """Called from a worker after each batch: model, variant, rows, seconds."""
+
+
+class Lane(enum.Enum):
+    """Which of a device class's executors runs a request (see the module doc)."""
+
+    STANDARD = "standard"
+    PRIORITY = "priority"
 
 
 @dataclass(frozen=True)
@@ -122,11 +142,18 @@ class DeviceExecutor:
         batching: BatchingConfig,
         service_times: ServiceTimes,
         on_batch: OnBatch | None = None,
+        lane: Lane = Lane.STANDARD,
+        niceness: int = 0,
     ) -> None:
+        """``niceness``: how far below the process's own priority the workers run (0-19)."""
         if workers < 1:
             raise InvalidArgumentError(f"device class '{device_class}' needs at least one worker")
+        if not 0 <= niceness <= MAX_NICENESS:
+            raise InvalidArgumentError(f"niceness must lie in [0, {MAX_NICENESS}]")
         self.device_class = device_class
+        self.lane = lane
         self.workers = workers
+        self._niceness = niceness
         self._batching = batching
         self._times = service_times
         self._on_batch = on_batch
@@ -139,7 +166,9 @@ class DeviceExecutor:
         self._ready = threading.Condition()
         self._stopped = False
         self._threads = [
-            threading.Thread(target=self._work, name=f"gearbox-{device_class}-{index}", daemon=True)
+            threading.Thread(
+                target=self._work, name=f"gearbox-{device_class}-{lane.value}-{index}", daemon=True
+            )
             for index in range(workers)
         ]
         for thread in self._threads:
@@ -306,6 +335,8 @@ class DeviceExecutor:
     # -- the worker side (threads) -------------------------------------------------------------
 
     def _work(self) -> None:
+        if self._niceness:
+            _lower_thread_priority(self._niceness)
         while True:
             with self._ready:
                 batch, entry = self._next_batch()
@@ -462,6 +493,17 @@ class DeviceExecutor:
 
     def _name(self, entry: _Variant) -> str:
         return f"{entry.model}/{entry.variant} on {self.device_class}"
+
+
+def _lower_thread_priority(steps: int) -> None:
+    """Runs the calling thread ``steps`` below its current priority (Linux schedules threads
+    one by one; elsewhere this has no effect and the lanes differ only in their queues)."""
+    thread = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(current + steps, MAX_NICENESS))
+    except (AttributeError, OSError) as error:
+        logger.warning("could not lower a worker's priority: %s", error)
 
 
 def _layout(inputs: Arrays, pads_sequences: bool) -> tuple[tuple[str, str, tuple[int, ...]], ...]:

@@ -21,7 +21,7 @@ from gearbox.compression.errors import GearboxError, UnavailableError
 from gearbox.compression.repository import ModelRecord, ModelRepository, VariantManifest
 from gearbox.serving.catalog import Catalog, profiled_cost, profiled_costs_by_tokens
 from gearbox.serving.config import BatchingConfig
-from gearbox.serving.executor import Arrays, BatchResult, DeviceExecutor, OnBatch
+from gearbox.serving.executor import Arrays, BatchResult, DeviceExecutor, Lane, OnBatch
 from gearbox.serving.queue_model import BatchCost, ServiceTimes, predict_ms, variant_key
 
 WARM_UP_RUNS = 5
@@ -32,13 +32,24 @@ class Backend(Protocol):
     """Runs variants of one device class."""
 
     device_class: str
+    lanes: tuple[Lane, ...]
+    """The lanes requests may be sent to (:class:`~gearbox.serving.executor.Lane`)."""
 
-    async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult: ...
+    async def infer(
+        self, model: str, variant: str, inputs: Arrays, lane: Lane = Lane.STANDARD
+    ) -> BatchResult: ...
 
-    def predict_ms(self, model: str, variant: str, rows: int, tokens: int | None = None) -> float:
+    def predict_ms(
+        self,
+        model: str,
+        variant: str,
+        rows: int,
+        tokens: int | None = None,
+        lane: Lane = Lane.STANDARD,
+    ) -> float:
         """How long ``infer`` would take for a request of ``rows`` rows (of ``tokens`` tokens,
-        for a text model) arriving now: queueing, the hop to the session and back, and the run
-        (the gateway's own overhead is not included)."""
+        for a text model) arriving now on ``lane``: queueing, the hop to the session and back,
+        and the run (the gateway's own overhead is not included)."""
         ...
 
     def depth(self) -> int:
@@ -103,9 +114,21 @@ class LocalBackend:
     ) -> None:
         self.device_class = device.name
         self.times = ServiceTimes()
+        # Both lanes learn from every batch: one variant costs the same on either.
         self.executor = DeviceExecutor(
-            device.name, device.worker_threads, batching, self.times, on_batch=on_batch
+            device.name,
+            device.worker_threads,
+            batching,
+            self.times,
+            on_batch=on_batch,
+            niceness=batching.standard_niceness if batching.priority_lane else 0,
         )
+        self._lanes = {Lane.STANDARD: self.executor}
+        if batching.priority_lane:
+            self._lanes[Lane.PRIORITY] = DeviceExecutor(
+                device.name, 1, batching, self.times, on_batch=on_batch, lane=Lane.PRIORITY
+            )
+        self.lanes = tuple(self._lanes)
         self._batching = batching
         self._records: dict[str, ModelRecord] = {}
         self._profiled: dict[str, BatchCost] = {}
@@ -113,7 +136,7 @@ class LocalBackend:
         try:
             self._load(repository, catalog, device)
         except BaseException:
-            self.executor.close()  # no worker thread outlives a replica that failed to start
+            self.close()  # no worker thread outlives a replica that failed to start
             raise
 
     def _load(self, repository: ModelRepository, catalog: Catalog, device: DeviceClass) -> None:
@@ -125,9 +148,10 @@ class LocalBackend:
             self._by_tokens[key] = profiled_costs_by_tokens(manifest, device.name)
             self.times.seed(key, device.name, self._profiled[key], self._by_tokens[key])
             record = catalog.models[manifest.model].record
-            self.executor.host(
-                manifest.model, manifest.variant, runner, pads_sequences=record.text is not None
-            )
+            for executor in self._lanes.values():
+                executor.host(
+                    manifest.model, manifest.variant, runner, pads_sequences=record.text is not None
+                )
             self._records[manifest.model] = record
 
     @property
@@ -159,7 +183,8 @@ class LocalBackend:
                 key=lambda mv: self.times.batch_ms(variant_key(*mv), self.device_class, 1),
             )
             inputs = synthetic_inputs(self._records[model], 1)
-            await self.executor.measure_hop(model, variant, inputs)
+            for executor in self._lanes.values():
+                await executor.measure_hop(model, variant, inputs)
         self.settle()
 
     def settle(self) -> None:
@@ -170,22 +195,39 @@ class LocalBackend:
                 key = variant_key(model, variant)
                 self.times.seed(key, self.device_class, self._profiled[key], self._by_tokens[key])
 
-    async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
-        return await self.executor.submit(model, variant, inputs)
+    async def infer(
+        self, model: str, variant: str, inputs: Arrays, lane: Lane = Lane.STANDARD
+    ) -> BatchResult:
+        return await self._lane(lane).submit(model, variant, inputs)
 
-    def predict_ms(self, model: str, variant: str, rows: int, tokens: int | None = None) -> float:
+    def predict_ms(
+        self,
+        model: str,
+        variant: str,
+        rows: int,
+        tokens: int | None = None,
+        lane: Lane = Lane.STANDARD,
+    ) -> float:
+        executor = self._lane(lane)
         key = variant_key(model, variant)
-        if self.executor.runs_inline(key, rows):  # on the event loop, beside any worker's batch
+        if executor.runs_inline(key, rows):  # on the event loop, beside any worker's batch
             return self.times.batch_ms(key, self.device_class, rows, tokens)
-        state = self.executor.work_state()
+        state = executor.work_state()
         queued = predict_ms(state, self.times, self.device_class, key, rows, tokens=tokens)
-        return queued + self.executor.hop_ms
+        return queued + executor.hop_ms
+
+    def _lane(self, lane: Lane) -> DeviceExecutor:
+        executor = self._lanes.get(lane)
+        if executor is None:
+            raise UnavailableError(f"device class '{self.device_class}' has no {lane.value} lane")
+        return executor
 
     def depth(self) -> int:
-        return self.executor.depth()
+        return sum(executor.depth() for executor in self._lanes.values())
 
     def close(self) -> None:
-        self.executor.close()
+        for executor in self._lanes.values():
+            executor.close()
 
 
 class RemoteBackend:
@@ -194,6 +236,8 @@ class RemoteBackend:
     Its service time is the whole round trip (the hop included), learnt from each answer and
     seeded from the manifests; requests in flight queue ahead of a new one.
     """
+
+    lanes = (Lane.STANDARD,)
 
     def __init__(self, device_class: str, handle: Any, catalog: Catalog) -> None:
         self.device_class = device_class
@@ -207,7 +251,9 @@ class RemoteBackend:
     def settle(self) -> None:
         """Nothing to forget here: its own replicas settle their predictions."""
 
-    async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
+    async def infer(
+        self, model: str, variant: str, inputs: Arrays, lane: Lane = Lane.STANDARD
+    ) -> BatchResult:
         self._inflight += 1
         started = time.perf_counter()
         try:
@@ -229,7 +275,14 @@ class RemoteBackend:
         )
         return result
 
-    def predict_ms(self, model: str, variant: str, rows: int, tokens: int | None = None) -> float:
+    def predict_ms(
+        self,
+        model: str,
+        variant: str,
+        rows: int,
+        tokens: int | None = None,
+        lane: Lane = Lane.STANDARD,
+    ) -> float:
         own = self.times.batch_ms(variant_key(model, variant), self.device_class, rows, tokens)
         return own * (1 + self._inflight)
 

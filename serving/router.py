@@ -10,6 +10,12 @@ A/B assignment. Predicted latency comes from :mod:`gearbox.serving.queue_model`:
 queued ahead on the executor the request would use, its own service time at its batch size,
 and the gateway's measured per-request overhead.
 
+Candidates run on a device class's standard lane. Where that lane cannot meet a budget just
+then (a long batch is running, requests queue), a device class hosted in this replica offers
+its priority lane (:class:`~gearbox.serving.executor.Lane`): a worker kept free for such
+requests, which runs only the fastest variant. A request sent there gets the fastest
+variant's quality, and no slow variant ever occupies the worker a tight budget needs.
+
 The router runs inside the gateway replica, so choosing costs no extra Ray Serve hop.
 """
 
@@ -21,6 +27,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from gearbox.compression.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from gearbox.serving.executor import Lane
 from gearbox.serving.inference import ParameterValue
 
 BUDGET_PARAMETER = "latency_budget_ms"
@@ -37,6 +44,8 @@ class Reason:
     HIGHEST_QUALITY = "highest_quality"
     """No budget, and ``min_quality`` (or the device classes) left the reference out."""
     WITHIN_BUDGET = "within_budget"
+    PRIORITY_LANE = "priority_lane"
+    """No variant fitted on the standard lane; the fastest fits on the priority lane."""
     FASTEST_OVER_BUDGET = "fastest_over_budget"
     ROUTING_KEY = "routing_key"
 
@@ -122,11 +131,13 @@ class Route:
     device_class: str
     predicted_ms: float
     reason: str
+    lane: Lane = Lane.STANDARD
 
 
-Predict = Callable[[str, str, int, int | None], float]
-"""Predicted latency in ms of a request of ``rows`` rows (and, for a text model, ``tokens``
-tokens; None: its usual length) for (variant, device class)."""
+Predict = Callable[..., float]
+"""``predict(variant, device_class, rows, tokens[, lane])``: predicted latency in ms of a
+request of ``rows`` rows (and, for a text model, ``tokens`` tokens; None: its usual length) for
+(variant, device class), on its standard lane unless ``lane`` says otherwise."""
 
 Margin = Callable[[str, str], float]
 """How much room (ms) a budget must leave beyond (variant, device class)'s prediction."""
@@ -146,12 +157,15 @@ class Router:
         device_classes: Sequence[str],
         predict: Predict,
         margin: Margin = no_margin,
+        priority_lanes: Collection[str] = (),
     ) -> None:
+        """``priority_lanes``: the device classes that have a priority lane."""
         if not variants:
             raise InvalidArgumentError(f"model '{model}' has no ready variant to route to")
         self._model = model
         self._variants = {choice.variant: choice for choice in variants}
         self._device_classes = tuple(device_classes)
+        self._priority_lanes = frozenset(priority_lanes)
         self._predict = predict
         self._margin = margin
 
@@ -195,14 +209,43 @@ class Router:
             return self._best(options, Reason.HIGHEST_QUALITY)
 
         budget = routing.latency_budget_ms
-        fitting = [
-            o for o in options if o.predicted_ms + self._margin(o.variant, o.device_class) <= budget
+        fitting = [o for o in options if self._fits(o, budget)]
+        if fitting:
+            if routing.routing_key is not None:
+                return self._sticky(fitting, routing.routing_key)
+            return self._best(fitting, Reason.WITHIN_BUDGET)
+        priority = self._priority_option(variants, devices, rows, tokens)
+        if priority is not None and self._fits(priority, budget):
+            return _with_reason(priority, Reason.PRIORITY_LANE)
+        over = options if priority is None else [*options, priority]
+        return self._fastest(over, Reason.FASTEST_OVER_BUDGET)
+
+    def _fits(self, option: Route, budget: float) -> bool:
+        return option.predicted_ms + self._margin(option.variant, option.device_class) <= budget
+
+    def _priority_option(
+        self,
+        variants: Sequence[VariantChoice],
+        devices: Sequence[str],
+        rows: int,
+        tokens: int | None,
+    ) -> Route | None:
+        """The fastest variant on the quickest priority lane among ``devices``, if any has one."""
+        options = [
+            Route(
+                v.variant,
+                device,
+                self._predict(v.variant, device, rows, tokens, Lane.PRIORITY),
+                "",
+                Lane.PRIORITY,
+            )
+            for v in variants
+            for device in devices
+            if device in self._priority_lanes
         ]
-        if not fitting:
-            return self._fastest(options, Reason.FASTEST_OVER_BUDGET)
-        if routing.routing_key is not None:
-            return self._sticky(fitting, routing.routing_key)
-        return self._best(fitting, Reason.WITHIN_BUDGET)
+        if not options:
+            return None
+        return min(options, key=lambda o: (o.predicted_ms, o.variant, o.device_class))
 
     def _allowed_devices(self, routing: RoutingRequest) -> tuple[str, ...]:
         if routing.device_classes is None:
@@ -242,4 +285,4 @@ def _rendezvous_score(key: str, variant: str) -> int:
 
 
 def _with_reason(route: Route, reason: str) -> Route:
-    return Route(route.variant, route.device_class, route.predicted_ms, reason)
+    return Route(route.variant, route.device_class, route.predicted_ms, reason, route.lane)

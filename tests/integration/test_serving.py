@@ -48,6 +48,7 @@ GATED = "blind-student"  # its distilled variant is rejected by the accuracy gat
 SLOW = "sleepy"  # its reference variant runs for tens of milliseconds
 TEXT = TEXT_SPEC.name  # a tiny BERT that takes sentences, tokenized by the gateway
 SLOW_DEPTH = 4000
+BRISK_DEPTH = 200  # a twentieth of the slow variant: too long to run on the event loop
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def repository(digits_repository) -> ModelRepository:
     assert not repo.manifest(GATED, "distilled").is_ready
     if SLOW not in repo.models():
         repo.register_model(make_record(SLOW))
-        for variant, depth in (("fp32", SLOW_DEPTH), ("fast", 1)):
+        for variant, depth in (("fp32", SLOW_DEPTH), ("brisk", BRISK_DEPTH)):
             artifact = chain_onnx(depth)
             repo.publish_variant(make_manifest(artifact, variant=variant, model=SLOW), artifact)
     if TEXT not in repo.models():
@@ -599,6 +600,42 @@ def test_a_slow_variant_holds_up_neither_health_probes_nor_a_quick_model(gateway
     assert overlapped, f"the slow run ({alone_ms:.1f} ms alone) ended before the probes"
     assert probe_ms < alone_ms / 2, (probe_ms, alone_ms)
     assert quick_ms < alone_ms / 2, (quick_ms, alone_ms)
+
+
+def test_a_tight_budget_runs_on_the_priority_lane_instead_of_waiting_for_a_long_batch(
+    gateway, digits
+):
+    """The slow variant holds the standard worker; a request with a budget it cannot meet
+    there is answered by the fastest variant on the priority lane, long before the slow run
+    ends (on ``cpu``, the class hosted in the gateway replica, which has the priority lane)."""
+    image = digits[0][:1]
+    slow = lambda: _infer(gateway, image, model=SLOW, version="fp32", device_class="cpu")  # noqa: E731
+    alone_ms, answer = _timed(slow)
+    assert answer.status_code == 200, answer.text
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(slow)
+        time.sleep(alone_ms / 4000)  # well inside the slow run
+        tight_ms, tight = _timed(
+            lambda: _infer(
+                gateway, image, model=SLOW, latency_budget_ms=alone_ms / 3, device_class="cpu"
+            )
+        )
+        overlapped = not running.done()
+        assert running.result().status_code == 200
+    assert tight.status_code == 200, tight.text
+    parameters = tight.json()["parameters"]
+    assert overlapped, (
+        f"the slow run ({alone_ms:.1f} ms alone) ended before the tight request "
+        f"({tight_ms:.1f} ms: {parameters})"
+    )
+    assert parameters["variant"] == "brisk"
+    assert parameters["budget_met"] is True
+    assert tight_ms < alone_ms / 2, (tight_ms, alone_ms)
+    selected = r'ray_gearbox_variant_selected_total\{[^}]*model="sleepy"[^}]*reason="priority_lane"'
+    deadline = time.monotonic() + 60
+    while _scrape(selected) < 1:
+        assert time.monotonic() < deadline, "the choice was never counted with its reason"
+        time.sleep(2)
 
 
 def test_a_caller_that_goes_away_is_counted_as_cancelled(gateway, digits):

@@ -43,7 +43,7 @@ from gearbox.serving.catalog import Catalog, profiled_cost, profiled_costs_by_to
 from gearbox.serving.clock import RequestClock
 from gearbox.serving.config import BatchingConfig
 from gearbox.serving.dataplane import DataPlane
-from gearbox.serving.executor import DeviceExecutor
+from gearbox.serving.executor import DeviceExecutor, Lane
 from gearbox.serving.hosting import LocalBackend
 from gearbox.serving.inference import InferRequest, InferResponse, Tensor
 from gearbox.serving.queue_model import BatchCost, ServiceTimes, variant_key
@@ -213,9 +213,11 @@ class Served:
         response = await self.plane.infer(request, clock or RequestClock.start())
         return dataclasses.replace(response, parameters=self.plane.answered(response))
 
-    def predicted_ms(self, variant: str, rows: int = 1) -> float:
-        """What the plane would predict for ``variant`` now, rounded as responses carry it."""
-        return round(self.plane.overhead_ms + self.backend.predict_ms(MODEL, variant, rows), 4)
+    def predicted_ms(self, variant: str, rows: int = 1, lane: Lane = Lane.STANDARD) -> float:
+        """What the plane would predict for ``variant`` on ``lane`` now, rounded as responses
+        carry it."""
+        predicted = self.backend.predict_ms(MODEL, variant, rows, lane=lane)
+        return round(self.plane.overhead_ms + predicted, 4)
 
     def close(self) -> None:
         self.backend.close()

@@ -8,6 +8,7 @@ opens the gate; nothing here depends on how fast this machine is.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from gearbox.compression.errors import (
     UnavailableError,
 )
 from gearbox.serving.config import BatchingConfig
-from gearbox.serving.executor import DeviceExecutor
+from gearbox.serving.executor import DeviceExecutor, Lane
 from gearbox.serving.queue_model import BatchCost, RunningBatch, ServiceTimes, variant_key
 from tests.unit.serving_fixtures import GATE_KEY, PATIENCE_S, Gate, until
 
@@ -999,3 +1000,37 @@ def test_a_text_variant_merges_short_sentences_but_not_long_ones(make):
     # The two short ones and the last short one merge; the long ones would make the short
     # batch a long one, and among themselves merging does not pay.
     assert model.seen == [(3, 4), (1, 60), (1, 64)]
+
+
+# --- lanes: the standard workers yield the CPU to the priority lane -------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are POSIX")
+def test_niced_workers_run_below_the_process_priority_and_others_at_it():
+    """Each worker records its thread's niceness while it runs a batch."""
+
+    def niceness(_inputs):
+        value = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return {"y": np.full((1, 1), value, np.float32)}
+
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+    for lane, steps in ((Lane.STANDARD, 5), (Lane.PRIORITY, 0)):
+        executor = DeviceExecutor(
+            "cpu", 1, BatchingConfig(inline_max_ms=0.0), ServiceTimes(), lane=lane, niceness=steps
+        )
+        try:
+            executor.host("m", "v", niceness)
+            result = run(executor.submit("m", "v", rows(1)))
+        finally:
+            executor.close()
+        seen[lane] = int(result.outputs["y"][0, 0])
+    assert seen == {Lane.STANDARD: min(own + 5, 19), Lane.PRIORITY: own}
+
+
+def test_a_niceness_outside_the_operating_systems_range_is_refused():
+    for steps in (-1, 20):
+        with pytest.raises(InvalidArgumentError, match="niceness"):
+            DeviceExecutor("cpu", 1, BatchingConfig(), ServiceTimes(), niceness=steps)
+    with pytest.raises(InvalidArgumentError, match="standard_niceness"):
+        BatchingConfig(standard_niceness=20)

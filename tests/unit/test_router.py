@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from gearbox.compression.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from gearbox.serving.executor import Lane
 from gearbox.serving.router import (
     Reason,
     Router,
@@ -36,13 +37,22 @@ class Predictions:
             for variant, ms in by_variant.items()
         }
         self.extra: dict[tuple[str, str], float] = {}
+        self.priority_extra: dict[str, float] = {}
+        """ms queued ahead on a device class's priority lane"""
         self.calls: list[tuple[str, str, int]] = []
 
     def __call__(
-        self, variant: str, device_class: str, rows: int, tokens: int | None = None
+        self,
+        variant: str,
+        device_class: str,
+        rows: int,
+        tokens: int | None = None,
+        lane: Lane = Lane.STANDARD,
     ) -> float:
         self.calls.append((variant, device_class, rows))
         key = (variant, device_class)
+        if lane is Lane.PRIORITY:
+            return self.ms[key] + self.priority_extra.get(device_class, 0.0)
         return self.ms[key] + self.extra.get(key, 0.0)
 
 
@@ -382,3 +392,89 @@ def test_a_variant_fits_only_if_its_margin_fits_too():
     assert chosen.predicted_ms == 1.0  # the typical prediction, margin apart
     over = router.choose(budget(0.3))
     assert (over.variant, over.reason) == ("small", Reason.FASTEST_OVER_BUDGET)
+
+
+# --- the priority lane: a worker kept free for budgets the standard lane cannot meet ----------
+
+
+def priority_router(predictions: Predictions, device_classes=("cpu",), priority_lanes=("cpu",)):
+    return Router(
+        "tiny",
+        [FP32, INT8, SMALL],
+        list(device_classes),
+        predictions,
+        priority_lanes=priority_lanes,
+    )
+
+
+def test_budgets_the_standard_lane_meets_stay_on_it():
+    router = priority_router(Predictions({"cpu": SEEDS}))
+    for ms in (5.0, 2.0, 0.5):
+        assert router.choose(budget(ms)).lane is Lane.STANDARD
+    assert router.choose(RoutingRequest()).lane is Lane.STANDARD
+    assert router.choose(budget(0.1)).reason == Reason.FASTEST_OVER_BUDGET
+
+
+def test_a_tight_budget_behind_a_long_batch_goes_to_the_priority_lane_with_the_fastest():
+    """A 10 ms batch of fp32 runs on the standard lane: every variant there is predicted 10 ms
+    later. A 3 ms budget then goes to the priority lane, and there only the fastest runs, though
+    int8 (1 ms) would fit on it too: a slower variant would hold the worker kept free."""
+    predictions = Predictions({"cpu": SEEDS})
+    predictions.extra = {(v, "cpu"): 10.0 for v in SEEDS}
+    router = priority_router(predictions)
+    chosen = router.choose(budget(3.0))
+    assert (chosen.variant, chosen.lane, chosen.reason) == (
+        "small",
+        Lane.PRIORITY,
+        Reason.PRIORITY_LANE,
+    )
+    assert chosen.predicted_ms == 0.25
+    # A loose budget still waits for the standard lane, with the best variant that fits there.
+    loose = router.choose(budget(20.0))
+    assert (loose.variant, loose.lane) == ("fp32", Lane.STANDARD)
+    # Without a budget the reference answers on the standard lane, however long it waits.
+    assert router.choose(RoutingRequest()).lane is Lane.STANDARD
+
+
+def test_when_neither_lane_meets_a_budget_the_quicker_answers_over_budget():
+    predictions = Predictions({"cpu": SEEDS})
+    predictions.extra = {(v, "cpu"): 10.0 for v in SEEDS}
+    predictions.priority_extra = {"cpu": 2.0}
+    router = priority_router(predictions)
+    chosen = router.choose(budget(1.0))
+    assert (chosen.variant, chosen.lane, chosen.reason) == (
+        "small",
+        Lane.PRIORITY,
+        Reason.FASTEST_OVER_BUDGET,
+    )
+    predictions.priority_extra = {"cpu": 20.0}
+    chosen = router.choose(budget(1.0))
+    assert (chosen.lane, chosen.reason) == (Lane.STANDARD, Reason.FASTEST_OVER_BUDGET)
+
+
+def test_only_device_classes_with_a_priority_lane_offer_one():
+    predictions = Predictions({"cpu": SEEDS, "gpu": SEEDS})
+    predictions.extra = {(v, d): 10.0 for v in SEEDS for d in ("cpu", "gpu")}
+    router = priority_router(predictions, device_classes=("cpu", "gpu"), priority_lanes=("cpu",))
+    chosen = router.choose(budget(3.0))
+    assert (chosen.device_class, chosen.lane) == ("cpu", Lane.PRIORITY)
+    gpu_only = router.choose(budget(3.0, device_class="gpu"))
+    assert (gpu_only.device_class, gpu_only.lane, gpu_only.reason) == (
+        "gpu",
+        Lane.STANDARD,
+        Reason.FASTEST_OVER_BUDGET,
+    )
+    without = priority_router(predictions, priority_lanes=())
+    assert without.choose(budget(3.0)).reason == Reason.FASTEST_OVER_BUDGET
+
+
+def test_the_priority_lane_respects_min_quality():
+    predictions = Predictions({"cpu": SEEDS})
+    predictions.extra = {(v, "cpu"): 10.0 for v in SEEDS}
+    router = priority_router(predictions)
+    chosen = router.choose(budget(3.0, min_quality=0.85))
+    assert (chosen.variant, chosen.lane, chosen.reason) == (
+        "int8",
+        Lane.PRIORITY,
+        Reason.PRIORITY_LANE,
+    )

@@ -82,3 +82,24 @@ def test_budgets_are_judged_at_the_client_and_only_where_feasible():
     assert row["throughput_rps"] == 2.0
     assert row["statuses"] == {"200": 4, "429": 1}
     assert row["variants"] == {"a": 2, "b": 2, "-": 1}
+
+
+def test_misses_are_counted_by_budget_and_by_phase():
+    results = [
+        {"status": 200, "ms": 9.0, "late_ms": 0.1, "variant": "a", "score": 1.0},  # 1.5L, missed
+        {"status": 200, "ms": 9.0, "late_ms": 0.1, "variant": "a", "score": 1.0},  # 2L, met
+        {"status": 503, "ms": 1.0, "late_ms": 0.1},  # 2L in the spike: missed
+        {"status": 200, "ms": 99.0, "late_ms": 0.1, "variant": "a", "score": 1.0},  # no budget
+    ]
+    row = bench._summarise(
+        results,
+        [7.5, 10.0, 10.0, None],
+        np.full(4, 5.0),
+        {"a": 0.99},
+        seconds=1.0,
+        multiples=[1.5, 2, 2, None],
+        phases=[0, 0, 1, 1],
+    )
+    assert row["misses"] == 2
+    assert row["misses_by_budget"] == {"1.5L": 1, "2L": 1}
+    assert row["misses_by_phase"] == {"base": 1, "spike": 1}

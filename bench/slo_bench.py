@@ -55,6 +55,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -501,8 +502,8 @@ def main() -> int:
         help="gearbox serve's --device-classes: YAML file of device classes (default: cpu)",
     )  # fmt: skip
     parser.add_argument(
-        "--no-priority-lane", dest="priority_lane", action="store_false",
-        help="serve with gearbox serve's --no-priority-lane (to compare against it)",
+        "--serve-args", default="", metavar="ARGS",
+        help="more arguments for gearbox serve, e.g. '--no-priority-lane' to compare against it",
     )  # fmt: skip
     args = parser.parse_args()
     if args.device_classes is not None and not args.device_classes.is_file():
@@ -554,7 +555,7 @@ def _gateway(repo: Path, args: argparse.Namespace, allowance_ms: float) -> Itera
          "--grpc-port", str(args.grpc_port), "--metrics-port", str(args.metrics_port),
          "--transport-allowance-ms", str(allowance_ms),
          *(["--device-classes", str(args.device_classes)] if args.device_classes else []),
-         *([] if args.priority_lane else ["--no-priority-lane"])],
+         *shlex.split(args.serve_args)],
         stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:

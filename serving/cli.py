@@ -78,6 +78,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _niceness(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"{value} is not a niceness step between 0 and 19")
+    return value
+
+
 def _port(text: str) -> int:
     value = _positive_int(text)
     if value > 65535:
@@ -159,6 +169,12 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
         "worker for tight budgets (see the README's routing section)",
     )  # fmt: skip
     command.add_argument(
+        "--standard-niceness", type=_niceness, default=BatchingConfig.standard_niceness,
+        metavar="N", help="how many steps below the replica's own priority the standard "
+        "workers run, so that the priority lane takes a contended core from them "
+        "(0-19, default %(default)s)",
+    )  # fmt: skip
+    command.add_argument(
         "--max-queue", type=_positive_int, default=BatchingConfig.max_queue, metavar="N",
         help="requests admitted per variant and device class before 429 / RESOURCE_EXHAUSTED",
     )  # fmt: skip
@@ -192,6 +208,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
             max_queue=args.max_queue,
             inline_max_ms=args.inline_max_ms,
             priority_lane=args.priority_lane,
+            standard_niceness=args.standard_niceness,
         ),
     )
 

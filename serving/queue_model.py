@@ -281,13 +281,26 @@ def predict_ms(
     return overhead_ms + run_next(own) + own
 
 
+_ErrorPool = tuple[str, str] | tuple[str, str, str] | None
+"""(variant key, device class); (model, device class, "*"): the model's variants together;
+None: every key's errors together."""
+
+
+def _pools(variant: str, device_class: str) -> tuple[_ErrorPool, ...]:
+    """The pools an error of ``variant`` counts in, from the narrowest."""
+    model = variant.split("/", 1)[0]
+    return ((variant, device_class), (model, device_class, "*"), None)
+
+
 class PredictionErrors:
     """How far answers ran past their typical prediction: the margin a budget must leave.
 
     A prediction is a typical latency; a variant chosen because its typical latency just fits a
     budget misses it about half the time. The router therefore asks that the prediction plus a
     high quantile of recent errors (observed latency minus prediction, per variant and device
-    class) fit. A key with few observations borrows the quantile of every key's together.
+    class) fit. A key with few observations borrows the quantile of its model's variants on the
+    same device class together, and failing that of every key's: a slow model's errors, tens of
+    milliseconds, would otherwise keep a fast model's new variant out of every budget.
     """
 
     def __init__(
@@ -305,16 +318,16 @@ class PredictionErrors:
         self._window = window
         self._min_samples = min_samples
         self._refresh_every = refresh_every
-        self._errors: dict[tuple[str, str] | None, deque[float]] = {None: deque(maxlen=window)}
-        self._margins: dict[tuple[str, str] | None, float] = {}
-        self._unseen: dict[tuple[str, str] | None, int] = {}
+        self._errors: dict[_ErrorPool, deque[float]] = {None: deque(maxlen=window)}
+        self._margins: dict[_ErrorPool, float] = {}
+        self._unseen: dict[_ErrorPool, int] = {}
 
     @property
     def quantile(self) -> float:
         return self._quantile
 
     def observe(self, variant: str, device_class: str, error_ms: float) -> None:
-        for key in ((variant, device_class), None):  # None: every key's errors together
+        for key in _pools(variant, device_class):
             errors = self._errors.get(key)
             if errors is None:
                 errors = self._errors[key] = deque(maxlen=self._window)
@@ -324,11 +337,11 @@ class PredictionErrors:
     def margin_ms(self, variant: str, device_class: str) -> float:
         """The quantile of this key's recent errors (never below zero: answers that came early
         are no reason to promise less than the typical prediction)."""
-        key: tuple[str, str] | None = (variant, device_class)
+        for key in _pools(variant, device_class):
+            errors = self._errors.get(key)
+            if key is None or (errors is not None and len(errors) >= self._min_samples):
+                break
         errors = self._errors.get(key)
-        if errors is None or len(errors) < self._min_samples:
-            key = None
-            errors = self._errors[None]
         if not errors:
             return 0.0
         # The quantile is refreshed every few observations, not on every request: it sits on

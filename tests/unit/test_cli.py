@@ -248,3 +248,25 @@ def test_bad_recipe_choices_are_one_error_line_before_anything_runs(
     assert out == ""
     assert_one_error_line(err, message)
     assert not repo.exists()
+
+
+@pytest.mark.parametrize("value", ["20", "-1", "high"])
+def test_a_niceness_outside_0_to_19_is_a_usage_error(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as caught:
+        main(["serve", "--repo", str(tmp_path), "--standard-niceness", value])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: gearbox serve")
+    assert "--standard-niceness" in err
+
+
+def test_serve_options_reach_the_batching_config(tmp_path):
+    from gearbox.serving.cli import _gateway_config, _parser
+
+    default = _gateway_config(_parser().parse_args(["serve", "--repo", str(tmp_path)]))
+    assert default.batching.priority_lane is True
+    assert default.batching.standard_niceness == 10
+    args = ["serve", "--repo", str(tmp_path), "--no-priority-lane", "--standard-niceness", "3"]
+    chosen = _gateway_config(_parser().parse_args(args))
+    assert chosen.batching.priority_lane is False
+    assert chosen.batching.standard_niceness == 3

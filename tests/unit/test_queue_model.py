@@ -543,3 +543,17 @@ def test_the_margin_is_refreshed_every_few_errors():
 def test_the_quantile_lies_strictly_between_0_and_1(quantile):
     with pytest.raises(InvalidArgumentError, match="quantile"):
         PredictionErrors(quantile)
+
+
+def test_a_key_borrows_its_own_models_errors_before_everyones():
+    """A slow model's errors of tens of milliseconds must not keep a fast model's variants,
+    still with few answers of their own, out of every tight budget."""
+    errors = PredictionErrors(quantile=0.5, window=64, min_samples=10, refresh_every=1)
+    for _ in range(30):
+        errors.observe("slow/fp32", "cpu", 40.0)
+    for _ in range(12):
+        errors.observe("fast/fp32", "cpu", 0.5)
+    errors.observe("fast/int8", "cpu", 0.2)
+    assert errors.margin_ms("fast/int8", "cpu") == pytest.approx(0.5)  # its model's pool
+    assert errors.margin_ms("fast/fp32", "gpu") == pytest.approx(40.0)  # nothing on gpu yet
+    assert errors.margin_ms("slow/int8", "cpu") == pytest.approx(40.0)

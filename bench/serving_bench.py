@@ -93,7 +93,7 @@ from gearbox.compression import ModelRepository
 from gearbox.compression.cluster import ray_session
 from gearbox.compression.errors import GearboxError, UnavailableError
 from gearbox.compression.examples.digits import load_splits
-from gearbox.serving.config import GatewayConfig
+from gearbox.serving.config import BatchingConfig, GatewayConfig
 from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
 from gearbox.serving.ingress import Ingress, ray_environment, session_state_dir
 from gearbox.serving.server import LOOPBACK, check_port_free, start_gateway
@@ -720,6 +720,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
     parser.add_argument(
+        "--no-priority-lane", dest="priority_lane", action="store_false",
+        help="serve without the priority lane, as gearbox serve --no-priority-lane",
+    )  # fmt: skip
+    parser.add_argument(
         "--throughput-s", type=float, default=10.0, help="counted window (0 skips throughput)"
     )
     parser.add_argument("--throughput-warmup-s", type=float, default=2.0)
@@ -752,7 +756,10 @@ def run(args: argparse.Namespace, repo_dir: Path, image: np.ndarray) -> Results:
         bench = Bench(args, repo_dir, Requests(image, args.budget_ms), work_dir)
         stack.enter_context(ray_session(None, env=ray_environment(args.ingress, state_dir)))
         stack.callback(serve.shutdown)
-        endpoints = start_gateway(GatewayConfig.create(repo_dir), args.http_port, args.grpc_port)
+        config = GatewayConfig.create(
+            repo_dir, batching=BatchingConfig(priority_lane=args.priority_lane)
+        )
+        endpoints = start_gateway(config, args.http_port, args.grpc_port)
         bench.metrics_urls = endpoints.metrics
         variant = bench.choose_variant()
         latency = bench.latency(variant)

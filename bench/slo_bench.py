@@ -385,6 +385,7 @@ def _summarise(
     phases = phases if phases is not None else [0] * len(results)
     by_budget: Counter[str] = Counter()
     by_phase: Counter[str] = Counter()
+    by_variant: Counter[str] = Counter()
     feasible = met = 0
     scores = []
     qualities = []
@@ -406,6 +407,7 @@ def _summarise(
             if not hit:
                 by_budget[f"{multiple:g}L" if multiple is not None else "?"] += 1
                 by_phase["spike" if phase else "base"] += 1
+                by_variant[record.get("variant", "-")] += 1
     return {
         "requests": len(results),
         "feasible": feasible,
@@ -423,6 +425,7 @@ def _summarise(
         "variants": dict(Counter(r.get("variant", "-") for r in results)),
         "misses_by_budget": dict(by_budget),
         "misses_by_phase": dict(by_phase),
+        "misses_by_variant": dict(by_variant),
     }
 
 
@@ -464,15 +467,17 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "| policy | misses in the base load / the spike | misses by budget: "
-        + ", ".join(labels) + " |",
-        "|---|---|---|",
+        + ", ".join(labels) + " | misses by the variant that answered |",
+        "|---|---|---|---|",
     ]  # fmt: skip
     for policy in POLICIES:
         row = report["policies"][policy]
         phase, budget = row.get("misses_by_phase", {}), row.get("misses_by_budget", {})
         lines.append(
             f"| {policy} | {phase.get('base', 0)} / {phase.get('spike', 0)} | "
-            + ", ".join(str(budget.get(label, 0)) for label in labels) + " |"
+            + ", ".join(str(budget.get(label, 0)) for label in labels) + " | "
+            + ", ".join(f"{k} {v}" for k, v in sorted(row.get("misses_by_variant", {}).items()))
+            + " |"
         )  # fmt: skip
     lines += ["", *(f"- {'PASS' if ok else 'FAIL'} {name}: {figure}" for name, ok, figure in
                     report["checks"])]  # fmt: skip

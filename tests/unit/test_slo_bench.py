@@ -103,3 +103,4 @@ def test_misses_are_counted_by_budget_and_by_phase():
     assert row["misses"] == 2
     assert row["misses_by_budget"] == {"1.5L": 1, "2L": 1}
     assert row["misses_by_phase"] == {"base": 1, "spike": 1}
+    assert row["misses_by_variant"] == {"a": 1, "-": 1}  # "-": no answer

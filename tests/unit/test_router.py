@@ -407,6 +407,13 @@ def priority_router(predictions: Predictions, device_classes=("cpu",), priority_
     )
 
 
+def behind_a_long_batch() -> Predictions:
+    """Every variant on cpu's standard lane predicted 10 ms later: a long batch runs there."""
+    predictions = Predictions({"cpu": SEEDS})
+    predictions.extra = {(v, "cpu"): 10.0 for v in SEEDS}
+    return predictions
+
+
 def test_budgets_the_standard_lane_meets_stay_on_it():
     router = priority_router(Predictions({"cpu": SEEDS}))
     for ms in (5.0, 2.0, 0.5):
@@ -419,8 +426,7 @@ def test_a_tight_budget_behind_a_long_batch_goes_to_the_priority_lane_with_the_f
     """A 10 ms batch of fp32 runs on the standard lane: every variant there is predicted 10 ms
     later. A 3 ms budget then goes to the priority lane, and there only the fastest runs, though
     int8 (1 ms) would fit on it too: a slower variant would hold the worker kept free."""
-    predictions = Predictions({"cpu": SEEDS})
-    predictions.extra = {(v, "cpu"): 10.0 for v in SEEDS}
+    predictions = behind_a_long_batch()
     router = priority_router(predictions)
     chosen = router.choose(budget(3.0))
     assert (chosen.variant, chosen.lane, chosen.reason) == (
@@ -437,8 +443,7 @@ def test_a_tight_budget_behind_a_long_batch_goes_to_the_priority_lane_with_the_f
 
 
 def test_when_neither_lane_meets_a_budget_the_quicker_answers_over_budget():
-    predictions = Predictions({"cpu": SEEDS})
-    predictions.extra = {(v, "cpu"): 10.0 for v in SEEDS}
+    predictions = behind_a_long_batch()
     predictions.priority_extra = {"cpu": 2.0}
     router = priority_router(predictions)
     chosen = router.choose(budget(1.0))
@@ -469,8 +474,7 @@ def test_only_device_classes_with_a_priority_lane_offer_one():
 
 
 def test_the_priority_lane_respects_min_quality():
-    predictions = Predictions({"cpu": SEEDS})
-    predictions.extra = {(v, "cpu"): 10.0 for v in SEEDS}
+    predictions = behind_a_long_batch()
     router = priority_router(predictions)
     chosen = router.choose(budget(3.0, min_quality=0.85))
     assert (chosen.variant, chosen.lane, chosen.reason) == (

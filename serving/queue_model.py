@@ -12,6 +12,7 @@ against a simulated executor that forms batches by the same rule (:func:`batches
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import math
 from collections import deque
@@ -286,8 +287,10 @@ _ErrorPool = tuple[str, str] | tuple[str, str, str] | None
 None: every key's errors together."""
 
 
+@functools.lru_cache(maxsize=4096)
 def _pools(variant: str, device_class: str) -> tuple[_ErrorPool, ...]:
-    """The pools an error of ``variant`` counts in, from the narrowest."""
+    """The pools an error of ``variant`` counts in, from the narrowest (asked on every request
+    and every routing option, so built once per key)."""
     model = variant.split("/", 1)[0]
     return ((variant, device_class), (model, device_class, "*"), None)
 

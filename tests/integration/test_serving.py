@@ -468,13 +468,17 @@ def _timed(call: Callable[[], requests.Response]) -> tuple[float, requests.Respo
 # What a caller waits beyond latency_ms is the way in and out of the replica's server: HAProxy's
 # hop and the sockets. A health probe pays that same way (plus the replica's own handling of
 # it), so the part of an inference the clock leaves out is held to what a probe costs in the
-# same run, with half a millisecond for scheduling noise on a busy 2-core machine; machines differ
-# 2-3x in speed, so no absolute figure is asserted here (bench/serving_bench.py reports them).
+# same run, with half a millisecond for scheduling noise; machines differ 2-3x in speed, so no
+# absolute figure is asserted here (bench/serving_bench.py reports them). A busy 2-core machine
+# has spells where every round trip takes several times longer; noise only ever adds time, so
+# both sides are compared at their lower quintile, which such a spell leaves alone while a
+# clock that starts late shifts every sample.
 SCHEDULING_SLACK_MS = 0.5
 
 
-def _median_after_warm_up(samples: list[float]) -> float:
-    return statistics.median(samples[len(samples) // 4 :])
+def _quiet_quintile(samples: list[float]) -> float:
+    """The 20th percentile after the first quarter (warm-up) is dropped."""
+    return statistics.quantiles(samples[len(samples) // 4 :], n=5)[0]
 
 
 @pytest.mark.parametrize("variant", ["distilled", "fp32"])
@@ -501,8 +505,8 @@ def test_latency_ms_leaves_out_only_the_transport_over_http(gateway, digits, var
             left_out.append(client_ms - server_ms)
     finally:
         connection.close()
-    probe = _median_after_warm_up(probes)
-    assert _median_after_warm_up(left_out) < probe + SCHEDULING_SLACK_MS, (
+    probe = _quiet_quintile(probes)
+    assert _quiet_quintile(left_out) < probe + SCHEDULING_SLACK_MS, (
         sorted(left_out),
         sorted(probes),
     )
@@ -529,8 +533,8 @@ def test_latency_ms_leaves_out_only_the_transport_over_grpc(gateway, digits):
             left_out.append(client_ms - server_ms)
     finally:
         channel.close()
-    probe = _median_after_warm_up(probes)
-    assert _median_after_warm_up(left_out) < probe + SCHEDULING_SLACK_MS, (
+    probe = _quiet_quintile(probes)
+    assert _quiet_quintile(left_out) < probe + SCHEDULING_SLACK_MS, (
         sorted(left_out),
         sorted(probes),
     )

@@ -2,6 +2,7 @@
 and quality per policy (no server is started here)."""
 
 import importlib.util
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -104,3 +105,46 @@ def test_misses_are_counted_by_budget_and_by_phase():
     assert row["misses_by_budget"] == {"1.5L": 1, "2L": 1}
     assert row["misses_by_phase"] == {"base": 1, "spike": 1}
     assert row["misses_by_variant"] == {"a": 1, "-": 1}  # "-": no answer
+
+
+def test_slices_cut_the_schedule_into_equal_spans_of_time_covering_every_request():
+    offsets, _ = bench._schedule(np.random.default_rng(5), rate=100.0, seconds=12.0)
+    slices = bench._slices(offsets, 12.0, 4)
+    assert [start for _, _, start in slices] == [0.0, 3.0, 6.0, 9.0]
+    assert slices[0][0] == 0 and slices[-1][1] == len(offsets)
+    for (_, end, _), (first, _, _) in itertools.pairwise(slices):
+        assert end == first  # no request lost or sent twice
+    for first, end, start in slices:
+        assert all(start <= offset < start + 3.0 for offset in offsets[first:end])
+    # The spike (the middle third) lands in the slices that cover it, for every policy alike.
+    middle = slices[2]
+    assert middle[1] - middle[0] > 1.5 * (slices[0][1] - slices[0][0])
+
+
+def test_rounds_rotate_which_policy_runs_after_which():
+    rounds = bench._rounds(["a", "b", "c"], 4)
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert {r[0] for r in rounds[:3]} == {"a", "b", "c"}
+
+
+def test_cpu_times_are_read_from_the_kernel_and_add_up():
+    before = bench.CpuTimes.now()
+    if before is None:
+        pytest.skip("no /proc/stat on this system")
+    sum(range(2_000_000))  # some work, so time passes
+    spent = bench.CpuTimes.now() - before
+    assert spent.total > 0 and 0 <= spent.steal <= spent.total and 0 < spent.busy <= spent.total
+    doubled = spent + spent
+    assert doubled.total == pytest.approx(2 * spent.total)
+
+
+def test_the_unloaded_floor_judges_isolated_requests_against_the_budget_mix():
+    fastest_ms = 10.0
+    # Every isolated request at 1.2L meets even the tightest budget, 1.5L.
+    assert bench._unloaded_met_share(np.full(50, 12.0), np.full(50, 10.0), fastest_ms) == 1.0
+    # At 2.5L they miss 1.5L and 2L (weights 0.2 + 0.2 of 0.85 budgeted).
+    share = bench._unloaded_met_share(np.full(50, 25.0), np.full(50, 10.0), fastest_ms)
+    assert share == pytest.approx(1 - 0.4 / 0.85)
+    # An item whose floor is above 1.5L is not judged at 1.5L, as in the run.
+    share = bench._unloaded_met_share(np.array([18.0]), np.array([16.0]), fastest_ms)
+    assert share == 1.0

@@ -42,7 +42,12 @@
    budget, counted from the moment the client turned to send it. Time spent waiting for a free
    connection (all 64 busy: the server is behind) counts; the client's own timer lateness
    (the event loop wakes within about 1 ms of a scheduled time) does not, and is reported
-   apart. 429s and errors are misses. Per policy: budgets met of the feasible, misses,
+   apart. 429s and errors are misses, and every miss is put down to a cause from what the
+   gateway's answer says (``predicted_latency_ms``, ``latency_ms``): refused or failed;
+   predicted late (the router knew no variant would make it); the gateway's own span ran over
+   what the budget left it; or the gateway kept to that and the time outside it (HAProxy,
+   the transport, the client) took more than the transport allowance. Per policy: budgets
+   met of the feasible, misses,
    quality (accuracy against the labels; mean cosine to ``fp32`` for sentences) and the mean
    manifest quality of the answering variants, p50/p95/p99, throughput.
    The client is one uvloop process writing pre-encoded HTTP/1.1 requests on pre-opened
@@ -357,6 +362,9 @@ def _read_answers(results: list[dict[str, Any]], workload: Workload, items: np.n
             answer = json.loads(body)
             record["variant"] = answer["model_version"]
             record["score"] = workload.score(int(item), answer)
+            parameters = answer.get("parameters", {})
+            record["predicted_ms"] = parameters.get("predicted_latency_ms")
+            record["server_ms"] = parameters.get("latency_ms")
 
 
 def _schedule(
@@ -433,6 +441,25 @@ def _unloaded_met_share(samples_ms: np.ndarray, floors_ms: np.ndarray, fastest_m
     return met / feasible if feasible else 1.0
 
 
+MISS_CAUSES = ("refused or failed", "predicted late", "gateway ran over", "outside the gateway")
+
+
+def _miss_cause(record: dict[str, Any], budget_ms: float, allowance_ms: float) -> str:
+    """Why a request missed its budget, from what the gateway said in its answer: no answer
+    in time; the variant it chose was predicted not to fit (no variant did, or none in time);
+    it was predicted to fit but the gateway's own span (``latency_ms``) took more than the
+    budget less the transport allowance; or the gateway kept to that and the rest (HAProxy,
+    the transport, the client) took more than the allowance."""
+    if record.get("status") != 200:
+        return MISS_CAUSES[0]
+    predicted, span = record.get("predicted_ms"), record.get("server_ms")
+    if predicted is not None and predicted + allowance_ms > budget_ms:
+        return MISS_CAUSES[1]
+    if span is not None and span + allowance_ms > budget_ms:
+        return MISS_CAUSES[2]
+    return MISS_CAUSES[3]
+
+
 def _summarise(
     results: list[dict[str, Any]],
     budgets: list[float | None],
@@ -441,16 +468,19 @@ def _summarise(
     seconds: float,
     multiples: Sequence[float | None] | None = None,
     phases: Sequence[int] | None = None,
+    allowance_ms: float = 0.0,
 ) -> dict[str, Any]:
     """Per policy figures; request i's budget is feasible if it is at least
     ``feasible_from_ms[i]``, what the fastest variant took for its input unloaded. With the
     budgets' ``multiples`` of L and the schedule's ``phases`` (1: the spike), the misses are
-    also counted by each."""
+    also counted by each, and by their cause (:func:`_miss_cause`, with the gateway's
+    transport ``allowance_ms``)."""
     multiples = multiples if multiples is not None else [None] * len(results)
     phases = phases if phases is not None else [0] * len(results)
     by_budget: Counter[str] = Counter()
     by_phase: Counter[str] = Counter()
     by_variant: Counter[str] = Counter()
+    by_cause: Counter[str] = Counter()
     feasible = met = 0
     scores = []
     qualities = []
@@ -473,6 +503,7 @@ def _summarise(
                 by_budget[f"{multiple:g}L" if multiple is not None else "?"] += 1
                 by_phase["spike" if phase else "base"] += 1
                 by_variant[record.get("variant", "-")] += 1
+                by_cause[_miss_cause(record, budget, allowance_ms)] += 1
     return {
         "requests": len(results),
         "feasible": feasible,
@@ -491,6 +522,7 @@ def _summarise(
         "misses_by_budget": dict(by_budget),
         "misses_by_phase": dict(by_phase),
         "misses_by_variant": dict(by_variant),
+        "misses_by_cause": dict(by_cause),
     }
 
 
@@ -540,17 +572,19 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "| policy | misses in the base load / the spike | misses by budget: "
-        + ", ".join(labels) + " | misses by the variant that answered |",
-        "|---|---|---|---|",
+        + ", ".join(labels) + " | misses by the variant that answered | misses by cause: "
+        + ", ".join(MISS_CAUSES) + " |",
+        "|---|---|---|---|---|",
     ]  # fmt: skip
     for policy in POLICIES:
         row = report["policies"][policy]
         phase, budget = row.get("misses_by_phase", {}), row.get("misses_by_budget", {})
+        cause = row.get("misses_by_cause", {})
         lines.append(
             f"| {policy} | {phase.get('base', 0)} / {phase.get('spike', 0)} | "
             + ", ".join(str(budget.get(label, 0)) for label in labels) + " | "
             + ", ".join(f"{k} {v}" for k, v in sorted(row.get("misses_by_variant", {}).items()))
-            + " |"
+            + " | " + ", ".join(str(cause.get(c, 0)) for c in MISS_CAUSES) + " |"
         )  # fmt: skip
     lines += ["", *(f"- {'PASS' if ok else 'FAIL'} {name}: {figure}" for name, ok, figure in
                     report["checks"])]  # fmt: skip
@@ -788,6 +822,7 @@ def run(
             args.seconds,
             list(multiples),
             phases,
+            allowance_ms,
         )
         row = policies[policy]
         spent = cpu[policy]

@@ -148,3 +148,24 @@ def test_the_unloaded_floor_judges_isolated_requests_against_the_budget_mix():
     # An item whose floor is above 1.5L is not judged at 1.5L, as in the run.
     share = bench._unloaded_met_share(np.array([18.0]), np.array([16.0]), fastest_ms)
     assert share == 1.0
+
+
+def test_each_miss_is_put_down_to_what_the_gateway_said_about_it():
+    allowance = 1.0
+    base = {"status": 200, "late_ms": 0.1, "variant": "a", "score": 1.0}
+    results = [
+        {**base, "ms": 11.0, "predicted_ms": 9.5, "server_ms": 8.0},  # predicted not to fit
+        {**base, "ms": 12.0, "predicted_ms": 6.0, "server_ms": 9.5},  # the span ran over
+        {**base, "ms": 12.0, "predicted_ms": 6.0, "server_ms": 7.0},  # lost outside the gateway
+        {"status": 429, "ms": 0.4, "late_ms": 0.1},  # refused
+        {**base, "ms": 8.0, "predicted_ms": 6.0, "server_ms": 6.5},  # met: no cause
+    ]
+    row = bench._summarise(
+        results, [10.0] * 5, np.full(5, 5.0), {"a": 0.99}, seconds=1.0, allowance_ms=allowance
+    )
+    assert row["misses_by_cause"] == {
+        "predicted late": 1,
+        "gateway ran over": 1,
+        "outside the gateway": 1,
+        "refused or failed": 1,
+    }

@@ -4,6 +4,7 @@ against the same executor driven in-process. One run measures everything.
     .venv/bin/python bench/serving_bench.py [--repo DIR [--reuse]] [--json PATH]
         [--ingress haproxy|proxy] [--budget-ms 50] [--warmup 200] [--requests 2000]
         [--rounds 3] [--concurrency 16] [--throughput-s 10] [--throughput-warmup-s 2]
+        [--profile-s 5]
         [--http-port 18000] [--grpc-port 19000] [--bare-http-port 18100]
         [--bare-grpc-port 19100]
 
@@ -53,7 +54,11 @@ server binds 127.0.0.1 only; Serve and Ray are shut down at exit.
    export: requests / batches counted over the run; in-process from the executor's batch
    callback), client latency against the gateway's own `latency_ms`, and the CPU cores each
    group of processes used during the window (gateway replica, HAProxy, client, the rest of
-   Ray, everything outside the benchmark), from /proc.
+   Ray, everything outside the benchmark), from /proc. Then, for --profile-s more under the
+   same load (py-spy, when installed: `pip install -e '.[dev]'` brings it), a profile of the
+   gateway replica: how busy each of its threads was, the event loop's time per request by
+   whose code ran (Gearbox, Ray Serve, uvicorn and Starlette, ONNX Runtime inline, asyncio),
+   and the rate that the framework's share alone would allow one replica.
 
 3. --json PATH writes every figure. Exit status 1 on any FAIL (or a run stopped by a failed
    request), 2 if the run could not be set up (a port in use, say). Every request loop is
@@ -583,7 +588,8 @@ class Bench:
             "--path", f"/v2/models/{MODEL}/versions/{variant}/infer",
             "--body", str(body), "--root-pid", str(os.getpid()),
         ]  # fmt: skip
-        load = run_peer(["load", *target, *timing], limit_s)
+        profile = ["--profile-s", str(args.profile_s)] if args.profile_s > 0 else []
+        load = run_peer(["load", *target, *timing, *profile], limit_s + args.profile_s)
         self.answered += int(load["ok_total"])
         # The in-process run also gives the gateway's metrics export time to catch up.
         inproc = run_peer(
@@ -682,6 +688,41 @@ def throughput_lines(variant: str, figures: dict[str, Any]) -> list[str]:
             + ", ".join(f"{name} {cores:.2f}" for name, cores in split.items())
             + f" (of {os.cpu_count()})"
         )
+    profile = gateway.get("replica_profile")
+    if profile:
+        lines += [f"{'':<10} {line}" for line in replica_lines(profile, inproc["requests_per_s"])]
+    return lines
+
+
+FRAMEWORK_OWNERS = ("Ray Serve", "Ray", "uvicorn and Starlette")
+"""The event loop's owners that are the serving framework, not Gearbox or the model."""
+
+
+def replica_lines(profile: dict[str, Any], in_process_rps: float) -> list[str]:
+    """What the py-spy profile of the replica says: where its event loop's time goes per
+    request, and the rate the framework's share alone would allow one replica."""
+    if "error" in profile:
+        return [f"replica profile: {profile['error']}"]
+    rps = profile["requests_per_s"]
+    loop = profile["event_loop"]
+    if not rps or not loop:
+        return ["replica profile: no samples of the event loop"]
+    per_request = {owner: share * 1000 / rps for owner, share in loop.items()}
+    threads = ", ".join(
+        f"{name} {share:.0%}" for name, share in profile["threads"].items() if share >= 0.02
+    )
+    lines = [
+        f"replica event loop (py-spy, {rps:.0f} req/s): busy {sum(loop.values()):.0%}, per "
+        "request " + ", ".join(f"{owner} {ms:.3f} ms" for owner, ms in per_request.items()),
+        f"replica threads busy: {threads}",
+    ]
+    framework_ms = sum(per_request.get(owner, 0.0) for owner in FRAMEWORK_OWNERS)
+    if framework_ms > 0:
+        ceiling = 1000 / framework_ms
+        lines.append(
+            f"the framework's {framework_ms:.3f} ms per request alone caps one replica's event "
+            f"loop at {ceiling:.0f} req/s ({ceiling / max(in_process_rps, 1e-9):.2f}x in-process)"
+        )
     return lines
 
 
@@ -727,6 +768,11 @@ def _parser() -> argparse.ArgumentParser:
         "--throughput-s", type=float, default=10.0, help="counted window (0 skips throughput)"
     )
     parser.add_argument("--throughput-warmup-s", type=float, default=2.0)
+    parser.add_argument(
+        "--profile-s", type=float, default=5.0,
+        help="after each counted throughput window, profile the gateway replica with py-spy "
+        "this long, still under load (0: no profile)",
+    )  # fmt: skip
     parser.add_argument(
         "--max-load-requests", type=int, default=1_000_000, help="count bound of one load run"
     )

@@ -2,7 +2,7 @@
 
     python bench/serving_peers.py bare --repo DIR --variant V --http-port P --grpc-port P
     python bench/serving_peers.py load --port P --path PATH --body FILE [--concurrency 16]
-        [--warmup-s 2] [--duration-s 10] [--max-requests N] [--root-pid PID]
+        [--warmup-s 2] [--duration-s 10] [--max-requests N] [--root-pid PID [--profile-s S]]
     python bench/serving_peers.py inproc --repo DIR --variant V [--concurrency 16]
         [--warmup-s 2] [--duration-s 10] [--max-requests N]
 
@@ -18,7 +18,10 @@ servers listen and serves until its stdin closes (or SIGTERM).
 uvloop event loop, each sending the same pre-encoded request as soon as its previous answer is
 in, for ``--warmup-s`` (discarded) then ``--duration-s`` (counted). It reads each answer's
 ``latency_ms`` parameter with a regular expression (no JSON decoding) and, with
-``--root-pid``, samples every process's CPU time over the counted window from /proc.
+``--root-pid``, samples every process's CPU time over the counted window from /proc. With
+``--profile-s`` too, the load goes on that long after the counted window while py-spy samples
+the gateway replica: how busy each of its threads was, and which code (Gearbox's, Ray Serve's,
+uvicorn's, ONNX Runtime run inline) kept its event loop busy.
 
 ``inproc``: the in-process ceiling. The gateway's own cpu backend (``LocalBackend``: the same
 sessions, ``ServiceTimes`` seeded from the manifests and calibrated, the same
@@ -40,6 +43,7 @@ import re
 import resource
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -287,26 +291,108 @@ def cpu_split(
 ) -> dict[str, float]:
     """Cores used per group of processes between two :func:`_process_table` snapshots."""
 
-    def descends(pid: int) -> bool:
-        seen = set()
-        while pid > 1 and pid not in seen:
-            if pid == root_pid:
-                return True
-            seen.add(pid)
-            pid = after.get(pid, (0, "", 0))[0]
-        return False
-
     ticks: Counter[str] = Counter()
     for pid, (_, command, total) in after.items():
         used = total - before.get(pid, (0, "", 0))[2]
         if used > 0:
-            ticks[_cpu_group(pid, command, descends(pid), root_pid)] += used
+            ticks[_cpu_group(pid, command, _descends(after, pid, root_pid), root_pid)] += used
     per_second = os.sysconf("SC_CLK_TCK")
     return {
         group: round(t / per_second / seconds, 3)
         for group, t in ticks.most_common()
         if t / per_second / seconds >= 0.005
     }
+
+
+# -- where the replica's time goes: a py-spy profile ---------------------------------------------
+
+PY_SPY = Path(sys.executable).with_name("py-spy")
+PROFILE_RATE_HZ = 250
+EVENT_LOOP_THREAD = "AsyncIO Thread"
+"""The thread a Ray actor runs its asyncio event loop on (py-spy names threads)."""
+OWNERS: tuple[tuple[str, str], ...] = (
+    ("onnxruntime/", "ONNX Runtime"),
+    ("(serving/", "Gearbox"),
+    ("(compression/", "Gearbox"),
+    ("/gearbox/", "Gearbox"),
+    ("ray/serve/", "Ray Serve"),
+    ("ray/", "Ray"),
+    ("uvicorn/", "uvicorn and Starlette"),
+    ("starlette/", "uvicorn and Starlette"),
+)
+"""Who a sampled frame belongs to, by the file it is in; the innermost frame with an owner
+takes the sample (the standard library's frames count for whoever called them)."""
+OTHER_OWNER = "asyncio and the rest"
+
+
+def _owner(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for pattern, name in OWNERS:
+            if pattern in frame:
+                return name
+    return OTHER_OWNER
+
+
+def attribute_samples(raw: str, seconds: float, rate_hz: float) -> dict[str, Any]:
+    """py-spy's raw output (``thread (tid): name;frame;frame N`` per line, ``--threads``) as
+    shares of the profiled wall time: how busy each thread was, and for the event loop's
+    thread which code it was busy in."""
+    possible = seconds * rate_hz
+    threads: Counter[str] = Counter()
+    loop: Counter[str] = Counter()
+    for line in raw.splitlines():
+        stack, _, count = line.rstrip().rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        thread = frames[0].split(": ", 1)[-1] if frames[0].startswith("thread") else frames[0]
+        threads[thread] += int(count)
+        if thread.startswith(EVENT_LOOP_THREAD):
+            loop[_owner(frames)] += int(count)
+    return {
+        "threads": {name: round(n / possible, 3) for name, n in threads.most_common()},
+        "event_loop": {owner: round(n / possible, 3) for owner, n in loop.most_common()},
+    }
+
+
+async def _profile(pid: int, seconds: float) -> dict[str, Any]:
+    """Samples process ``pid`` with py-spy for ``seconds`` (:func:`attribute_samples`), or
+    says why it could not."""
+    if not PY_SPY.exists():
+        return {"error": f"no py-spy next to {sys.executable} (pip install py-spy)"}
+    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+        spy = await asyncio.create_subprocess_exec(
+            str(PY_SPY), "record", "--pid", str(pid), "--duration", f"{seconds:g}",
+            "--rate", str(PROFILE_RATE_HZ), "--format", "raw", "--threads", "--nonblocking",
+            "--output", out.name,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, error = await spy.communicate()
+        raw = Path(out.name).read_text(errors="replace")
+    if spy.returncode != 0 or not raw:
+        return {"error": f"py-spy failed: {error.decode(errors='replace').strip()[-300:]}"}
+    return attribute_samples(raw, seconds, PROFILE_RATE_HZ)
+
+
+def _replica_pid(table: dict[int, tuple[int, str, int]], root_pid: int) -> int | None:
+    """The busiest gateway replica started under ``root_pid``."""
+    replicas = [
+        (ticks, pid)
+        for pid, (_, command, ticks) in table.items()
+        if command.startswith("ray::ServeReplica:") and "Gateway" in command.split()[0]
+        and _descends(table, pid, root_pid)
+    ]  # fmt: skip
+    return max(replicas)[1] if replicas else None
+
+
+def _descends(table: dict[int, tuple[int, str, int]], pid: int, root_pid: int) -> bool:
+    seen = set()
+    while pid > 1 and pid not in seen:
+        if pid == root_pid:
+            return True
+        seen.add(pid)
+        pid = table.get(pid, (0, "", 0))[0]
+    return False
 
 
 class _LoadState:
@@ -389,7 +475,8 @@ async def _load(args: argparse.Namespace) -> dict[str, Any]:
     request = http_request(args.port, args.path, Path(args.body).read_bytes())
     state = _LoadState(args.max_requests)
     loop_started = time.perf_counter()
-    stop_at = loop_started + args.warmup_s + args.duration_s
+    profile_s = args.profile_s if args.root_pid else 0.0
+    stop_at = loop_started + args.warmup_s + args.duration_s + profile_s
     connections = [
         asyncio.ensure_future(_load_connection(args, request, state, stop_at))
         for _ in range(args.concurrency)
@@ -399,15 +486,19 @@ async def _load(args: argparse.Namespace) -> dict[str, Any]:
     cpu_before = _cpu_seconds()
     window_started = time.perf_counter()
     state.counting = True
-    await asyncio.sleep(max(stop_at - time.perf_counter(), 0))
+    await asyncio.sleep(max(stop_at - profile_s - time.perf_counter(), 0))
     state.counting = False
     window_s = time.perf_counter() - window_started
     cpu_used = _cpu_seconds() - cpu_before
-    split = (
-        cpu_split(processes_before, _process_table(), args.root_pid, window_s)
-        if (args.root_pid)
-        else {}
-    )
+    processes_after = _process_table() if args.root_pid else {}
+    split = cpu_split(processes_before, processes_after, args.root_pid, window_s)
+    profile: dict[str, Any] | None = None
+    if profile_s:
+        # After the counted window, under the same load: py-spy's own sampling costs CPU.
+        pid = _replica_pid(processes_after, args.root_pid)
+        answered_before = state.ok_total
+        profile = await _profile(pid, profile_s) if pid else {"error": "no gateway replica found"}
+        profile["requests_per_s"] = (state.ok_total - answered_before) / profile_s
     done, pending = await asyncio.wait(connections, timeout=DRAIN_TIMEOUT_S)
     for task in pending:
         task.cancel()
@@ -424,6 +515,7 @@ async def _load(args: argparse.Namespace) -> dict[str, Any]:
         "server_latency_ms": _percentiles(state.server_ms),
         "client_cpu_cores": round(cpu_used / window_s, 3),
         "cpu_cores": split,
+        "replica_profile": profile,
     }
 
 
@@ -710,6 +802,11 @@ def main() -> int:
             command.add_argument("--path", required=True)
             command.add_argument("--body", required=True, help="file holding the request body")
             command.add_argument("--root-pid", type=int, default=0)
+            command.add_argument(
+                "--profile-s", type=float, default=0.0,
+                help="with --root-pid: after the counted window, sample the gateway replica "
+                "with py-spy for this long, still under load",
+            )  # fmt: skip
         else:
             command.add_argument("--repo", required=True)
             command.add_argument("--variant", required=True)

@@ -52,7 +52,9 @@ server binds 127.0.0.1 only; Serve and Ray are shut down at exit.
    Check: Gearbox req/s >= 0.5x in-process req/s, with no failed request. Reported beside it,
    to show where the time goes: the mean batch each formed (Gearbox's from its Prometheus
    export: requests / batches counted over the run; in-process from the executor's batch
-   callback), client latency against the gateway's own `latency_ms`, and the CPU cores each
+   callback), the bare server's throughput under the same load (what an HTTP server with
+   no Ray, routing or batching reaches in front of the session on these cores), client
+   latency against the gateway's own `latency_ms`, and the CPU cores each
    group of processes used during the window (gateway replica, HAProxy, client, the rest of
    Ray, everything outside the benchmark), from /proc. Then, for --profile-s more under the
    same load (py-spy, when installed: `pip install -e '.[dev]'` brings it), a profile of the
@@ -583,9 +585,10 @@ class Bench:
             "--max-requests", str(args.max_load_requests),
         ]  # fmt: skip
         limit_s = args.throughput_warmup_s + args.throughput_s + 120
+        path = f"/v2/models/{MODEL}/versions/{variant}/infer"
         target = [
             "--port", str(args.http_port),
-            "--path", f"/v2/models/{MODEL}/versions/{variant}/infer",
+            "--path", path,
             "--body", str(body), "--root-pid", str(os.getpid()),
         ]  # fmt: skip
         profile = ["--profile-s", str(args.profile_s)] if args.profile_s > 0 else []
@@ -598,7 +601,23 @@ class Bench:
         after = caught_up(self.metrics_urls, self.answered)
         gateway = {**load, **batches_formed(before, after, variant)}
         ratio = gateway["requests_per_s"] / max(inproc["requests_per_s"], 1e-9)
-        return {"gearbox": gateway, "in_process": inproc, "ratio": ratio, "_after": after}
+        # What any HTTP server in front of this session reaches here: the bare one, which
+        # has no Ray, no routing and no batching, under the same load.
+        log = self.work_dir / f"bare-throughput-{variant}.log"
+        with bare_server(self.repo_dir, variant, args.bare_http_port, args.bare_grpc_port, log):
+            bare = run_peer(
+                ["load", "--port", str(args.bare_http_port), "--path", path,
+                 "--body", str(body), *timing],
+                limit_s,
+            )  # fmt: skip
+        return {
+            "gearbox": gateway,
+            "in_process": inproc,
+            "bare": bare,
+            "ratio": ratio,
+            "bare_ratio": bare["requests_per_s"] / max(inproc["requests_per_s"], 1e-9),
+            "_after": after,
+        }
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -676,6 +695,15 @@ def throughput_lines(variant: str, figures: dict[str, Any]) -> list[str]:
         f"latency_ms p50 {_ms(gateway['server_latency_ms']['p50'], 0)} ms, "
         f"errors {sum(gateway['errors'].values())}; share of batches by rows {shares or 'n/a'}"
     )
+    bare = figures.get("bare")
+    if bare:
+        lines.append(
+            f"{'':<10} bare server (uvicorn, the session inline, no Ray): "
+            f"{bare['requests_per_s']:.0f}/s, {figures['bare_ratio']:.2f}x in-process (Gearbox "
+            f"{gateway['requests_per_s'] / max(bare['requests_per_s'], 1e-9):.2f}x the bare "
+            f"server), client p50 {_ms(bare['client_ms']['p50'], 0)} ms, errors "
+            f"{sum(bare['errors'].values())}"
+        )
     lines.append(
         f"{'':<10} in-process: p50 {_ms(inproc['client_ms']['p50'], 0)} ms, "
         f"{inproc['inline_batches']}/{inproc['batches']} batches inline "

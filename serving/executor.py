@@ -14,11 +14,9 @@ for a session.
 Handing a batch to a worker thread and its answer back costs two thread wake-ups (measured at
 warm-up: about 0.3 ms on a small VM, up to 0.8 ms in the request path). A batch predicted to
 take less than that hop, or at most ``BatchingConfig.inline_max_ms``, runs inline instead
-whenever no request of its own variant waits, even beside a long batch on a worker and while
-other variants' requests wait for one: running it delays the event loop about as little as the
-hop would delay the request, it takes nothing from the workers those requests wait for, and a
-tiny request never waits behind a long one. Anything slower, and a variant's requests once
-they queue (they keep their arrival order), runs on a worker.
+whenever nothing is queued, even beside a long batch on a worker: waiting for it delays the
+event loop about as little as the hop would delay the request, and a tiny request never waits
+behind a long one. Anything slower, and everything once requests queue, runs on a worker.
 
 Admission is bounded: once ``max_queue`` requests of a variant are waiting or running,
 ``submit`` raises :class:`ResourceExhaustedError` (429 / RESOURCE_EXHAUSTED) at once.
@@ -160,8 +158,8 @@ class DeviceExecutor:
         self._times = service_times
         self._on_batch = on_batch
         self._variants: dict[tuple[str, str], _Variant] = {}
-        self._by_key: dict[str, _Variant] = {}
         self._running: list[_Running] = []
+        self._queued = 0
         self.hop_ms = 0.0
         """What handing a batch to a worker and back adds to its run (:meth:`measure_hop`);
         batches predicted to run faster than this run inline on an idle executor."""
@@ -181,9 +179,7 @@ class DeviceExecutor:
     def host(
         self, model: str, variant: str, run_batch: RunBatch, pads_sequences: bool = False
     ) -> None:
-        entry = _Variant(model, variant, run_batch, pads_sequences)
-        self._variants[(model, variant)] = entry
-        self._by_key[entry.key] = entry
+        self._variants[(model, variant)] = _Variant(model, variant, run_batch, pads_sequences)
 
     @property
     def hosted(self) -> list[tuple[str, str]]:
@@ -228,6 +224,7 @@ class DeviceExecutor:
             entry.admitted += 1
             entry.queue.append(pending)
             entry.queued_rows += rows
+            self._queued += 1
             self._ready.notify()
         try:
             return await pending.future
@@ -237,10 +234,7 @@ class DeviceExecutor:
 
     def runs_inline(self, key: str, rows: int) -> bool:
         """Whether a batch of ``key`` submitted now would run inline (see the module doc)."""
-        entry = self._by_key.get(key)
-        if entry is not None and entry.queue:
-            return False  # behind its own variant's waiting requests, in arrival order
-        if not self._times.knows(key, self.device_class):
+        if self._queued or not self._times.knows(key, self.device_class):
             return False  # an unknown cost could be any length: never on the event loop
         predicted = self._times.batch_ms(key, self.device_class, rows)
         return predicted < self.hop_ms or predicted <= self._batching.inline_max_ms
@@ -333,6 +327,7 @@ class DeviceExecutor:
                 entry.admitted -= len(entry.queue)
                 entry.queue.clear()
                 entry.queued_rows = 0
+            self._queued = 0
             self._ready.notify_all()
         for pending in abandoned:
             _deliver(pending, error=UnavailableError("the gateway replica is shutting down"))
@@ -398,6 +393,7 @@ class DeviceExecutor:
                 dropped = entry.queue.popleft()
                 entry.queued_rows -= dropped.rows
                 entry.admitted -= 1
+                self._queued -= 1
             if entry.queue and (
                 oldest is None or entry.queue[0].enqueued_at < oldest.queue[0].enqueued_at
             ):
@@ -414,6 +410,7 @@ class DeviceExecutor:
         while entry.queue:
             pending = entry.queue.popleft()
             entry.queued_rows -= pending.rows
+            self._queued -= 1
             if pending.abandoned:
                 entry.admitted -= 1
                 continue
@@ -432,6 +429,7 @@ class DeviceExecutor:
                 kept.append(pending)
         for pending in kept:
             entry.queued_rows += pending.rows
+            self._queued += 1
         entry.queue.extendleft(reversed(kept))
         return batch
 

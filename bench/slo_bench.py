@@ -35,21 +35,24 @@
    cut into equal spans of time and each span is replayed for every policy, in an order that
    rotates, before the next; a shared VM's slow spells (CPU time stolen by the hypervisor:
    a third of it at times on the development VM) then fall on every policy alike instead of
-   on whichever ran during them. The CPU time the machine was busy, and had stolen, while
-   each policy ran is reported beside it, as is the share of the budgets that the fastest
-   variant's isolated requests met unloaded: the machine's own floor.
+   on whichever ran during them. Each span starts on a drained server, so a backlog lives at
+   most one span (5 s of a 40 s run; --slices 1 lets it build over the whole run). The CPU
+   time the machine was busy, and had stolen, while each policy ran is reported beside it, as
+   is the share of the budgets that the fastest variant's isolated requests met unloaded: the
+   machine's own floor.
 5. Judges at the client: a request meets its budget only if an HTTP 200 arrived within the
    budget, counted from the moment the client turned to send it. Time spent waiting for a free
    connection (all 64 busy: the server is behind) counts; the client's own timer lateness
    (the event loop wakes within about 1 ms of a scheduled time) does not, and is reported
    apart. 429s and errors are misses, and every miss is put down to a cause from what the
    gateway's answer says (``predicted_latency_ms``, ``latency_ms``): refused or failed;
-   predicted late (the router knew no variant would make it); the gateway's own span ran over
+   predicted late (the gateway's prediction for the variant that answered, with the transport
+   allowance, was already over the budget); the gateway's own span ran over
    what the budget left it; or the gateway kept to that and the time outside it (HAProxy,
    the transport, the client) took more than the transport allowance. Per policy: budgets
-   met of the feasible, misses,
-   quality (accuracy against the labels; mean cosine to ``fp32`` for sentences) and the mean
-   manifest quality of the answering variants, p50/p95/p99, throughput.
+   met of the feasible, misses, quality (accuracy against the labels; mean cosine to ``fp32``
+   for sentences) and the mean manifest quality of the answering variants, p50/p95/p99,
+   throughput.
    The client is one uvloop process writing pre-encoded HTTP/1.1 requests on pre-opened
    keep-alive sockets and parsing the answers after the run, so that on 2 shared cores it
    keeps to the schedule.

@@ -23,6 +23,7 @@ from gearbox.compression.quality import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_C
 from gearbox.serving.config import (
     GRPC_PORT,
     HTTP_PORT,
+    MAX_NICENESS,
     METRICS_PORT,
     BatchingConfig,
     GatewayConfig,
@@ -83,8 +84,10 @@ def _niceness(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if not 0 <= value <= 19:
-        raise argparse.ArgumentTypeError(f"{value} is not a niceness step between 0 and 19")
+    if not 0 <= value <= MAX_NICENESS:
+        raise argparse.ArgumentTypeError(
+            f"{value} is not a niceness step between 0 and {MAX_NICENESS}"
+        )
     return value
 
 

@@ -11,6 +11,8 @@ from gearbox.compression.errors import InvalidArgumentError
 HTTP_PORT = 8000
 GRPC_PORT = 9000
 METRICS_PORT = 8080
+MAX_NICENESS = 19
+"""The lowest priority Linux gives a thread: how far below the replica workers may run."""
 APP_NAME = "gearbox"
 
 
@@ -51,8 +53,8 @@ class BatchingConfig:
             raise InvalidArgumentError("max_queue must be at least 1")
         if self.inline_max_ms < 0:
             raise InvalidArgumentError("inline_max_ms must not be negative")
-        if not 0 <= self.standard_niceness <= 19:
-            raise InvalidArgumentError("standard_niceness must lie in [0, 19]")
+        if not 0 <= self.standard_niceness <= MAX_NICENESS:
+            raise InvalidArgumentError(f"standard_niceness must lie in [0, {MAX_NICENESS}]")
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from gearbox.compression.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from gearbox.serving.config import BatchingConfig
+from gearbox.serving.config import MAX_NICENESS, BatchingConfig
 from gearbox.serving.queue_model import (
     RunningBatch,
     ServiceTimes,
@@ -64,8 +64,6 @@ from gearbox.serving.queue_model import (
 )
 
 logger = logging.getLogger(__name__)
-
-MAX_NICENESS = 19
 
 HOP_MEASURE_GAP_S = 0.002
 """Idle time before each batch :meth:`DeviceExecutor.measure_hop` times."""

@@ -29,6 +29,11 @@ def variant_key(model: str, variant: str) -> str:
     return f"{model}/{variant}"
 
 
+def model_of(key: str) -> str:
+    """The model of a :func:`variant_key`."""
+    return key.split("/", 1)[0]
+
+
 OUTLIER_FACTOR = 2.0
 """A single measurement may pull an estimate up by at most this factor of its current value."""
 
@@ -291,8 +296,7 @@ None: every key's errors together."""
 def _pools(variant: str, device_class: str) -> tuple[_ErrorPool, ...]:
     """The pools an error of ``variant`` counts in, from the narrowest (asked on every request
     and every routing option, so built once per key)."""
-    model = variant.split("/", 1)[0]
-    return ((variant, device_class), (model, device_class, "*"), None)
+    return ((variant, device_class), (model_of(variant), device_class, "*"), None)
 
 
 class PredictionErrors:

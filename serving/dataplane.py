@@ -56,12 +56,19 @@ from gearbox.serving.router import (
     VariantChoice,
 )
 from gearbox.serving.shadow import Agreement, Shadow
+from gearbox.serving.statistics import ModelStatistics, Phases, Statistics
 from gearbox.serving.text import TOKENS_PARAMETER, TRUNCATED_PARAMETER, SentenceTokenizer
 
 PLATFORM = "onnxruntime_onnx"
 OVERHEAD_SMOOTHING = 0.1
 SELF_TEST_REQUESTS = 20
-EXTENSIONS = ("binary_tensor_data", "parameters", "gearbox_routing", "gearbox_variants")
+EXTENSIONS = (
+    "binary_tensor_data",
+    "parameters",
+    "statistics",
+    "gearbox_routing",
+    "gearbox_variants",
+)
 
 
 def _gearbox_version() -> str:
@@ -90,6 +97,8 @@ class Answer:
     """How long the backend took (queueing, hop, run): the rest of the span is the gateway's
     own per-request overhead."""
     protocol: str
+    phases: Phases | None = None
+    """Where its time went up to the backend's answer, for the statistics extension."""
 
 
 class DataPlane:
@@ -127,6 +136,7 @@ class DataPlane:
         self._transport_allowance_ms = transport_allowance_ms
         self._ready = False
         self._models = {name: self._serve(name, entry) for name, entry in catalog.models.items()}
+        self._statistics = Statistics({name: s.entry.ready for name, s in self._models.items()})
 
     def _serve(self, name: str, entry: CatalogEntry) -> _ServedModel:
         reference = entry.record.reference_variant
@@ -139,7 +149,7 @@ class DataPlane:
             self._metrics.variant_figures(
                 name, variant, manifest.quality.value, manifest.size_bytes
             )
-            self._metrics.agreement(name, variant, manifest.quality.agreement)
+            self._metrics.agreement(name, variant, 0.0, 0, manifest.quality.agreement)
         router = None
         if choices:
 
@@ -334,6 +344,7 @@ class DataPlane:
             if recorded:
                 self._metrics.variant_selected(request.model, variant, route.reason)
             result, work_ms = await self._run(record.name, route, inputs)
+            phases = Phases(clock.arrived, work_ms, result, rows)
             if recorded:
                 self._shadow.maybe_compare(
                     record, variant, served.agreement[variant], inputs, result.outputs
@@ -357,10 +368,14 @@ class DataPlane:
                     routing.latency_budget_ms,
                     work_ms,
                     request.protocol,
+                    phases,
                 ),
             )
         except BaseException as error:
             if recorded:
+                self._statistics.failed(
+                    request.model, variant or request.version, clock.elapsed_ms()
+                )
                 self._metrics.request_finished(
                     model_label, variant, device, request.protocol, _code_of(error),
                     clock.elapsed_ms() / 1000,
@@ -374,6 +389,7 @@ class DataPlane:
         if answer is None:
             return dict(response.parameters)
         latency_ms = answer.clock.elapsed_ms()
+        self._statistics.succeeded(response.model, answer.route.variant, answer.phases, latency_ms)
         self._errors.observe(
             variant_key(response.model, answer.route.variant),
             answer.route.device_class,
@@ -407,6 +423,30 @@ class DataPlane:
         finally:
             self._metrics.inflight(model, route.device_class, -1)
         return result, (time.perf_counter() - started) * 1000
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def statistics(self, model: str = "", version: str = "") -> list[ModelStatistics]:
+        """Triton's statistics extension: cumulative figures of one variant (``version``), of
+        every served variant of ``model``, or of every model when ``model`` is empty (see
+        :mod:`gearbox.serving.statistics` for what each means). They are this replica's alone:
+        behind the ingress each replica counts what it answered; Prometheus is the
+        cluster-wide view."""
+        if not model:
+            if version:
+                raise InvalidArgumentError("statistics of a version need the model's name too")
+            return [
+                figures
+                for name in sorted(self._models)
+                for figures in self._statistics.report(
+                    name, self._models[name].entry.ready, unattributed=True
+                )
+            ]
+        served = self._model(model)
+        if version:
+            self._require_ready(served, version)
+            return self._statistics.report(model, (version,))
+        return self._statistics.report(model, served.entry.ready, unattributed=True)
 
     # -- lookups -------------------------------------------------------------------------------
 

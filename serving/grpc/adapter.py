@@ -31,6 +31,7 @@ from gearbox.serving.inference import (
     tensor_from_values,
     tensor_to_bytes,
 )
+from gearbox.serving.statistics import Duration, ModelStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,15 @@ class GrpcServicer:
 
         return await _answer(grpc_context, pb.ModelInferResponse, call)
 
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, grpc_context: StatusContext
+    ) -> pb.ModelStatisticsResponse:
+        return await _answer(
+            grpc_context,
+            pb.ModelStatisticsResponse,
+            lambda: statistics_to_proto(self._plane.statistics(request.name, request.version)),
+        )
+
 
 async def _answer(
     context: StatusContext,
@@ -180,6 +190,42 @@ def metadata_to_proto(meta: ModelMetadata) -> pb.ModelMetadataResponse:
         inputs=tensors(meta.inputs),
         outputs=tensors(meta.outputs),
     )
+
+
+def statistics_to_proto(stats: list[ModelStatistics]) -> pb.ModelStatisticsResponse:
+    def duration(value: Duration) -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=value.count, ns=value.ns)
+
+    response = pb.ModelStatisticsResponse()
+    for model in stats:
+        figures = model.inference_stats
+        response.model_stats.add(
+            name=model.name,
+            version=model.version,
+            last_inference=model.last_inference,
+            inference_count=model.inference_count,
+            execution_count=model.execution_count,
+            inference_stats=pb.InferStatistics(
+                success=duration(figures.success),
+                fail=duration(figures.fail),
+                queue=duration(figures.queue),
+                compute_input=duration(figures.compute_input),
+                compute_infer=duration(figures.compute_infer),
+                compute_output=duration(figures.compute_output),
+                cache_hit=duration(figures.cache_hit),
+                cache_miss=duration(figures.cache_miss),
+            ),
+            batch_stats=[
+                pb.InferBatchStatistics(
+                    batch_size=batch.batch_size,
+                    compute_input=duration(batch.compute_input),
+                    compute_infer=duration(batch.compute_infer),
+                    compute_output=duration(batch.compute_output),
+                )
+                for batch in model.batch_stats
+            ],
+        )
+    return response
 
 
 def parameters_from_proto(parameters: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:

@@ -27,6 +27,7 @@ from gearbox.serving.inference import (
     tensor_from_values,
     tensor_to_bytes,
 )
+from gearbox.serving.statistics import Duration, ModelStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,10 @@ class HttpAdapter:
             return json_response(200 if ready else 503, {"ready": ready})
         if len(rest) < 2 or rest[0] != "models":
             return _unknown(method, path)
+        if rest == ["models", "stats"] and method == "GET":
+            # As in Triton, this path means every model's statistics, never metadata of a
+            # model named "stats".
+            return json_response(200, statistics_json(self._plane.statistics()))
 
         model, tail = rest[1], rest[2:]
         version = ""
@@ -123,6 +128,8 @@ class HttpAdapter:
             request = decode_infer_request(model, version, headers, body)
             response = await self._plane.infer(request, clock)
             return encode_infer_response(response, self._plane.answered)
+        if tail == ["stats"] and method == "GET":
+            return json_response(200, statistics_json(self._plane.statistics(model, version)))
         if tail == ["variants"] and method == "GET" and not version:
             return json_response(200, self._plane.variants(model))
         return _unknown(method, path)
@@ -145,6 +152,44 @@ def _metadata_json(meta: ModelMetadata) -> dict[str, Any]:
         ],
         "parameters": dict(meta.parameters),
     }
+
+
+def statistics_json(stats: list[ModelStatistics]) -> dict[str, Any]:
+    """Triton's statistics extension's response body."""
+
+    def duration(value: Duration) -> dict[str, int]:
+        return {"count": value.count, "ns": value.ns}
+
+    def model(figures: ModelStatistics) -> dict[str, Any]:
+        infer = figures.inference_stats
+        return {
+            "name": figures.name,
+            "version": figures.version,
+            "last_inference": figures.last_inference,
+            "inference_count": figures.inference_count,
+            "execution_count": figures.execution_count,
+            "inference_stats": {
+                "success": duration(infer.success),
+                "fail": duration(infer.fail),
+                "queue": duration(infer.queue),
+                "compute_input": duration(infer.compute_input),
+                "compute_infer": duration(infer.compute_infer),
+                "compute_output": duration(infer.compute_output),
+                "cache_hit": duration(infer.cache_hit),
+                "cache_miss": duration(infer.cache_miss),
+            },
+            "batch_stats": [
+                {
+                    "batch_size": batch.batch_size,
+                    "compute_input": duration(batch.compute_input),
+                    "compute_infer": duration(batch.compute_infer),
+                    "compute_output": duration(batch.compute_output),
+                }
+                for batch in figures.batch_stats
+            ],
+        }
+
+    return {"model_stats": [model(figures) for figures in stats]}
 
 
 def decode_infer_request(
@@ -309,4 +354,5 @@ __all__: Sequence[str] = [
     "HttpResponse",
     "decode_infer_request",
     "encode_infer_response",
+    "statistics_json",
 ]

@@ -228,7 +228,7 @@ def test_variants_extension(http):
         ("GET", "/v2/health"),
         ("GET", "/v2/models"),
         ("GET", f"/v2/models/{MODEL}/versions"),
-        ("GET", f"/v2/models/{MODEL}/stats"),
+        ("GET", f"/v2/models/{MODEL}/statistics"),
         ("GET", f"/v2/models/{MODEL}/versions/int8/ready/now"),
         # wrong methods
         ("POST", "/v2/health/live"),

@@ -72,6 +72,7 @@ METHODS = {
     "ServerMetadata",
     "ModelMetadata",
     "ModelInfer",
+    "ModelStatistics",
 }
 
 

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEMO_REPO ?= demo-repo
 
-.PHONY: install demo test lint format generate clean
+.PHONY: install prometheus demo test lint format generate clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,24 @@ install: $(INSTALLED)
 demo: $(INSTALLED)
 	$(BIN)/gearbox demo --repo $(DEMO_REPO) $(DEMO_ARGS)
 
-test: $(INSTALLED)
+test: $(INSTALLED) prometheus
 	$(BIN)/python -m pytest
+
+# The metrics tests scrape a live gateway with a real Prometheus server (Debian's package).
+# Installed here when missing; where that is impossible, say so (those tests then skip, naming
+# the reason in pytest's summary).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "make: installing Debian's prometheus package for the metrics tests"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+	      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+	      || echo "make: could not install prometheus; the tests that need it will be skipped" >&2; \
+	  else \
+	    echo "make: prometheus is missing and installing it needs root and apt-get;" \
+	      "the tests that need it will be skipped" >&2; \
+	  fi; }
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

@@ -5,7 +5,7 @@ against the same executor driven in-process. One run measures everything.
         [--ingress haproxy|proxy] [--budget-ms 50] [--warmup 200] [--requests 2000]
         [--rounds 3] [--concurrency 16] [--throughput-s 10] [--throughput-warmup-s 2]
         [--profile-s 5]
-        [--http-port 18000] [--grpc-port 19000] [--bare-http-port 18100]
+        [--http-port 18000] [--grpc-port 19000] [--metrics-port 18080] [--bare-http-port 18100]
         [--bare-grpc-port 19100]
 
 Setup. With --reuse the `digits` repository at --repo is served as it is; otherwise
@@ -77,7 +77,6 @@ import contextlib
 import http.client
 import json
 import os
-import re
 import select
 import shutil
 import signal
@@ -94,6 +93,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from gearbox.compression import ModelRepository
@@ -103,6 +103,7 @@ from gearbox.compression.examples.digits import load_splits
 from gearbox.serving.config import BatchingConfig, GatewayConfig
 from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
 from gearbox.serving.ingress import Ingress, ray_environment, session_state_dir
+from gearbox.serving.metric_names import BATCH_SIZE, REQUESTS
 from gearbox.serving.server import LOOPBACK, check_port_free, start_gateway
 
 HERE = Path(__file__).resolve().parent
@@ -114,8 +115,8 @@ MAX_P50_OVERHEAD_MS = 0.7
 MIN_THROUGHPUT_RATIO = 0.5
 REQUEST_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 120.0
-METRICS_CATCH_UP_S = 40.0
-"""Ray exports a replica's metrics every ~10 s: how long to wait for a count to catch up."""
+METRICS_CATCH_UP_S = 20.0
+"""A replica writes its metrics every second: how long to wait for a count to catch up."""
 CHOICE_PROBES = 50
 """Routed requests per protocol that decide which variant the router chooses."""
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -395,12 +396,6 @@ def _tail(path: Path, chars: int = 800) -> str:
 
 # -- the gateway's own counts, from its Prometheus export --------------------------------------
 
-_METRIC_LINE = re.compile(
-    r"^ray_gearbox_(requests_total|batch_size_count|batch_size_bucket)\{(.*)\} (\S+)$"
-)
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
 @dataclass
 class GatewayCounts:
     """Cumulative counts of the gateway replica(s) as exported at one moment."""
@@ -418,22 +413,19 @@ def scrape(urls: tuple[str, ...]) -> GatewayCounts:
     for url in urls:
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
-        for line in text.splitlines():
-            match = _METRIC_LINE.match(line)
-            if match is None:
-                continue
-            kind, labels_text, value_text = match.groups()
-            labels = dict(_LABEL.findall(labels_text))
+        samples = (s for f in text_string_to_metric_families(text) for s in f.samples)
+        for sample in samples:
+            labels = sample.labels
             if labels.get("model") != MODEL:
                 continue
-            variant, value = labels.get("variant", ""), float(value_text)
-            if kind == "requests_total" and labels.get("code") == "ok":
-                counts.answered += int(value)
-                counts.requests[variant] += int(value)
-            elif kind == "batch_size_count":
-                counts.batches[variant] += int(value)
-            elif kind == "batch_size_bucket":
-                counts.buckets.setdefault(variant, Counter())[labels.get("le", "")] += int(value)
+            variant, value = labels.get("variant", ""), int(sample.value)
+            if sample.name == REQUESTS.sample_name and labels.get("code") == "ok":
+                counts.answered += value
+                counts.requests[variant] += value
+            elif sample.name == f"{BATCH_SIZE.name}_count":
+                counts.batches[variant] += value
+            elif sample.name == f"{BATCH_SIZE.name}_bucket":
+                counts.buckets.setdefault(variant, Counter())[labels.get("le", "")] += value
     return counts
 
 
@@ -456,8 +448,7 @@ def caught_up(urls: tuple[str, ...], answered: int) -> GatewayCounts | None:
 def batches_formed(
     before: GatewayCounts | None, after: GatewayCounts | None, variant: str
 ) -> dict[str, Any]:
-    """Mean rows per batch of ``variant`` between two snapshots (each request is one row;
-    Ray rebuilds a histogram's sum from bucket midpoints, so the sum itself is not used)."""
+    """Mean rows per batch of ``variant`` between two snapshots (each request is one row)."""
     if before is None or after is None:
         return {"mean_batch_rows": None, "batches": None, "batch_share_by_rows": {}}
     rows = after.requests[variant] - before.requests[variant]
@@ -775,6 +766,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--http-port", type=int, default=18000)
     parser.add_argument("--grpc-port", type=int, default=19000)
+    parser.add_argument("--metrics-port", type=int, default=18080)
     parser.add_argument("--bare-http-port", type=int, default=18100)
     parser.add_argument("--bare-grpc-port", type=int, default=19100)
     parser.add_argument("--budget-ms", type=float, default=50.0, help="routed latency budget")
@@ -831,8 +823,11 @@ def run(args: argparse.Namespace, repo_dir: Path, image: np.ndarray) -> Results:
         stack.enter_context(ray_session(None, env=ray_environment(args.ingress, state_dir)))
         stack.callback(serve.shutdown)
         config = GatewayConfig.create(
-            repo_dir, batching=BatchingConfig(priority_lane=args.priority_lane)
+            repo_dir,
+            batching=BatchingConfig(priority_lane=args.priority_lane),
+            metrics_port=args.metrics_port,
         )
+        stack.callback(shutil.rmtree, config.metrics_directory, ignore_errors=True)
         endpoints = start_gateway(config, args.http_port, args.grpc_port)
         bench.metrics_urls = endpoints.metrics
         variant = bench.choose_variant()

@@ -617,47 +617,6 @@ def run_inproc(args: argparse.Namespace) -> int:
 # -- plane: Gearbox's own code for one request, without a server -------------------------------
 
 
-class _TallyMetrics:
-    """What ``RayServeMetrics`` does on the request path (tallies under a lock), minus Ray."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: Counter[tuple[str, tuple[Any, ...]]] = Counter()
-        self._observations: list[tuple[str, tuple[Any, ...], float]] = []
-
-    def _count(self, name: str, *tags: Any) -> None:
-        with self._lock:
-            self._counts[(name, tags)] += 1
-
-    def _observe(self, name: str, value: float, *tags: Any) -> None:
-        with self._lock:
-            self._observations.append((name, tags, value))
-            if len(self._observations) > 10_000:
-                self._observations.clear()
-
-    def request_finished(self, *tags: Any) -> None:
-        self._count("requests", *tags[:-1])
-        self._observe("latency", tags[-1], *tags[:3])
-
-    def budget_outcome(self, *tags: Any) -> None:
-        self._count("budget", *tags)
-
-    def variant_selected(self, *tags: Any) -> None:
-        self._count("selected", *tags)
-
-    def variant_figures(self, *tags: Any) -> None:
-        pass
-
-    def agreement(self, *tags: Any) -> None:
-        pass
-
-    def inflight(self, model: str, device_class: str, delta: int) -> None:
-        self._count("inflight", model, device_class)
-
-    def batch_formed(self, model: str, variant: str, device_class: str, rows: int) -> None:
-        self._observe("batch", rows, model, variant, device_class)
-
-
 class _Context:
     """The two calls the gRPC adapter makes on a context."""
 
@@ -677,18 +636,20 @@ async def _plane(args: argparse.Namespace) -> dict[str, Any]:
     from gearbox.serving.grpc.adapter import GrpcServicer, request_from_proto, response_to_proto
     from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
     from gearbox.serving.hosting import LocalBackend
+    from gearbox.serving.metrics import ReplicaMetrics
     from gearbox.serving.rest.adapter import (
         HttpAdapter,
         decode_infer_request,
         encode_infer_response,
     )
 
-    # What the gateway replica builds in Gateway.__init__, with tallies for Ray's metrics.
+    # What the gateway replica builds in Gateway.__init__ (its metrics written to a scratch
+    # directory, as a replica writes them, with no port to serve them on).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     config = GatewayConfig.create(args.repo)
     repository = ModelRepository(config.repository)
     catalog = Catalog.load(repository)
-    metrics = _TallyMetrics()
+    metrics = ReplicaMetrics(Path(tempfile.mkdtemp(prefix="gbx-plane-metrics-")))
     device = config.gateway_device_class
     backend = LocalBackend(
         repository,

@@ -17,14 +17,12 @@ from gearbox.compression.errors import UnavailableError
 @contextmanager
 def ray_session(
     address: str | None,
-    metrics_port: int | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Iterator[None]:
     """Use the Ray already initialised in this process, or connect/start one for the block.
 
-    ``address=None`` starts a local Ray (exporting Prometheus metrics on ``metrics_port``);
-    ``"auto"`` joins the cluster on this machine; anything else is a Ray address, whose nodes
-    keep their own metrics ports. Modules in the current directory stay importable on workers.
+    ``address=None`` starts a local Ray; ``"auto"`` joins the cluster on this machine;
+    anything else is a Ray address. Modules in the current directory stay importable on workers.
     ``env`` is set for every Ray process a local start creates; on a joined cluster it reaches
     this job's own workers.
     """
@@ -47,7 +45,6 @@ def ray_session(
             log_to_driver=False,
             logging_level="ERROR",
             runtime_env={"env_vars": job_env},
-            **({"_metrics_export_port": metrics_port} if metrics_port and not address else {}),
         )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"at {address}" if address else "locally"

@@ -32,7 +32,7 @@ from gearbox.serving.executor import Arrays, BatchResult
 from gearbox.serving.grpc.adapter import GrpcServicer
 from gearbox.serving.hosting import Backend, LocalBackend, RemoteBackend
 from gearbox.serving.ingress import Ingress, ingress_in_effect
-from gearbox.serving.metrics import GatewayMetrics, RayServeMetrics
+from gearbox.serving.metrics import GatewayMetrics, ReplicaMetrics
 from gearbox.serving.rest.adapter import HttpAdapter
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,10 @@ async def _local_backend(
     return backend
 
 
+def _replica_metrics(config: GatewayConfig) -> ReplicaMetrics:
+    return ReplicaMetrics(config.metrics_directory, config.metrics_port, config.metrics_host)
+
+
 @serve.deployment
 class DeviceClassHost:
     """Replicas of one extra device class (their Ray resources come from its definition)."""
@@ -78,8 +82,9 @@ class DeviceClassHost:
     async def __init__(self, config: GatewayConfig, device_class: str) -> None:
         device = next(d for d in config.device_classes if d.name == device_class)
         catalog = Catalog.load(ModelRepository(config.repository))
+        self._metrics = _replica_metrics(config)
         self._backend = await _local_backend(
-            config, catalog, device, RayServeMetrics(), routed_here=False
+            config, catalog, device, self._metrics, routed_here=False
         )
 
     async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
@@ -87,6 +92,7 @@ class DeviceClassHost:
 
     def __del__(self) -> None:
         self._backend.close()
+        self._metrics.close()
 
 
 @serve.deployment
@@ -95,7 +101,7 @@ class Gateway(GrpcServicer):
     :class:`GrpcServicer` for gRPC), with the data plane and the router inside."""
 
     async def __init__(self, config: GatewayConfig, remote: Mapping[str, DeploymentHandle]) -> None:
-        metrics = RayServeMetrics()
+        metrics = self._metrics = _replica_metrics(config)
         catalog = Catalog.load(ModelRepository(config.repository))
         local = await _local_backend(config, catalog, config.gateway_device_class, metrics)
         backends: list[Backend] = [local]
@@ -124,6 +130,7 @@ class Gateway(GrpcServicer):
 
     def __del__(self) -> None:
         self._local.close()
+        self._metrics.close()
 
 
 def _actor_options(device: DeviceClass) -> dict[str, Any]:
@@ -179,20 +186,29 @@ def build_app(
     ).bind(config, remote)
 
 
-def app_builder(args: dict[str, Any]) -> serve.Application:
-    """Entry point for Serve config files (``import_path: gearbox.serving.app:app_builder``).
-
-    ``args``: ``repository`` (required), ``device_classes_file``, ``replicas``,
-    ``shadow_fraction``, ``access_log``, ``prediction_quantile``, ``transport_allowance_ms``.
-    """
-    accepted = {
+CONFIG_ARGS = frozenset(
+    {
         "replicas",
         "shadow_fraction",
         "access_log",
         "prediction_quantile",
         "transport_allowance_ms",
+        "metrics_port",
+        "metrics_host",
     }
-    options = {k: v for k, v in args.items() if k in accepted}
+)
+"""The :class:`GatewayConfig` fields a Serve config file may set as application args."""
+APP_ARGS = CONFIG_ARGS | {"repository", "device_classes_file"}
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry point for Serve config files (``import_path: gearbox.serving.app:app_builder``).
+
+    ``args``: ``repository`` (required), ``device_classes_file``, ``replicas``,
+    ``shadow_fraction``, ``access_log``, ``prediction_quantile``, ``transport_allowance_ms``,
+    ``metrics_port``, ``metrics_host``.
+    """
+    options = {k: v for k, v in args.items() if k in CONFIG_ARGS}
     config = GatewayConfig.create(args["repository"], args.get("device_classes_file"), **options)
     # Serve builds the app inside the cluster: a class it cannot host (no GPU) is left out
     # rather than leaving the application waiting forever for resources.

@@ -136,8 +136,8 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
         type=_port,
         default=METRICS_PORT,
         metavar="PORT",
-        help="Prometheus export port of the local Ray this starts (a joined cluster keeps "
-        "its own: the ports are printed)",
+        help="where the gateway's replicas on each machine serve their Prometheus metrics "
+        "(GET /metrics; default: %(default)s)",
     )
     if address:
         command.add_argument(
@@ -203,6 +203,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         args.device_classes,
         replicas=args.replicas,
         access_log=args.access_log,
+        metrics_port=args.metrics_port,
         transport_allowance_ms=args.transport_allowance_ms,
         prediction_quantile=args.prediction_quantile,
         batching=BatchingConfig(
@@ -400,11 +401,10 @@ def _search(args: argparse.Namespace, spec: ModelSpec, out: Console, err: Consol
     return 0
 
 
-def _check_ports(args: argparse.Namespace, address: str | None) -> None:
+def _check_ports(args: argparse.Namespace) -> None:
     check_port_free(args.http_port, "http")
     check_port_free(args.grpc_port, "grpc")
-    if address is None:
-        check_port_free(args.metrics_port, "metrics")
+    check_port_free(args.metrics_port, "metrics")
 
 
 def _print_endpoints(out: Console, endpoints: Endpoints, models: list[str]) -> None:
@@ -418,12 +418,16 @@ def _print_endpoints(out: Console, endpoints: Endpoints, models: list[str]) -> N
     out.print(f"  HTTP     {endpoints.http}  (OIP v2, e.g. POST /v2/models/{models[0]}/infer)")
     out.print(f"  gRPC     {endpoints.grpc}  (inference.GRPCInferenceService)")
     out.print(f"  ingress  {endpoints.ingress.value}  ({INGRESS_NOTES[endpoints.ingress]})")
-    for url in endpoints.metrics or ("(the Ray nodes export no metrics port)",):
+    for url in endpoints.metrics:
         out.print(f"  metrics  {url}")
 
 
 def _serve_until_stopped(
-    out: Console, stop: threading.Event, started_serve: bool, on_ready: Callable[[], None]
+    out: Console,
+    stop: threading.Event,
+    started_serve: bool,
+    config: GatewayConfig,
+    on_ready: Callable[[], None],
 ) -> None:
     """Runs ``on_ready`` then blocks until Ctrl-C or SIGTERM; always drains what it started."""
     try:
@@ -434,7 +438,7 @@ def _serve_until_stopped(
             pass
     finally:
         out.print("gearbox: draining and stopping", highlight=False)
-        stop_gateway(started_serve)
+        stop_gateway(started_serve, config)
 
 
 def _ray_environment(args: argparse.Namespace, state_dir: Path | None) -> dict[str, str]:
@@ -452,10 +456,10 @@ def _ray_environment(args: argparse.Namespace, state_dir: Path | None) -> dict[s
 def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
     models = check_repository(args.repo)
     config = _gateway_config(args)
-    _check_ports(args, args.address)
+    _check_ports(args)
     with local_state_dir() as state:
         env = _ray_environment(args, state)
-        session = ray_session(args.address, metrics_port=args.metrics_port, env=env)
+        session = ray_session(args.address, env=env)
         with session, until_stopped() as stop:
             started_serve = not serve_was_running()
 
@@ -463,21 +467,21 @@ def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
                 endpoints = start_gateway(config, args.http_port, args.grpc_port)
                 _print_endpoints(out, endpoints, models)
 
-            _serve_until_stopped(out, stop, started_serve, start)
+            _serve_until_stopped(out, stop, started_serve, config, start)
     return 0
 
 
 def _demo(args: argparse.Namespace, out: Console, err: Console) -> int:
     from gearbox.compression import compress, load_spec, resolve_recipes
 
-    _check_ports(args, None)
+    _check_ports(args)
     spec = load_spec(EXAMPLES[args.example])
     repository = ModelRepository(args.repo)
     repository.ensure_writable()
     args.address = None
     with (
         local_state_dir() as state,
-        ray_session(None, metrics_port=args.metrics_port, env=_ray_environment(args, state)),
+        ray_session(None, env=_ray_environment(args, state)),
     ):
         if args.reuse and spec.name in repository.models():
             manifests = repository.variants(spec.name)
@@ -492,7 +496,10 @@ def _demo(args: argparse.Namespace, out: Console, err: Console) -> int:
         with until_stopped() as stop:
             if args.exit:
                 stop.set()  # the report is the whole job
-            _serve_until_stopped(out, stop, True, lambda: _demo_report(args, out, spec.name))
+            config = _gateway_config(args)
+            _serve_until_stopped(
+                out, stop, True, config, lambda: _demo_report(args, out, spec.name, config)
+            )
     return 0
 
 
@@ -511,8 +518,8 @@ def _demo_workload(example: str, http_address: str, grpc_address: str) -> Worklo
     return 0
 
 
-def _demo_report(args: argparse.Namespace, out: Console, model: str) -> None:
-    endpoints = start_gateway(_gateway_config(args), args.http_port, args.grpc_port)
+def _demo_report(args: argparse.Namespace, out: Console, model: str, config: GatewayConfig) -> None:
+    endpoints = start_gateway(config, args.http_port, args.grpc_port)
     _print_endpoints(out, endpoints, [model])
     workload = _demo_workload(args.example, endpoints.http, endpoints.grpc)
     reports = run_workload(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gearbox.compression.devices import CPU, DeviceClass, load_device_classes
 from gearbox.compression.errors import InvalidArgumentError
+from gearbox.serving.metrics import metrics_directory
 
 HTTP_PORT = 8000
 GRPC_PORT = 9000
@@ -82,7 +84,17 @@ class GatewayConfig:
     the network, the client's own stack), left free when a variant is chosen. The budget's
     clock itself does not change: ``latency_ms`` and ``budget_met`` stay the gateway's span."""
 
+    metrics_port: int | None = METRICS_PORT
+    """Where each machine's replicas serve their metrics (``/metrics``); None: not served,
+    figures only written to :attr:`metrics_directory` (in-process use, tests)."""
+    metrics_host: str = "127.0.0.1"
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    """Names this deployment of the gateway: its replicas share metrics under it, and a new
+    deployment starts its counters from zero rather than adding to an old one's."""
+
     def __post_init__(self) -> None:
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise InvalidArgumentError("metrics_port must lie in [1, 65535]")
         if not 0 < self.prediction_quantile < 1:
             raise InvalidArgumentError("prediction_quantile must lie in (0, 1)")
         if self.transport_allowance_ms < 0:
@@ -93,6 +105,10 @@ class GatewayConfig:
             raise InvalidArgumentError("replicas must be at least 1")
         if not 0.0 <= self.shadow_fraction <= 1.0:
             raise InvalidArgumentError("shadow_fraction must lie in [0, 1]")
+
+    @property
+    def metrics_directory(self) -> Path:
+        return metrics_directory(self.instance)
 
     @property
     def gateway_device_class(self) -> DeviceClass:

@@ -1,31 +1,70 @@
-"""Prometheus metrics of DESIGN.md §7, owned by an object the data plane is given.
+"""Prometheus metrics of DESIGN.md §7: recorded per replica, exported exactly per machine.
 
-:class:`RayServeMetrics` records through ``ray.serve.metrics``, so every replica's figures reach
-its node's metrics export port (``ray_``-prefixed) and one Prometheus scrape config covers all
-replicas. Nothing is registered at import time: a metrics object exists only where a replica
-creates one.
+Why not ``ray.serve.metrics``: Ray 2.60 hands histograms to its exporter as bucket counts and
+rebuilds each observation from its bucket's midpoint, so ``_sum`` (and every mean) is wrong; it
+drops a gauge a few seconds after its last update; and it labels every series with worker, node
+and replica ids that change on each restart.
+
+So each replica keeps its own cumulative figures (:class:`ReplicaMetrics`, owned by the object
+that creates it, nothing registered at import) and writes them every second as a small JSON
+snapshot into a directory shared by the gateway's replicas on one machine. One replica per
+machine holds the metrics port and serves the sum of every snapshot there
+(:class:`SnapshotCollector`, through ``prometheus_client``): counters and histograms add up
+exactly, a stopped replica's counts stay counted, and when the holder stops another replica
+takes the port over within a retry interval. On a cluster each machine serves its own; Ray's
+service-discovery file lists the machines (``deploy/prometheus/prometheus.yml``).
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import json
 import logging
+import os
+import tempfile
 import threading
-from collections import Counter as Tally
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
-logger = logging.getLogger(__name__)
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
-# Histogram boundaries in seconds: resolve 0.5 ms ... 10 s.
-LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+from gearbox.serving.metric_names import (
+    ALL_METRICS,
+    BATCH_SIZE,
+    BUDGET,
+    INFLIGHT,
+    REQUEST_LATENCY,
+    REQUESTS,
+    VARIANT_AGREEMENT,
+    VARIANT_QUALITY,
+    VARIANT_SELECTED,
+    VARIANT_SIZE,
+    GaugeMode,
+    Kind,
+    MetricSpec,
+)
+
+logger = logging.getLogger(__name__)
 
 OK = "ok"
 """The ``code`` label of a successful request; failures carry their ErrorCode value."""
 CANCELLED = "cancelled"
 """The ``code`` label of a request whose caller went away before it was answered."""
+
+SNAPSHOT_SUFFIX = ".metrics.json"
+STALE_AFTER_S = 30.0
+"""A snapshot not rewritten for this long belongs to a replica that is gone (its process may
+live on another machine's node that shares this directory's name, so its pid says nothing)."""
 
 
 class GatewayMetrics(Protocol):
@@ -37,107 +76,120 @@ class GatewayMetrics(Protocol):
         protocol: str,
         code: str,
         seconds: float,
+        arm: str = "",
     ) -> None: ...
 
-    def budget_outcome(self, model: str, variant: str, met: bool) -> None: ...
+    def budget_outcome(self, model: str, variant: str, met: bool, arm: str = "") -> None: ...
 
-    def variant_selected(self, model: str, variant: str, reason: str) -> None: ...
+    def variant_selected(self, model: str, variant: str, reason: str, arm: str = "") -> None: ...
 
     def variant_figures(
         self, model: str, variant: str, quality: float, size_bytes: int
     ) -> None: ...
 
-    def agreement(self, model: str, variant: str, value: float) -> None: ...
+    def agreement(
+        self, model: str, variant: str, matched: float, rows: int, offline: float
+    ) -> None: ...
 
     def inflight(self, model: str, device_class: str, delta: int) -> None: ...
 
     def batch_formed(self, model: str, variant: str, device_class: str, rows: int) -> None: ...
 
 
-class RayServeMetrics:
-    """:class:`GatewayMetrics` on ``ray.serve.metrics`` (create inside a Serve replica).
+def metrics_directory(instance: str) -> Path:
+    """Where the replicas of one gateway on this machine keep their snapshots."""
+    return Path(tempfile.gettempdir()) / "gearbox-metrics" / instance
 
-    Recording a Serve metric costs ~60 us in a replica, more than the smallest variant's whole
-    run, so requests only update in-memory tallies and a background thread hands them to Ray
-    every ``flush_interval_s`` (Ray exports them every few seconds anyway).
+
+Labels = tuple[str, ...]
+
+
+@dataclass
+class _Histogram:
+    counts: list[int]
+    """Per bucket, not cumulative; the last one is +Inf."""
+    total: float = 0.0
+
+    @classmethod
+    def empty(cls, spec: MetricSpec) -> _Histogram:
+        return cls([0] * (len(spec.buckets) + 1))
+
+    def observe(self, spec: MetricSpec, value: float) -> None:
+        # Prometheus buckets are upper-inclusive (le): a value on a bound belongs to it.
+        self.counts[bisect.bisect_left(spec.buckets, value)] += 1
+        self.total += value
+
+
+@dataclass
+class _Figures:
+    """One replica's cumulative figures, keyed by metric name and label values."""
+
+    counters: dict[tuple[str, Labels], float] = field(default_factory=dict)
+    histograms: dict[tuple[str, Labels], _Histogram] = field(default_factory=dict)
+    latest: dict[tuple[str, Labels], tuple[float, float]] = field(default_factory=dict)
+    """Gauge value and when it was set."""
+    live: dict[tuple[str, Labels], float] = field(default_factory=dict)
+    ratios: dict[tuple[str, Labels], tuple[float, float, float]] = field(default_factory=dict)
+    """Numerator, denominator, and the value to show while the denominator is 0."""
+
+    def to_json(self, pid: int) -> dict[str, Any]:
+        return {
+            "pid": pid,
+            "written_at": time.time(),
+            "counters": [[n, list(k), v] for (n, k), v in self.counters.items()],
+            "histograms": [
+                [n, list(k), h.counts, h.total] for (n, k), h in self.histograms.items()
+            ],
+            "latest": [[n, list(k), v, t] for (n, k), (v, t) in self.latest.items()],
+            "live": [[n, list(k), v] for (n, k), v in self.live.items()],
+            "ratios": [[n, list(k), *r] for (n, k), r in self.ratios.items()],
+        }
+
+
+class ReplicaMetrics:
+    """:class:`GatewayMetrics` of one replica: cumulative figures in memory, written to
+    ``directory`` every ``flush_interval_s``. With ``port``, it also competes for the
+    machine's metrics port and serves every snapshot in ``directory`` while it holds it.
+
+    Recording costs a dict update under a lock (a few microseconds), so it stays on the
+    request path; the file is written by a background thread.
     """
 
-    def __init__(self, flush_interval_s: float = 1.0) -> None:
-        from ray.serve import metrics
-
-        self._requests = metrics.Counter(
-            "gearbox_requests",
-            description="Inference requests answered, by variant, device class, protocol, code.",
-            tag_keys=("model", "variant", "device_class", "protocol", "code"),
-        )
-        self._latency = metrics.Histogram(
-            "gearbox_request_latency_seconds",
-            description="Time from a request entering the gateway replica to its answer.",
-            boundaries=list(LATENCY_BUCKETS_S),
-            tag_keys=("model", "variant", "device_class"),
-        )
-        self._budget = metrics.Counter(
-            "gearbox_budget",
-            description="Requests with a latency budget, by whether the budget was met.",
-            tag_keys=("model", "variant", "outcome"),
-        )
-        self._selected = metrics.Counter(
-            "gearbox_variant_selected",
-            description="Router choices, by variant and the reason it was chosen.",
-            tag_keys=("model", "variant", "reason"),
-        )
-        self._quality = metrics.Gauge(
-            "gearbox_variant_quality",
-            description="Held-out quality of each served variant (from its manifest).",
-            tag_keys=("model", "variant"),
-        )
-        self._size = metrics.Gauge(
-            "gearbox_variant_size_bytes",
-            description="Artifact size of each served variant.",
-            tag_keys=("model", "variant"),
-        )
-        self._agreement = metrics.Gauge(
-            "gearbox_variant_agreement",
-            description="Live top-1 agreement with the reference variant (shadow comparison).",
-            tag_keys=("model", "variant"),
-        )
-        self._inflight = metrics.Gauge(
-            "gearbox_inflight_requests",
-            description="Requests inside the gateway replica, per model and device class.",
-            tag_keys=("model", "device_class"),
-        )
-        self._batch_size = metrics.Histogram(
-            "gearbox_batch_size",
-            description="Rows per ONNX Runtime call after dynamic batching.",
-            boundaries=list(BATCH_SIZE_BUCKETS),
-            tag_keys=("model", "variant", "device_class"),
-        )
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        flush_interval_s: float = 1.0,
+    ) -> None:
+        self._directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._path = directory / f"{os.getpid()}-{id(self):x}{SNAPSHOT_SUFFIX}"
+        self._figures = _Figures()
         self._lock = threading.Lock()
-        self._counts: Tally[tuple[Any, tuple[tuple[str, str], ...]]] = Tally()
-        self._observations: list[tuple[Any, tuple[tuple[str, str], ...], float]] = []
-        self._gauges: dict[tuple[Any, tuple[tuple[str, str], ...]], float] = {}
-        self._inflight_counts: Tally[tuple[str, str]] = Tally()
+        self._inflight: dict[tuple[str, str], int] = {}
         self._stop = threading.Event()
+        self._exporter = MetricsExporter(directory, host, port) if port is not None else None
         self._flusher = threading.Thread(
             target=self._flush_every, args=(flush_interval_s,), daemon=True,
             name="gearbox-metrics",
         )  # fmt: skip
         self._flusher.start()
 
-    # -- recording (request path: in-memory only) ----------------------------------------------
+    # -- recording -------------------------------------------------------------------------
 
-    def _count(self, metric: Any, **tags: str) -> None:
-        key = (metric, tuple(tags.items()))
+    def _count(self, spec: MetricSpec, labels: Labels, amount: float = 1.0) -> None:
+        key = (spec.name, labels)
         with self._lock:
-            self._counts[key] += 1
+            self._figures.counters[key] = self._figures.counters.get(key, 0.0) + amount
 
-    def _observe(self, metric: Any, value: float, **tags: str) -> None:
+    def _observe(self, spec: MetricSpec, labels: Labels, value: float) -> None:
+        key = (spec.name, labels)
         with self._lock:
-            self._observations.append((metric, tuple(tags.items()), value))
-
-    def _set(self, metric: Any, value: float, **tags: str) -> None:
-        with self._lock:
-            self._gauges[(metric, tuple(tags.items()))] = value
+            histogram = self._figures.histograms.get(key)
+            if histogram is None:
+                histogram = self._figures.histograms[key] = _Histogram.empty(spec)
+            histogram.observe(spec, value)
 
     def request_finished(
         self,
@@ -147,62 +199,214 @@ class RayServeMetrics:
         protocol: str,
         code: str,
         seconds: float,
+        arm: str = "",
     ) -> None:
-        self._count(
-            self._requests, model=model, variant=variant, device_class=device_class,
-            protocol=protocol, code=code,
-        )  # fmt: skip
+        self._count(REQUESTS, (model, variant, device_class, protocol, code, arm))
         if code == OK:
-            self._observe(
-                self._latency, seconds, model=model, variant=variant, device_class=device_class
-            )
+            self._observe(REQUEST_LATENCY, (model, variant, device_class, arm), seconds)
 
-    def budget_outcome(self, model: str, variant: str, met: bool) -> None:
-        self._count(self._budget, model=model, variant=variant, outcome="met" if met else "missed")
+    def budget_outcome(self, model: str, variant: str, met: bool, arm: str = "") -> None:
+        self._count(BUDGET, (model, variant, "met" if met else "missed", arm))
 
-    def variant_selected(self, model: str, variant: str, reason: str) -> None:
-        self._count(self._selected, model=model, variant=variant, reason=reason)
+    def variant_selected(self, model: str, variant: str, reason: str, arm: str = "") -> None:
+        self._count(VARIANT_SELECTED, (model, variant, reason, arm))
 
     def variant_figures(self, model: str, variant: str, quality: float, size_bytes: int) -> None:
-        self._set(self._quality, quality, model=model, variant=variant)
-        self._set(self._size, size_bytes, model=model, variant=variant)
+        now = time.time()
+        with self._lock:
+            self._figures.latest[(VARIANT_QUALITY.name, (model, variant))] = (quality, now)
+            self._figures.latest[(VARIANT_SIZE.name, (model, variant))] = (size_bytes, now)
 
-    def agreement(self, model: str, variant: str, value: float) -> None:
-        self._set(self._agreement, value, model=model, variant=variant)
+    def agreement(
+        self, model: str, variant: str, matched: float, rows: int, offline: float
+    ) -> None:
+        with self._lock:
+            self._figures.ratios[(VARIANT_AGREEMENT.name, (model, variant))] = (
+                matched, rows, offline,
+            )  # fmt: skip
 
     def inflight(self, model: str, device_class: str, delta: int) -> None:
-        key = (model, device_class)
-        self._inflight_counts[key] += delta
-        self._set(
-            self._inflight, self._inflight_counts[key], model=model, device_class=device_class
-        )
+        with self._lock:
+            count = self._inflight.get((model, device_class), 0) + delta
+            self._inflight[(model, device_class)] = count
+            self._figures.live[(INFLIGHT.name, (model, device_class))] = count
 
     def batch_formed(self, model: str, variant: str, device_class: str, rows: int) -> None:
-        self._observe(
-            self._batch_size, rows, model=model, variant=variant, device_class=device_class
-        )
+        self._observe(BATCH_SIZE, (model, variant, device_class), rows)
 
-    # -- flushing (background thread) ----------------------------------------------------------
+    # -- writing -----------------------------------------------------------------------------
 
     def flush(self) -> None:
+        """Writes the snapshot now (atomically: a scrape never reads half a file)."""
         with self._lock:
-            counts, self._counts = self._counts, Tally()
-            observations, self._observations = self._observations, []
-            gauges, self._gauges = self._gauges, {}
-        for (metric, tags), amount in counts.items():
-            metric.inc(amount, tags=dict(tags))
-        for metric, tags, value in observations:
-            metric.observe(value, tags=dict(tags))
-        for (metric, tags), value in gauges.items():
-            metric.set(value, tags=dict(tags))
+            payload = self._figures.to_json(os.getpid())
+        text = json.dumps(payload, separators=(",", ":"))
+        partial = self._path.with_suffix(".partial")
+        partial.write_text(text)
+        partial.replace(self._path)
 
     def _flush_every(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             try:
                 self.flush()
             except Exception:  # a metrics hiccup must never stop serving
-                logger.exception("flushing metrics failed")
+                logger.exception("writing the metrics snapshot failed")
 
     def close(self) -> None:
+        """Writes the last snapshot (a stopped replica's counts stay counted) and gives up
+        the metrics port, if held, for another replica to take."""
         self._stop.set()
-        self.flush()
+        with contextlib.suppress(OSError):
+            self.flush()
+        if self._exporter is not None:
+            self._exporter.close()
+
+
+# -- exporting ---------------------------------------------------------------------------------
+
+
+def _read_snapshots(directory: Path) -> Iterator[dict[str, Any]]:
+    for path in directory.glob(f"*{SNAPSHOT_SUFFIX}"):
+        try:
+            yield json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # removed or replaced between listing and reading: the next scrape has it
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SnapshotCollector:
+    """A ``prometheus_client`` collector over every replica snapshot in one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        counters: dict[tuple[str, Labels], float] = {}
+        histograms: dict[tuple[str, Labels], tuple[list[int], float]] = {}
+        latest: dict[tuple[str, Labels], tuple[float, float]] = {}
+        live: dict[tuple[str, Labels], float] = {}
+        ratios: dict[tuple[str, Labels], tuple[float, float, float]] = {}
+        now = time.time()
+        for snapshot in _read_snapshots(self._directory):
+            running = _process_running(snapshot["pid"]) and (
+                now - snapshot["written_at"] < STALE_AFTER_S
+            )
+            for name, labels, value in snapshot["counters"]:
+                key = (name, tuple(labels))
+                counters[key] = counters.get(key, 0.0) + value
+            for name, labels, counts, total in snapshot["histograms"]:
+                key = (name, tuple(labels))
+                summed, summed_total = histograms.get(key, ([0] * len(counts), 0.0))
+                histograms[key] = ([a + b for a, b in zip(summed, counts, strict=True)],
+                                   summed_total + total)  # fmt: skip
+            for name, labels, value, written in snapshot["latest"]:
+                key = (name, tuple(labels))
+                if key not in latest or written >= latest[key][1]:
+                    latest[key] = (value, written)
+            if running:
+                for name, labels, value in snapshot["live"]:
+                    key = (name, tuple(labels))
+                    live[key] = live.get(key, 0.0) + value
+            for name, labels, numerator, denominator, fallback in snapshot["ratios"]:
+                key = (name, tuple(labels))
+                n, d, _ = ratios.get(key, (0.0, 0.0, fallback))
+                ratios[key] = (n + numerator, d + denominator, fallback)
+        for spec in ALL_METRICS:
+            yield _family(spec, counters, histograms, latest, live, ratios)
+
+
+def _family(
+    spec: MetricSpec,
+    counters: dict[tuple[str, Labels], float],
+    histograms: dict[tuple[str, Labels], tuple[list[int], float]],
+    latest: dict[tuple[str, Labels], tuple[float, float]],
+    live: dict[tuple[str, Labels], float],
+    ratios: dict[tuple[str, Labels], tuple[float, float, float]],
+) -> Metric:
+    labels = list(spec.labels)
+    if spec.kind is Kind.COUNTER:
+        counter = CounterMetricFamily(spec.name, spec.help, labels=labels)
+        for (name, values), total in sorted(counters.items()):
+            if name == spec.name:
+                counter.add_metric(list(values), total)
+        return counter
+    if spec.kind is Kind.HISTOGRAM:
+        histogram = HistogramMetricFamily(spec.name, spec.help, labels=labels)
+        bounds = [*(repr(float(b)) for b in spec.buckets), "+Inf"]
+        for (name, values), (counts, total) in sorted(histograms.items()):
+            if name != spec.name:
+                continue
+            cumulative, running = [], 0
+            for bound, count in zip(bounds, counts, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            histogram.add_metric(list(values), cumulative, sum_value=total)
+        return histogram
+    gauge = GaugeMetricFamily(spec.name, spec.help, labels=labels)
+    if spec.gauge_mode is GaugeMode.LATEST:
+        for (name, values), (value, _) in sorted(latest.items()):
+            if name == spec.name:
+                gauge.add_metric(list(values), value)
+    elif spec.gauge_mode is GaugeMode.LIVE_SUM:
+        for (name, values), value in sorted(live.items()):
+            if name == spec.name:
+                gauge.add_metric(list(values), value)
+    else:
+        for (name, values), (numerator, denominator, fallback) in sorted(ratios.items()):
+            if name == spec.name:
+                gauge.add_metric(list(values), numerator / denominator if denominator else fallback)
+    return gauge
+
+
+class MetricsExporter:
+    """Holds ``host:port`` for the snapshots in ``directory`` whenever no other replica does.
+
+    Every replica of a gateway runs one; the first to bind serves, the others retry every
+    ``retry_s`` and take over when the holder stops.
+    """
+
+    def __init__(self, directory: Path, host: str, port: int, retry_s: float = 2.0) -> None:
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(SnapshotCollector(directory))  # type: ignore[arg-type]
+        self._host, self._port = host, port
+        self._server: Any = None
+        self._closed = threading.Event()
+        self._thread = threading.Thread(
+            target=self._hold, args=(retry_s,), daemon=True, name="gearbox-metrics-port"
+        )
+        self._thread.start()
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
+    def _hold(self, retry_s: float) -> None:
+        while not self._closed.is_set():
+            try:
+                server, _ = start_http_server(self._port, self._host, registry=self._registry)
+            except OSError:
+                self._closed.wait(retry_s)
+                continue
+            self._server = server
+            if self._closed.is_set():
+                self._release()
+            return
+
+    def _release(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import socket
 import threading
@@ -66,17 +67,20 @@ def check_repository(path: str) -> list[str]:
     return models
 
 
-def metrics_urls() -> tuple[str, ...]:
-    """Every live node's Prometheus export endpoint (what Ray's service discovery lists)."""
+def metrics_urls(config: GatewayConfig) -> tuple[str, ...]:
+    """The metrics endpoint of every machine in the cluster (one per machine, however many
+    nodes and replicas it runs: see :mod:`gearbox.serving.metrics`)."""
+    if config.metrics_port is None:
+        return ()
     local_ips = _this_machine_ips()
     urls = []
     for node in ray.nodes():
-        if not node.get("Alive") or not node.get("MetricsExportPort"):
+        if not node.get("Alive"):
             continue
         host = node["NodeManagerAddress"]
-        # On one machine the design promises loopback; Ray reports the node's own address.
-        host = LOOPBACK if host in local_ips else host
-        urls.append(f"http://{host}:{node['MetricsExportPort']}/metrics")
+        # On this machine the replicas bind the configured host (loopback by default).
+        host = config.metrics_host if host in local_ips else host
+        urls.append(f"http://{host}:{config.metrics_port}/metrics")
     return tuple(sorted(set(urls)))
 
 
@@ -107,7 +111,7 @@ def start_gateway(config: GatewayConfig, http_port: int, grpc_port: int) -> Endp
     endpoints = Endpoints(
         http=f"http://{LOOPBACK}:{http_port}",
         grpc=f"{LOOPBACK}:{grpc_port}",
-        metrics=metrics_urls(),
+        metrics=metrics_urls(config),
         device_classes=tuple(device.name for device in served),
         skipped_device_classes=skipped,
         ingress=ingress_in_effect(),
@@ -151,13 +155,16 @@ def _grpc_not_ready(target: str) -> str | None:
     return None if reply.ready else f"gRPC {target}: not ready"
 
 
-def stop_gateway(started_serve: bool) -> None:
-    """Drains the gateway's replicas; stops Serve too if this process started it."""
+def stop_gateway(started_serve: bool, config: GatewayConfig | None = None) -> None:
+    """Drains the gateway's replicas; stops Serve too if this process started it. With the
+    gateway's ``config``, also removes its metrics snapshots on this machine."""
     with contextlib.suppress(Exception):
         if started_serve:
             serve.shutdown()
         else:
             serve.delete(APP_NAME)
+    if config is not None:
+        shutil.rmtree(config.metrics_directory, ignore_errors=True)
 
 
 SERVE_NAMESPACE = "serve"

@@ -105,4 +105,6 @@ class Shadow:
         name = record.signature.outputs[0].name
         matched, rows = agreement(record.task, outputs[name], reference.outputs[name])
         tracker.add(matched, rows)
-        self._metrics.agreement(record.name, variant, tracker.value)
+        self._metrics.agreement(
+            record.name, variant, tracker.matched, tracker.rows, tracker.offline
+        )

@@ -25,10 +25,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import ray
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from gearbox.compression import CORE_RECIPES, ModelRecord, ModelRepository, compress, load_spec
@@ -36,6 +36,7 @@ from gearbox.compression.examples.digits import load_splits
 from gearbox.compression.techniques import Fp32Config, TechniqueInput, apply_technique
 from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
 from gearbox.serving.grpc.generated import grpc_service_pb2_grpc as pb_grpc
+from gearbox.serving.metric_names import REQUEST_LATENCY, REQUESTS, VARIANT_SELECTED
 from tests.fixtures.slow_model import chain_onnx
 from tests.integration.conftest import ROOT, _free_port
 from tests.unit.tiny_encoder import text_encoder_spec, tiny_encoder, tiny_tokenizer_json
@@ -58,6 +59,7 @@ class Gateway:
     repository: ModelRepository
     process: subprocess.Popen
     log: Path
+    metrics: str
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,7 @@ def gateway(ray_address, repository, tmp_path_factory) -> Iterator[Gateway]:
         "  - {name: cpu-remote, ray_resources: {CPU: 0.25}}\n"
         "  - {name: gpu, execution_provider: CUDAExecutionProvider, ray_resources: {GPU: 1}}\n"
     )
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     process = subprocess.Popen(
         [
@@ -111,6 +113,8 @@ def gateway(ray_address, repository, tmp_path_factory) -> Iterator[Gateway]:
             str(http_port),
             "--grpc-port",
             str(grpc_port),
+            "--metrics-port",
+            str(metrics_port),
             "--device-classes",
             str(classes),
             "--max-queue",
@@ -121,7 +125,12 @@ def gateway(ray_address, repository, tmp_path_factory) -> Iterator[Gateway]:
         stderr=subprocess.STDOUT,
     )
     gateway = Gateway(
-        f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", repository, process, log
+        f"http://127.0.0.1:{http_port}",
+        f"127.0.0.1:{grpc_port}",
+        repository,
+        process,
+        log,
+        f"http://127.0.0.1:{metrics_port}/metrics",
     )
     try:
         _wait_ready(gateway, log)
@@ -414,24 +423,21 @@ def test_overload_is_429_not_an_unbounded_queue(gateway, digits):
     assert _infer(gateway, images[:1]).status_code == 200
 
 
-def _scrape(pattern: str) -> float:
-    total = 0.0
-    for node in ray.nodes():
-        if not node["Alive"] or not node.get("MetricsExportPort"):
-            continue
-        url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
-        for line in text.splitlines():
-            if re.match(pattern, line):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+def _scrape(gateway: Gateway, sample: str, **labels: str) -> float:
+    """The sum of the gateway's ``sample`` series whose labels include ``labels``."""
+    text = urllib.request.urlopen(gateway.metrics, timeout=10).read().decode()
+    return sum(
+        found.value
+        for family in text_string_to_metric_families(text)
+        for found in family.samples
+        if found.name == sample and labels.items() <= found.labels.items()
+    )
 
 
 def test_metrics_count_requests_per_variant_over_http(gateway, digits):
     # Only this test sends successful requests to the gated model, so its counts start at 0.
-    def counted(variant: str) -> str:
-        labels = f'[^}}]*code="ok"[^}}]*model="{GATED}"[^}}]*variant="{variant}"'
-        return r"ray_gearbox_requests_total\{" + labels
+    def counted(variant: str) -> float:
+        return _scrape(gateway, REQUESTS.sample_name, code="ok", model=GATED, variant=variant)
 
     sent = {"fp32": 7, "int8": 4}
     for variant, count in sent.items():
@@ -439,15 +445,15 @@ def test_metrics_count_requests_per_variant_over_http(gateway, digits):
             assert _infer(gateway, digits[0][:1], version=variant, model=GATED).status_code == 200
     deadline = time.monotonic() + 60
     while True:
-        seen = {v: _scrape(counted(v)) for v in sent}
+        seen = {v: counted(v) for v in sent}
         if all(seen[v] >= sent[v] for v in sent):
             break
         assert time.monotonic() < deadline, f"metrics did not arrive: {seen}"
-        time.sleep(2)
+        time.sleep(0.5)
     assert seen == sent
-    assert _scrape(rf'ray_gearbox_variant_quality\{{[^}}]*model="{MODEL}"') > 0
-    assert _scrape(r"ray_gearbox_variant_selected_total\{") > 0
-    assert _scrape(r"ray_gearbox_request_latency_seconds_count\{") > 0
+    count = f"{REQUEST_LATENCY.name}_count"
+    assert _scrape(gateway, count, model=GATED, variant="fp32") == sent["fp32"]
+    assert _scrape(gateway, VARIANT_SELECTED.sample_name, model=GATED, reason="pinned") == 11
 
 
 def test_variants_extension_reports_live_predictions(gateway):
@@ -635,9 +641,8 @@ def test_a_tight_budget_runs_on_the_priority_lane_instead_of_waiting_for_a_long_
     assert parameters["variant"] == "brisk"
     assert parameters["budget_met"] is True
     assert tight_ms < alone_ms / 2, (tight_ms, alone_ms)
-    selected = r'ray_gearbox_variant_selected_total\{[^}]*model="sleepy"[^}]*reason="priority_lane"'
     deadline = time.monotonic() + 60
-    while _scrape(selected) < 1:
+    while _scrape(gateway, VARIANT_SELECTED.sample_name, model=SLOW, reason="priority_lane") < 1:
         assert time.monotonic() < deadline, "the choice was never counted with its reason"
         time.sleep(2)
 
@@ -645,10 +650,11 @@ def test_a_tight_budget_runs_on_the_priority_lane_instead_of_waiting_for_a_long_
 def test_a_caller_that_goes_away_is_counted_as_cancelled(gateway, digits):
     """A gRPC caller whose deadline passes while the slow variant runs (only this test calls
     the slow model over gRPC, so its series start empty)."""
-    series = (  # Ray's exporter writes labels in alphabetical order
-        r'ray_gearbox_requests_total\{{[^}}]*code="{}"[^}}]*model="sleepy"[^}}]*protocol="grpc"'
-    )
-    assert _scrape(series.format("cancelled")) == 0
+
+    def counted(code: str) -> float:
+        return _scrape(gateway, REQUESTS.sample_name, code=code, model=SLOW, protocol="grpc")
+
+    assert counted("cancelled") == 0
     client = grpcclient.InferenceServerClient(url=gateway.grpc)
     tensor = grpcclient.InferInput("images", [1, 1, 8, 8], "FP32")
     tensor.set_data_from_numpy(digits[0][:1])
@@ -656,11 +662,11 @@ def test_a_caller_that_goes_away_is_counted_as_cancelled(gateway, digits):
         client.infer(SLOW, [tensor], model_version="fp32", client_timeout=0.02)
     assert "DEADLINE_EXCEEDED" in str(error.value.status())
     deadline = time.monotonic() + 60
-    while _scrape(series.format("cancelled")) < 1:
+    while counted("cancelled") < 1:
         assert time.monotonic() < deadline, "the abandoned request was never counted"
-        time.sleep(2)
-    assert _scrape(series.format("cancelled")) == 1
-    assert _scrape(series.format("ok")) == 0  # never counted as answered
+        time.sleep(0.5)
+    assert counted("cancelled") == 1
+    assert counted("ok") == 0  # never counted as answered
 
 
 def _cluster_processes(ray_address: str, title: str) -> list[int]:

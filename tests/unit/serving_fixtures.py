@@ -143,6 +143,7 @@ class RecordingMetrics:
         self.selections: list[tuple[str, str, str]] = []
         self.figures: dict[tuple[str, str], tuple[float, int]] = {}
         self.agreements: list[tuple[str, str, float]] = []
+        self.arms: list[str] = []
         self.inflight_deltas: list[tuple[str, str, int]] = []
         self.batches: list[tuple[str, str, str, int]] = []
 
@@ -154,21 +155,25 @@ class RecordingMetrics:
         protocol: str,
         code: str,
         seconds: float,
+        arm: str = "",
     ) -> None:
         self.requests.append((model, variant, device_class, protocol, code))
         self.request_seconds.append(seconds)
+        self.arms.append(arm)
 
-    def budget_outcome(self, model: str, variant: str, met: bool) -> None:
+    def budget_outcome(self, model: str, variant: str, met: bool, arm: str = "") -> None:
         self.budgets.append((model, variant, met))
 
-    def variant_selected(self, model: str, variant: str, reason: str) -> None:
+    def variant_selected(self, model: str, variant: str, reason: str, arm: str = "") -> None:
         self.selections.append((model, variant, reason))
 
     def variant_figures(self, model: str, variant: str, quality: float, size_bytes: int) -> None:
         self.figures[(model, variant)] = (quality, size_bytes)
 
-    def agreement(self, model: str, variant: str, value: float) -> None:
-        self.agreements.append((model, variant, value))
+    def agreement(
+        self, model: str, variant: str, matched: float, rows: int, offline: float
+    ) -> None:
+        self.agreements.append((model, variant, matched / rows if rows else offline))
 
     def inflight(self, model: str, device_class: str, delta: int) -> None:
         self.inflight_deltas.append((model, device_class, delta))

@@ -36,6 +36,7 @@ from gearbox.serving.demo import (
     run_workload,
     sentence_workload,
 )
+from gearbox.serving.experiments_cli import add_experiments_parser, run_experiments
 from gearbox.serving.ingress import INGRESS_SWITCH, Ingress, local_state_dir, ray_environment
 from gearbox.serving.server import (
     Endpoints,
@@ -46,6 +47,7 @@ from gearbox.serving.server import (
     stop_gateway,
     until_stopped,
 )
+from gearbox.serving.top import add_top_parser, run_top_command
 
 EXIT_ERROR = 1
 INGRESS_NOTES = {
@@ -319,6 +321,8 @@ def _parser() -> argparse.ArgumentParser:
         help="also draw quality against latency (batch 1), every variant labelled, rejected "
         "ones grey, the Pareto front joined (one model: name it if the repository has several)",
     )
+    add_top_parser(commands)
+    add_experiments_parser(commands)
     return parser
 
 
@@ -554,7 +558,14 @@ def _variants(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
-COMMANDS = {"compress": _compress, "serve": _serve, "demo": _demo, "variants": _variants}
+COMMANDS = {
+    "compress": _compress,
+    "serve": _serve,
+    "demo": _demo,
+    "variants": _variants,
+    "top": run_top_command,
+    "experiments": run_experiments,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

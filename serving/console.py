@@ -98,3 +98,9 @@ def variant_table(model: str, manifests: Sequence[VariantManifest]) -> Table:
 
 def rejected_reasons(manifests: Sequence[VariantManifest]) -> list[str]:
     return [f"{m.variant}: rejected: {m.reason}" for m in manifests if not m.is_ready]
+
+
+def say(console: Console, text: str) -> None:
+    """Print ``text`` as it is: no rich markup, emoji codes, highlighting or wrapping, which
+    would change names, JSON or an error line."""
+    console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)

@@ -15,6 +15,8 @@ class ErrorCode(Enum):
     FAILED_PRECONDITION = "failed_precondition"
     RESOURCE_EXHAUSTED = "resource_exhausted"
     UNAVAILABLE = "unavailable"
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission_denied"
     INTERNAL = "internal"
 
 
@@ -64,6 +66,18 @@ class CompressionError(GearboxError):
     """A technique could not produce a valid variant (export, verification, training)."""
 
     code = ErrorCode.FAILED_PRECONDITION
+
+
+class UnauthenticatedError(GearboxError):
+    """An admin call came without the gateway's token, or with a wrong one."""
+
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(GearboxError):
+    """An admin call reached a gateway that takes none (it was started without a token)."""
+
+    code = ErrorCode.PERMISSION_DENIED
 
 
 class ResourceExhaustedError(GearboxError):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -24,11 +25,20 @@ from starlette.responses import Response
 
 from gearbox.compression.devices import DeviceClass
 from gearbox.compression.repository import ModelRepository
+from gearbox.serving.admin import Administration
 from gearbox.serving.catalog import Catalog
 from gearbox.serving.clock import arrival
-from gearbox.serving.config import GatewayConfig
+from gearbox.serving.config import ADMIN_TOKEN_VARIABLE, GatewayConfig
 from gearbox.serving.dataplane import DataPlane
 from gearbox.serving.executor import Arrays, BatchResult
+from gearbox.serving.experiment_store import (
+    AgreementTotals,
+    LedgerStore,
+    ReplicaExperiments,
+    declared_experiments,
+    unwrap_remote_error,
+)
+from gearbox.serving.experiments import Experiment, ExperimentLedger, Outcome
 from gearbox.serving.grpc.adapter import GrpcServicer
 from gearbox.serving.hosting import Backend, LocalBackend, RemoteBackend
 from gearbox.serving.ingress import Ingress, ingress_in_effect
@@ -95,17 +105,72 @@ class DeviceClassHost:
         self._metrics.close()
 
 
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class ExperimentHost:
+    """The one ledger of every A/B experiment, its outcomes and feedback (see
+    :mod:`gearbox.serving.experiment_store`). Reached off the request path only."""
+
+    def __init__(self, declared: tuple[Experiment, ...]) -> None:
+        self._store = LedgerStore(ExperimentLedger(), declared)
+
+    async def call(self, operation: str, *args: Any) -> Any:
+        return await getattr(self._store, operation)(*args)
+
+
+class HandleStore:
+    """:class:`ExperimentStore` through a handle to :class:`ExperimentHost`."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+
+    async def _call(self, operation: str, *args: Any) -> Any:
+        try:
+            return await self._handle.call.remote(operation, *args)
+        except Exception as error:
+            raise unwrap_remote_error(error, f"the experiment ledger's {operation}") from None
+
+    async def active(self) -> tuple[Experiment, ...]:
+        return await self._call("active")
+
+    async def create(self, experiment: Experiment) -> None:
+        await self._call("create", experiment)
+
+    async def end(self, name: str) -> None:
+        await self._call("end", name)
+
+    async def listing(self) -> list[dict[str, Any]]:
+        return await self._call("listing")
+
+    async def record(
+        self, source: str, outcomes: Sequence[Outcome], agreement: Sequence[AgreementTotals]
+    ) -> None:
+        await self._call("record", source, list(outcomes), list(agreement))
+
+    async def feedback(self, request_id: str, label: int | None, score: float | None) -> None:
+        await self._call("feedback", request_id, label, score)
+
+    async def report(self, name: str, confidence: float) -> dict[str, Any]:
+        return await self._call("report", name, confidence)
+
+
 @serve.deployment
 class Gateway(GrpcServicer):
     """The ingress: where a request enters (``__call__`` for HTTP, the RPC-named methods of
     :class:`GrpcServicer` for gRPC), with the data plane and the router inside."""
 
-    async def __init__(self, config: GatewayConfig, remote: Mapping[str, DeploymentHandle]) -> None:
+    async def __init__(
+        self,
+        config: GatewayConfig,
+        remote: Mapping[str, DeploymentHandle],
+        ledger: DeploymentHandle,
+    ) -> None:
         metrics = self._metrics = _replica_metrics(config)
         catalog = Catalog.load(ModelRepository(config.repository))
         local = await _local_backend(config, catalog, config.gateway_device_class, metrics)
         backends: list[Backend] = [local]
         backends += [RemoteBackend(name, handle, catalog) for name, handle in remote.items()]
+        replica = serve.get_replica_context().replica_id.unique_id
+        experiments = ReplicaExperiments(HandleStore(ledger), source=replica)
         plane = DataPlane(
             catalog,
             backends,
@@ -115,16 +180,27 @@ class Gateway(GrpcServicer):
             prediction_quantile=config.prediction_quantile,
             transport_allowance_ms=config.transport_allowance_ms,
             direct_ingress=ingress_in_effect() is Ingress.HAPROXY,
+            experiments=experiments,
         )
         await plane.warm_up()
+        # Declared experiments hold from the first request; later changes follow in the
+        # background.
+        await experiments.sync()
+        experiments.start()
         super().__init__(plane)
         self._local = local
-        self._http = HttpAdapter(plane)
+        self._experiments = experiments
+        self._http = HttpAdapter(plane, Administration(plane, experiments, config.admin_token))
 
     async def __call__(self, request: Request) -> Response:
         clock = arrival()
         reply = await self._http.handle(
-            request.method, request.url.path, request.headers, await request.body(), clock
+            request.method,
+            request.url.path,
+            request.headers,
+            await request.body(),
+            clock,
+            request.url.query,
         )
         return Response(reply.body, status_code=reply.status, headers=dict(reply.headers))
 
@@ -178,12 +254,13 @@ def build_app(
         for device in extra
         if device.name != config.gateway_device_class.name
     }
+    ledger = ExperimentHost.options(logging_config=logging_config).bind(config.experiments)
     return Gateway.options(
         num_replicas=config.replicas,
         ray_actor_options=_actor_options(config.gateway_device_class),
         max_ongoing_requests=config.max_ongoing_requests,
         logging_config=logging_config,
-    ).bind(config, remote)
+    ).bind(config, remote, ledger)
 
 
 CONFIG_ARGS = frozenset(
@@ -198,7 +275,7 @@ CONFIG_ARGS = frozenset(
     }
 )
 """The :class:`GatewayConfig` fields a Serve config file may set as application args."""
-APP_ARGS = CONFIG_ARGS | {"repository", "device_classes_file"}
+APP_ARGS = CONFIG_ARGS | {"repository", "device_classes_file", "experiments"}
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -206,9 +283,13 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
     ``args``: ``repository`` (required), ``device_classes_file``, ``replicas``,
     ``shadow_fraction``, ``access_log``, ``prediction_quantile``, ``transport_allowance_ms``,
-    ``metrics_port``, ``metrics_host``.
+    ``metrics_port``, ``metrics_host``, ``experiments`` (a list of experiment definitions, as
+    ``POST /v2/experiments`` takes them). The admin token comes from the environment variable
+    ``GEARBOX_ADMIN_TOKEN`` (set it in the application's ``runtime_env``), never from the file.
     """
-    options = {k: v for k, v in args.items() if k in CONFIG_ARGS}
+    options: dict[str, Any] = {k: v for k, v in args.items() if k in CONFIG_ARGS}
+    options["experiments"] = declared_experiments(args.get("experiments") or ())
+    options["admin_token"] = os.environ.get(ADMIN_TOKEN_VARIABLE) or None
     config = GatewayConfig.create(args["repository"], args.get("device_classes_file"), **options)
     # Serve builds the app inside the cluster: a class it cannot host (no GPU) is left out
     # rather than leaving the application waiting forever for resources.

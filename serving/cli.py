@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
 from rich.console import Console
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ from gearbox.compression import EXAMPLES, GearboxError, InvalidArgumentError, Mo
 from gearbox.compression.cluster import ray_session
 from gearbox.compression.quality import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_COSINE_DROP
 from gearbox.serving.config import (
+    ADMIN_TOKEN_VARIABLE,
     GRPC_PORT,
     HTTP_PORT,
     MAX_NICENESS,
@@ -36,6 +38,8 @@ from gearbox.serving.demo import (
     run_workload,
     sentence_workload,
 )
+from gearbox.serving.experiment_store import declared_experiments
+from gearbox.serving.experiments import Experiment
 from gearbox.serving.experiments_cli import add_experiments_parser, run_experiments
 from gearbox.serving.ingress import INGRESS_SWITCH, Ingress, local_state_dir, ray_environment
 from gearbox.serving.server import (
@@ -199,10 +203,27 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
     )  # fmt: skip
 
 
+def _experiments_file(text: str) -> tuple[Experiment, ...]:
+    try:
+        document = yaml.safe_load(Path(text).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {error}") from None
+    if isinstance(document, dict) and "experiments" in document:
+        document = document["experiments"]
+    if not isinstance(document, list):
+        raise argparse.ArgumentTypeError(f"{text} must hold a list of experiments")
+    try:
+        return declared_experiments(document)
+    except GearboxError as error:
+        raise argparse.ArgumentTypeError(f"{text}: {error.message}") from None
+
+
 def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig.create(
         args.repo,
         args.device_classes,
+        experiments=getattr(args, "experiments", ()),
+        admin_token=os.environ.get(ADMIN_TOKEN_VARIABLE) or None,
         replicas=args.replicas,
         access_log=args.access_log,
         metrics_port=args.metrics_port,
@@ -288,6 +309,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument("--repo", required=True, metavar="DIR", help="model repository")
     _add_gateway_options(serve_cmd)
+    serve_cmd.add_argument(
+        "--experiments",
+        type=_experiments_file,
+        default=(),
+        metavar="FILE",
+        help="A/B experiments to run from the start: a YAML or JSON list of definitions, as "
+        "POST /v2/experiments takes them (default: none). Creating and ending them later "
+        f"needs the admin token, read from ${ADMIN_TOKEN_VARIABLE} (unset: admin calls off)",
+    )
 
     demo_cmd = commands.add_parser(
         "demo", help="compress an example (digits), serve it, drive a mixed-budget workload"

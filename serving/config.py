@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gearbox.compression.devices import CPU, DeviceClass, load_device_classes
 from gearbox.compression.errors import InvalidArgumentError
+from gearbox.serving.experiments import Experiment
 from gearbox.serving.metrics import metrics_directory
 
 HTTP_PORT = 8000
@@ -16,6 +17,10 @@ METRICS_PORT = 8080
 MAX_NICENESS = 19
 """The lowest priority Linux gives a thread: how far below the replica workers may run."""
 APP_NAME = "gearbox"
+MIN_TOKEN_LENGTH = 16
+"""A shorter admin token is refused: it could be guessed."""
+ADMIN_TOKEN_VARIABLE = "GEARBOX_ADMIN_TOKEN"
+"""Where ``gearbox serve`` and a Serve config's application read the admin token from."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,10 @@ class GatewayConfig:
     """Where each machine's replicas serve their metrics (``/metrics``); None: not served,
     figures only written to :attr:`metrics_directory` (in-process use, tests)."""
     metrics_host: str = "127.0.0.1"
+    experiments: tuple[Experiment, ...] = ()
+    """A/B experiments running from the start (more are created through the admin API)."""
+    admin_token: str | None = field(default=None, repr=False)
+    """The bearer token every admin call must carry; None turns the admin API off."""
     instance: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     """Names this deployment of the gateway: its replicas share metrics under it, and a new
     deployment starts its counters from zero rather than adding to an old one's."""
@@ -105,6 +114,13 @@ class GatewayConfig:
             raise InvalidArgumentError("replicas must be at least 1")
         if not 0.0 <= self.shadow_fraction <= 1.0:
             raise InvalidArgumentError("shadow_fraction must lie in [0, 1]")
+        if self.admin_token is not None and len(self.admin_token) < MIN_TOKEN_LENGTH:
+            raise InvalidArgumentError(
+                f"the admin token must be at least {MIN_TOKEN_LENGTH} characters long"
+            )
+        names = [experiment.name for experiment in self.experiments]
+        if len(names) != len(set(names)):
+            raise InvalidArgumentError(f"experiment names repeat: {', '.join(names)}")
 
     @property
     def metrics_directory(self) -> Path:

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import statistics
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -35,6 +36,8 @@ from gearbox.compression.signature import oip_datatype
 from gearbox.serving.catalog import Catalog, CatalogEntry
 from gearbox.serving.clock import RequestClock
 from gearbox.serving.executor import BatchResult, Lane
+from gearbox.serving.experiment_store import Assignment, ReplicaExperiments
+from gearbox.serving.experiments import Experiment, Outcome
 from gearbox.serving.hosting import Backend, synthetic_inputs
 from gearbox.serving.inference import (
     BYTES,
@@ -50,6 +53,7 @@ from gearbox.serving.metrics import CANCELLED, OK, GatewayMetrics
 from gearbox.serving.queue_model import PredictionErrors, variant_key
 from gearbox.serving.router import (
     DEVICE_CLASS_PARAMETER,
+    Reason,
     Route,
     Router,
     RoutingRequest,
@@ -99,6 +103,10 @@ class Answer:
     protocol: str
     phases: Phases | None = None
     """Where its time went up to the backend's answer, for the statistics extension."""
+    assignment: Assignment | None = None
+    """The A/B experiment arm that chose its variant, if any."""
+    prediction: int | None = None
+    """Its top-1 class (a one-row classification request in an experiment), for feedback."""
 
 
 class DataPlane:
@@ -112,12 +120,14 @@ class DataPlane:
         prediction_quantile: float = 0.95,
         transport_allowance_ms: float = 0.0,
         direct_ingress: bool = False,
+        experiments: ReplicaExperiments | None = None,
     ) -> None:
         """``prediction_quantile``: a budget is met by a variant whose prediction plus this
         quantile of its recent prediction errors fits. ``transport_allowance_ms``: time the
         caller's budget also spends outside the clock (ingress, network), kept free as well.
         ``direct_ingress``: the HAProxy ingress is in front, so requests should reach this
-        replica's own servers (see :meth:`ready`)."""
+        replica's own servers (see :meth:`ready`). ``experiments``: the A/B experiments this
+        replica follows; a request without a pinned version joins its model's experiment."""
         if not backends:
             raise InvalidArgumentError("a data plane needs at least one device-class backend")
         self._backends = {backend.device_class: backend for backend in backends}
@@ -137,6 +147,9 @@ class DataPlane:
         self._ready = False
         self._models = {name: self._serve(name, entry) for name, entry in catalog.models.items()}
         self._statistics = Statistics({name: s.entry.ready for name, s in self._models.items()})
+        self._experiments = experiments
+        if experiments is not None:
+            experiments.follow_agreement(self.agreement_totals)
 
     def _serve(self, name: str, entry: CatalogEntry) -> _ServedModel:
         reference = entry.record.reference_variant
@@ -320,7 +333,7 @@ class DataPlane:
     async def _infer(
         self, request: InferRequest, clock: RequestClock, recorded: bool
     ) -> InferResponse:
-        model_label = variant = device = ""
+        model_label = variant = device = arm = ""
         try:
             served = self._model(request.model)
             model_label = request.model
@@ -339,25 +352,41 @@ class DataPlane:
                 routing = dataclasses.replace(
                     routing, latency_budget_ms=max(clock.deadline_ms, 1e-3)
                 )
-            route = router.choose(routing, request.version, rows, tokens)
+            assignment = None
+            if self._experiments is not None and not request.version and recorded:
+                assignment = self._experiments.assignment(request.model, routing.routing_key)
+            if assignment is None:
+                route = router.choose(routing, request.version, rows, tokens)
+            else:
+                arm = assignment.arm.name
+                route = router.choose(
+                    routing, assignment.arm.variant, rows, tokens, Reason.EXPERIMENT
+                )
             variant, device = route.variant, route.device_class
             if recorded:
-                self._metrics.variant_selected(request.model, variant, route.reason)
+                self._metrics.variant_selected(request.model, variant, route.reason, arm)
             result, work_ms = await self._run(record.name, route, inputs)
             phases = Phases(clock.arrived, work_ms, result, rows)
             if recorded:
                 self._shadow.maybe_compare(
                     record, variant, served.agreement[variant], inputs, result.outputs
                 )
+            experiment_parameters: dict[str, ParameterValue] = {}
+            prediction = None
+            if assignment is not None:
+                experiment_parameters = {"experiment": assignment.experiment, "arm": arm}
+                prediction = _top1(record, result.outputs, rows)
             return InferResponse(
                 model=request.model,
                 version=variant,
-                id=request.id,
+                # Feedback names a request by its id: one the caller did not give is made up.
+                id=request.id or (uuid.uuid4().hex if assignment is not None else ""),
                 outputs=tuple(Tensor(name, result.outputs[name]) for name in requested),
                 parameters={
                     "variant": variant,
                     "device_class": device,
                     "predicted_latency_ms": round(route.predicted_ms, 4),
+                    **experiment_parameters,
                     **text_parameters,
                 },
                 binary_outputs=frozenset(o.name for o in request.outputs if o.binary),
@@ -369,6 +398,8 @@ class DataPlane:
                     work_ms,
                     request.protocol,
                     phases,
+                    assignment,
+                    prediction,
                 ),
             )
         except BaseException as error:
@@ -378,7 +409,7 @@ class DataPlane:
                 )
                 self._metrics.request_finished(
                     model_label, variant, device, request.protocol, _code_of(error),
-                    clock.elapsed_ms() / 1000,
+                    clock.elapsed_ms() / 1000, arm,
                 )  # fmt: skip
             raise
 
@@ -400,11 +431,25 @@ class DataPlane:
         )
         met = answer.budget_ms is None or latency_ms <= answer.budget_ms
         model, variant = response.model, answer.route.variant
+        assignment = answer.assignment
+        arm = assignment.arm.name if assignment is not None else ""
         if answer.budget_ms is not None:
-            self._metrics.budget_outcome(model, variant, met)
+            self._metrics.budget_outcome(model, variant, met, arm)
         self._metrics.request_finished(
-            model, variant, answer.route.device_class, answer.protocol, OK, latency_ms / 1000
+            model, variant, answer.route.device_class, answer.protocol, OK, latency_ms / 1000, arm
         )
+        if assignment is not None and self._experiments is not None:
+            self._experiments.record(
+                Outcome(
+                    request_id=response.id,
+                    experiment=assignment.experiment,
+                    arm=arm,
+                    variant=variant,
+                    latency_ms=latency_ms,
+                    budget_met=met if answer.budget_ms is not None else None,
+                    prediction=answer.prediction,
+                )
+            )
         parameters = {**response.parameters, "latency_ms": round(latency_ms, 4), "budget_met": met}
         if answer.budget_ms is not None:
             # Echoed so a caller sees the budget in force (a gRPC deadline becomes one).
@@ -448,6 +493,23 @@ class DataPlane:
             return self._statistics.report(model, (version,))
         return self._statistics.report(model, served.entry.ready, unattributed=True)
 
+    # -- experiments ---------------------------------------------------------------------------
+
+    def agreement_totals(self) -> list[tuple[str, str, float, int]]:
+        """(model, variant, matched, rows) of every variant's live shadow agreement so far."""
+        return [
+            (model, variant, tracker.matched, tracker.rows)
+            for model, served in self._models.items()
+            for variant, tracker in served.agreement.items()
+            if tracker.rows
+        ]
+
+    def check_experiment(self, experiment: Experiment) -> None:
+        """Refuses an experiment whose model or arms this gateway does not serve."""
+        served = self._model(experiment.model)
+        for arm in experiment.arms:
+            self._require_ready(served, arm.variant)
+
     # -- lookups -------------------------------------------------------------------------------
 
     def _model(self, model: str) -> _ServedModel:
@@ -483,6 +545,14 @@ class DataPlane:
                 f"model '{served.entry.record.name}' has no ready variant to serve"
             )
         return served.router
+
+
+def _top1(record: ModelRecord, outputs: Mapping[str, np.ndarray], rows: int) -> int | None:
+    """The predicted class of a one-row classification answer (what a feedback label is
+    checked against); None for embeddings and batches of several rows."""
+    if record.task != "classification" or rows != 1:
+        return None
+    return int(np.argmax(outputs[record.signature.outputs[0].name]))
 
 
 def _code_of(error: BaseException) -> str:

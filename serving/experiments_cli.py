@@ -18,12 +18,13 @@ from rich.console import Console
 from rich.table import Table
 
 from gearbox.compression.errors import GearboxError, InvalidArgumentError
+from gearbox.serving.config import ADMIN_TOKEN_VARIABLE
 from gearbox.serving.console import say
 from gearbox.serving.experiments import Experiment
 
 ABSENT = "-"
 DEFAULT_URL = "http://127.0.0.1:8000"
-TOKEN_VARIABLE = "GEARBOX_ADMIN_TOKEN"
+TOKEN_VARIABLE = ADMIN_TOKEN_VARIABLE
 """The admin token's environment variable, read by this command and by ``gearbox serve``."""
 HTTP_TIMEOUT_S = 30.0
 EXIT_ERROR = 1

@@ -40,6 +40,8 @@ class Reason:
     """Why a variant was chosen; the ``reason`` label of ``gearbox_variant_selected_total``."""
 
     PINNED = "pinned"
+    EXPERIMENT = "experiment"
+    """An A/B experiment's arm chose the variant (the ``arm`` label says which)."""
     REFERENCE = "reference"
     HIGHEST_QUALITY = "highest_quality"
     """No budget, and ``min_quality`` (or the device classes) left the reference out."""
@@ -179,14 +181,21 @@ class Router:
         return self._predict(variant, device_class, rows, tokens)
 
     def choose(
-        self, routing: RoutingRequest, pinned: str = "", rows: int = 1, tokens: int | None = None
+        self,
+        routing: RoutingRequest,
+        pinned: str = "",
+        rows: int = 1,
+        tokens: int | None = None,
+        pinned_reason: str = Reason.PINNED,
     ) -> Route:
+        """``pinned``: the variant to run (on its fastest allowed device class), counted with
+        ``pinned_reason``; otherwise the routing rule of DESIGN.md §6 chooses."""
         devices = self._allowed_devices(routing)
         if pinned:
             if pinned not in self._variants:
                 raise NotFoundError(f"variant '{pinned}' of model '{self._model}' is not served")
             return self._fastest(
-                [self._option(pinned, d, rows, tokens) for d in devices], Reason.PINNED
+                [self._option(pinned, d, rows, tokens) for d in devices], pinned_reason
             )
 
         variants = list(self._variants.values())

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gearbox.compression.errors import ErrorCode, GearboxError, InvalidArgumentError
+from gearbox.serving.admin import Administration
 from gearbox.serving.clock import RequestClock
 from gearbox.serving.dataplane import DataPlane
+from gearbox.serving.experiments import DEFAULT_CONFIDENCE
 from gearbox.serving.inference import (
     InferRequest,
     InferResponse,
@@ -37,6 +40,8 @@ HTTP_STATUS: Mapping[ErrorCode, int] = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.RESOURCE_EXHAUSTED: 429,
     ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.PERMISSION_DENIED: 403,
     ErrorCode.INTERNAL: 500,
 }
 
@@ -61,8 +66,9 @@ def error_response(code: ErrorCode, message: str) -> HttpResponse:
 
 
 class HttpAdapter:
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, admin: Administration | None = None) -> None:
         self._plane = plane
+        self._admin = admin
 
     async def handle(
         self,
@@ -71,9 +77,13 @@ class HttpAdapter:
         headers: Mapping[str, str],
         body: bytes,
         clock: RequestClock | None = None,
+        query: str = "",
     ) -> HttpResponse:
-        """Answers one request; ``clock`` started when it reached the server (default: now)."""
+        """Answers one request; ``clock`` started when it reached the server (default: now);
+        ``query``: the URL's query string."""
         try:
+            if path.startswith(("/v2/experiments", "/v2/feedback")):
+                return await self._administer(method.upper(), path, headers, body, query)
             return await self._dispatch(
                 method.upper(), path, headers, body, clock or RequestClock.start()
             )
@@ -133,6 +143,47 @@ class HttpAdapter:
         if tail == ["variants"] and method == "GET" and not version:
             return json_response(200, self._plane.variants(model))
         return _unknown(method, path)
+
+    async def _administer(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes, query: str
+    ) -> HttpResponse:
+        """``/v2/experiments[/NAME[/report]]`` and ``/v2/feedback`` (see :mod:`..admin`)."""
+        admin = self._admin
+        if admin is None:
+            return error_response(ErrorCode.NOT_FOUND, f"no endpoint {method} {path}")
+        parts = [urllib.parse.unquote(p) for p in path.split("/") if p][1:]
+        authorization = _header(headers, "authorization")
+        if parts == ["feedback"] and method == "POST":
+            return json_response(200, await admin.feedback(_json_object(body)))
+        if parts == ["experiments"] and method == "GET":
+            return json_response(200, {"experiments": await admin.experiments()})
+        if parts == ["experiments"] and method == "POST":
+            return json_response(
+                201, await admin.create_experiment(_json_object(body), authorization)
+            )
+        if len(parts) == 2 and parts[0] == "experiments" and method == "DELETE":
+            return json_response(200, await admin.end_experiment(parts[1], authorization))
+        if len(parts) == 3 and parts[::2] == ["experiments", "report"] and method == "GET":
+            confidence = _query_number(query, "confidence", DEFAULT_CONFIDENCE)
+            return json_response(200, await admin.report(parts[1], confidence))
+        return _unknown(method, path)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is None:  # a plain dict from a test or another server may keep the case
+        value = next((v for k, v in headers.items() if k.lower() == name), None)
+    return value
+
+
+def _query_number(query: str, name: str, default: float) -> float:
+    values = urllib.parse.parse_qs(query).get(name)
+    if not values:
+        return default
+    try:
+        return float(values[-1])
+    except ValueError:
+        raise InvalidArgumentError(f"query parameter {name} must be a number") from None
 
 
 def _unknown(method: str, path: str) -> HttpResponse:

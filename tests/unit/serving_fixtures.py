@@ -44,6 +44,7 @@ from gearbox.serving.clock import RequestClock
 from gearbox.serving.config import BatchingConfig
 from gearbox.serving.dataplane import DataPlane
 from gearbox.serving.executor import DeviceExecutor, Lane
+from gearbox.serving.experiment_store import ReplicaExperiments
 from gearbox.serving.hosting import LocalBackend
 from gearbox.serving.inference import InferRequest, InferResponse, Tensor
 from gearbox.serving.queue_model import BatchCost, ServiceTimes, variant_key
@@ -249,6 +250,7 @@ async def start(
     pin: bool = True,
     transport_allowance_ms: float = 0.0,
     direct_ingress: bool = False,
+    experiments: ReplicaExperiments | None = None,
 ) -> Served:
     """Builds a stack in the running event loop and warms it up as a replica does (unless
     ``warm`` is false: then the plane is not ready). Close it with :meth:`Served.close`."""
@@ -270,6 +272,7 @@ async def start(
             shadow_fraction=shadow_fraction,
             transport_allowance_ms=transport_allowance_ms,
             direct_ingress=direct_ingress,
+            experiments=experiments,
         )
         if warm:
             await backend.warm_up()

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gearbox.compression.devices import DeviceClass
+from gearbox.compression.errors import GearboxError
 from gearbox.compression.repository import ModelRepository
 from gearbox.serving.admin import Administration
 from gearbox.serving.catalog import Catalog
@@ -36,11 +37,10 @@ from gearbox.serving.experiment_store import (
     LedgerStore,
     ReplicaExperiments,
     declared_experiments,
-    unwrap_remote_error,
 )
 from gearbox.serving.experiments import Experiment, ExperimentLedger, Outcome
 from gearbox.serving.grpc.adapter import GrpcServicer
-from gearbox.serving.hosting import Backend, LocalBackend, RemoteBackend
+from gearbox.serving.hosting import Backend, LocalBackend, RemoteBackend, unwrap_remote_error
 from gearbox.serving.ingress import Ingress, ingress_in_effect
 from gearbox.serving.metrics import GatewayMetrics, ReplicaMetrics
 from gearbox.serving.rest.adapter import HttpAdapter
@@ -113,8 +113,13 @@ class ExperimentHost:
     def __init__(self, declared: tuple[Experiment, ...]) -> None:
         self._store = LedgerStore(ExperimentLedger(), declared)
 
-    async def call(self, operation: str, *args: Any) -> Any:
-        return await getattr(self._store, operation)(*args)
+    async def call(self, operation: str, *args: Any) -> tuple[bool, Any]:
+        """(True, the result) or (False, the Gearbox error): an error travels back as a value,
+        since Ray re-raises a replica's exceptions in a form that loses their message."""
+        try:
+            return True, await getattr(self._store, operation)(*args)
+        except GearboxError as error:
+            return False, error
 
 
 class HandleStore:
@@ -125,9 +130,14 @@ class HandleStore:
 
     async def _call(self, operation: str, *args: Any) -> Any:
         try:
-            return await self._handle.call.remote(operation, *args)
+            succeeded, value = await self._handle.call.remote(operation, *args)
         except Exception as error:
-            raise unwrap_remote_error(error, f"the experiment ledger's {operation}") from None
+            raise unwrap_remote_error(
+                error, f"the experiment ledger's {operation} failed"
+            ) from None
+        if not succeeded:
+            raise value
+        return value
 
     async def active(self) -> tuple[Experiment, ...]:
         return await self._call("active")

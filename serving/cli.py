@@ -111,6 +111,13 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
+    return value
+
+
 def _quantile(text: str) -> float:
     value = _number(text)
     if not 0 < value < 1:
@@ -157,6 +164,12 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
     command.add_argument(
         "--replicas", type=_positive_int, default=1, metavar="N", help="gateway replicas"
     )
+    command.add_argument(
+        "--shadow-fraction", type=_fraction, default=GatewayConfig.shadow_fraction,
+        metavar="F",
+        help="share of answers from a non-reference variant also run, off the response path, "
+        "on the reference to measure live agreement (default %(default)s)",
+    )  # fmt: skip
     command.add_argument(
         "--max-batch-size", type=_positive_int, default=BatchingConfig.max_batch_size,
         metavar="ROWS",
@@ -225,6 +238,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         experiments=getattr(args, "experiments", ()),
         admin_token=os.environ.get(ADMIN_TOKEN_VARIABLE) or None,
         replicas=args.replicas,
+        shadow_fraction=args.shadow_fraction,
         access_log=args.access_log,
         metrics_port=args.metrics_port,
         transport_allowance_ms=args.transport_allowance_ms,

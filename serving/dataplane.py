@@ -163,6 +163,7 @@ class DataPlane:
                 name, variant, manifest.quality.value, manifest.size_bytes
             )
             self._metrics.agreement(name, variant, 0.0, 0, manifest.quality.agreement)
+            self._metrics.declare(name, variant, self._configured)
         router = None
         if choices:
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gearbox.compression.errors import GearboxError, NotFoundError, UnavailableError
+from gearbox.compression.errors import NotFoundError
 from gearbox.serving.experiments import (
     DEFAULT_CONFIDENCE,
     Arm,
@@ -197,16 +197,6 @@ class ReplicaExperiments:
         except NotFoundError:
             await asyncio.sleep(2 * SYNC_INTERVAL_S)
             await self._store.feedback(request_id, label, score)
-
-
-def unwrap_remote_error(error: Exception, what: str) -> GearboxError:
-    """The Gearbox error behind a failed handle call (Ray wraps it), or UNAVAILABLE."""
-    if isinstance(error, GearboxError):
-        return type(error)(error.message)
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, GearboxError):
-        return type(cause)(cause.message)
-    return UnavailableError(f"{what} failed: {type(error).__name__}")
 
 
 def declared_experiments(entries: Sequence[Mapping[str, Any]]) -> tuple[Experiment, ...]:

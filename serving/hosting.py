@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
+from ray.exceptions import RayTaskError
 
 from gearbox.compression.devices import DeviceClass
 from gearbox.compression.errors import GearboxError, UnavailableError
@@ -258,15 +259,10 @@ class RemoteBackend:
         started = time.perf_counter()
         try:
             result: BatchResult = await self._handle.infer.remote(model, variant, dict(inputs))
-        except GearboxError:
-            raise
         except Exception as error:
-            cause = getattr(error, "cause", None)
-            if isinstance(cause, GearboxError):
-                raise type(cause)(cause.message) from None
-            raise UnavailableError(
-                f"device class '{self.device_class}' failed to answer: {type(error).__name__}"
-            ) from error
+            raise unwrap_remote_error(
+                error, f"device class '{self.device_class}' failed to answer"
+            ) from None
         finally:
             self._inflight -= 1
         round_trip_ms = (time.perf_counter() - started) * 1000 - result.queue_s * 1000
@@ -288,3 +284,27 @@ class RemoteBackend:
 
     def depth(self) -> int:
         return self._inflight
+
+
+def unwrap_remote_error(error: Exception, what: str) -> GearboxError:
+    """The Gearbox error behind a failed handle call, or UNAVAILABLE.
+
+    Ray re-raises a replica's exception as a class deriving from both RayTaskError and the
+    original class, whose attributes are looked up on a ``cause`` that is not always the
+    original exception; so the Gearbox class is found in its bases and rebuilt plainly.
+    """
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, GearboxError):
+        return type(cause)(cause.message)
+    gearbox_class = next(
+        (
+            c
+            for c in type(error).__mro__
+            if issubclass(c, GearboxError) and not issubclass(c, RayTaskError)
+        ),
+        None,
+    )
+    if gearbox_class is not None:
+        message = error.__dict__.get("message") or (cause if isinstance(cause, str) else None)
+        return gearbox_class(message or what)
+    return UnavailableError(f"{what}: {type(error).__name__}")

@@ -25,7 +25,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,6 +61,8 @@ OK = "ok"
 CANCELLED = "cancelled"
 """The ``code`` label of a request whose caller went away before it was answered."""
 
+PROTOCOLS = ("http", "grpc")
+"""The ``protocol`` label's values."""
 SNAPSHOT_SUFFIX = ".metrics.json"
 STALE_AFTER_S = 30.0
 """A snapshot not rewritten for this long belongs to a replica that is gone (its process may
@@ -68,6 +70,8 @@ live on another machine's node that shares this directory's name, so its pid say
 
 
 class GatewayMetrics(Protocol):
+    def declare(self, model: str, variant: str, device_classes: Sequence[str]) -> None: ...
+
     def request_finished(
         self,
         model: str,
@@ -177,6 +181,24 @@ class ReplicaMetrics:
         self._flusher.start()
 
     # -- recording -------------------------------------------------------------------------
+
+    def declare(self, model: str, variant: str, device_classes: Sequence[str]) -> None:
+        """Starts a served variant's main series at zero: a series that first appears with
+        its counts already in it has no earlier sample, so PromQL's rate() and increase()
+        would miss everything it counted before the first scrape."""
+        with self._lock:
+            for device in device_classes:
+                for protocol in PROTOCOLS:
+                    key = (REQUESTS.name, (model, variant, device, protocol, OK, ""))
+                    self._figures.counters.setdefault(key, 0.0)
+                for spec, labels in (
+                    (REQUEST_LATENCY, (model, variant, device, "")),
+                    (BATCH_SIZE, (model, variant, device)),
+                ):
+                    self._figures.histograms.setdefault((spec.name, labels), _Histogram.empty(spec))
+                self._figures.live.setdefault((INFLIGHT.name, (model, device)), 0.0)
+            for outcome in ("met", "missed"):
+                self._figures.counters.setdefault((BUDGET.name, (model, variant, outcome, "")), 0.0)
 
     def _count(self, spec: MetricSpec, labels: Labels, amount: float = 1.0) -> None:
         key = (spec.name, labels)

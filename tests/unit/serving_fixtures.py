@@ -28,7 +28,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,8 +145,12 @@ class RecordingMetrics:
         self.figures: dict[tuple[str, str], tuple[float, int]] = {}
         self.agreements: list[tuple[str, str, float]] = []
         self.arms: list[str] = []
+        self.declared: list[tuple[str, str, tuple[str, ...]]] = []
         self.inflight_deltas: list[tuple[str, str, int]] = []
         self.batches: list[tuple[str, str, str, int]] = []
+
+    def declare(self, model: str, variant: str, device_classes: Sequence[str]) -> None:
+        self.declared.append((model, variant, tuple(device_classes)))
 
     def request_finished(
         self,

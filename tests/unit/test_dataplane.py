@@ -577,6 +577,8 @@ def test_variant_figures_are_published_for_ready_variants_only(served):
     assert figures[(MODEL, "int8")] == (manifest.quality.value, manifest.size_bytes)
     assert {(m, v) for m, v, _ in served.metrics.agreements} == {(MODEL, v) for v in READY}
     assert all(value == OFFLINE_AGREEMENT for *_, value in served.metrics.agreements)
+    # Their series start at zero on every configured device class, before any request.
+    assert served.metrics.declared == [(MODEL, v, (DEVICE,)) for v in READY]
 
 
 def test_shadow_comparison_updates_live_agreement_of_a_non_reference_variant(served):

@@ -269,3 +269,22 @@ def test_every_spec_is_well_formed():
         assert (spec.kind is Kind.GAUGE) == (spec.gauge_mode is not None)
         assert list(spec.buckets) == sorted(spec.buckets)
     assert LATENCY_BUCKETS_S[0] <= 0.00025 and LATENCY_BUCKETS_S[-1] >= 10.0
+
+
+def test_a_declared_variant_starts_its_series_at_zero(tmp_path):
+    replica = _replica(tmp_path)
+    replica.declare("m", "int8", ["cpu", "gpu"])
+    replica.request_finished("m", "int8", "cpu", "http", OK, 0.001)
+    replica.flush()
+    samples = _samples(_exposition(tmp_path))
+    for device in ("cpu", "gpu"):
+        labels = {"model": "m", "variant": "int8", "device_class": device, "arm": ""}
+        answered = 1 if device == "cpu" else 0
+        assert _value(samples, f"{REQUEST_LATENCY.name}_count", **labels) == answered
+        assert _value(samples, REQUESTS.sample_name, **labels, protocol="grpc", code=OK) == 0
+        assert _value(samples, INFLIGHT.name, model="m", device_class=device) == 0
+        batch = {"model": "m", "variant": "int8", "device_class": device}
+        assert _value(samples, f"{BATCH_SIZE.name}_count", **batch) == 0
+    for outcome in ("met", "missed"):
+        budget = {"model": "m", "variant": "int8", "outcome": outcome, "arm": ""}
+        assert _value(samples, BUDGET.sample_name, **budget) == 0

@@ -396,6 +396,7 @@ def _tail(path: Path, chars: int = 800) -> str:
 
 # -- the gateway's own counts, from its Prometheus export --------------------------------------
 
+
 @dataclass
 class GatewayCounts:
     """Cumulative counts of the gateway replica(s) as exported at one moment."""

@@ -136,7 +136,10 @@ class DataPlane:
         self._configured = tuple(configured_device_classes)
         self._metrics = metrics
         self._shadow = Shadow(
-            shadow_fraction, self._local.infer, metrics, idle=lambda: self._local.depth() == 0
+            shadow_fraction,
+            self._local.run_in_background,
+            metrics,
+            idle=lambda: self._local.depth() == 0,
         )
         self._overhead_ms = 0.0
         self._direct_ingress = direct_ingress

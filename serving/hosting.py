@@ -8,8 +8,13 @@ replicas of another device class (a GPU pool, say) through a Ray Serve handle.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import statistics
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,10 +23,10 @@ import onnxruntime as ort
 from ray.exceptions import RayTaskError
 
 from gearbox.compression.devices import DeviceClass
-from gearbox.compression.errors import GearboxError, UnavailableError
+from gearbox.compression.errors import GearboxError, NotFoundError, UnavailableError
 from gearbox.compression.repository import ModelRecord, ModelRepository, VariantManifest
 from gearbox.serving.catalog import Catalog, profiled_cost, profiled_costs_by_tokens
-from gearbox.serving.config import BatchingConfig
+from gearbox.serving.config import MAX_NICENESS, BatchingConfig
 from gearbox.serving.executor import Arrays, BatchResult, DeviceExecutor, Lane, OnBatch
 from gearbox.serving.queue_model import BatchCost, ServiceTimes, predict_ms, variant_key
 
@@ -57,6 +62,12 @@ class Backend(Protocol):
         """Requests admitted on this device class and not yet answered."""
         ...
 
+    async def run_in_background(
+        self, model: str, variant: str, inputs: Arrays
+    ) -> dict[str, np.ndarray]:
+        """The variant's outputs for work no caller waits for, run so that it delays none."""
+        ...
+
     def settle(self) -> None:
         """Called once the gateway's own warm-up requests have run: forget what synthetic
         requests taught the predictions where they time no real request."""
@@ -71,6 +82,15 @@ class _SessionRunner:
     def __call__(self, inputs: Arrays) -> dict[str, np.ndarray]:
         results = self.session.run(list(self.output_names), dict(inputs))
         return dict(zip(self.output_names, results, strict=True))
+
+
+def _run_only_when_idle() -> None:
+    """Puts the calling thread in Linux's SCHED_IDLE class (elsewhere: the lowest priority)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MAX_NICENESS)
 
 
 def load_session(
@@ -131,6 +151,14 @@ class LocalBackend:
             )
         self.lanes = tuple(self._lanes)
         self._batching = batching
+        self._runners: dict[str, _SessionRunner] = {}
+        # Work no caller waits for (shadow comparisons) runs here, on a thread the kernel
+        # schedules only when no other thread wants the core: it never holds a serving worker,
+        # never queues ahead of a request, and never takes a core from one.
+        self._background = ThreadPoolExecutor(
+            1, thread_name_prefix=f"gearbox-{device.name}-background",
+            initializer=_run_only_when_idle,
+        )  # fmt: skip
         self._records: dict[str, ModelRecord] = {}
         self._profiled: dict[str, BatchCost] = {}
         self._by_tokens: dict[str, dict[int, BatchCost]] = {}
@@ -145,6 +173,7 @@ class LocalBackend:
             session = load_session(repository, manifest, device)
             runner = _SessionRunner(session, tuple(o.name for o in session.get_outputs()))
             key = variant_key(manifest.model, manifest.variant)
+            self._runners[key] = runner
             self._profiled[key] = profiled_cost(manifest, device.name)
             self._by_tokens[key] = profiled_costs_by_tokens(manifest, device.name)
             self.times.seed(key, device.name, self._profiled[key], self._by_tokens[key])
@@ -201,6 +230,17 @@ class LocalBackend:
     ) -> BatchResult:
         return await self._lane(lane).submit(model, variant, inputs)
 
+    async def run_in_background(
+        self, model: str, variant: str, inputs: Arrays
+    ) -> dict[str, np.ndarray]:
+        """The variant's outputs, computed only with CPU time no request wants (see
+        ``_background``); unbatched, and invisible to the queue model."""
+        runner = self._runners.get(variant_key(model, variant))
+        if runner is None:
+            raise NotFoundError(f"variant '{variant}' of model '{model}' is not hosted here")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._background, runner, dict(inputs))
+
     def predict_ms(
         self,
         model: str,
@@ -229,6 +269,8 @@ class LocalBackend:
     def close(self) -> None:
         for executor in self._lanes.values():
             executor.close()
+        if hasattr(self, "_background"):
+            self._background.shutdown(wait=False, cancel_futures=True)
 
 
 class RemoteBackend:
@@ -270,6 +312,12 @@ class RemoteBackend:
             variant_key(model, variant), self.device_class, result.batch_rows, round_trip_ms
         )
         return result
+
+    async def run_in_background(
+        self, model: str, variant: str, inputs: Arrays
+    ) -> dict[str, np.ndarray]:
+        """Through the class's own replicas like a request: they run it on a standard lane."""
+        return (await self.infer(model, variant, inputs)).outputs
 
     def predict_ms(
         self,

@@ -3,8 +3,10 @@
 A share of the requests answered by a non-reference variant is run again on the reference
 variant after the caller has its answer; the running share of matching rows (equal top-1 for
 classification, mean cosine otherwise) is ``gearbox_variant_agreement``. A comparison starts
-only while the gateway's own device class has nothing queued or running, so that callers never
-wait behind a shadow run that a busy moment would have put ahead of them.
+only while the gateway's own device class has nothing queued or running, one at a time, and
+runs on the device class's background thread (``Backend.run_in_background``: Linux's
+SCHED_IDLE class), never on a serving worker: no request waits behind it in a queue, and none
+loses a core to it.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import numpy as np
 
 from gearbox.compression.errors import ResourceExhaustedError, UnavailableError
 from gearbox.compression.repository import ModelRecord
-from gearbox.serving.executor import Arrays, BatchResult
+from gearbox.serving.executor import Arrays
 from gearbox.serving.metrics import GatewayMetrics
 
-RunReference = Callable[[str, str, Arrays], Awaitable[BatchResult]]
+RunReference = Callable[[str, str, Arrays], Awaitable[dict[str, np.ndarray]]]
+"""Runs (model, variant, inputs) for no caller: ``Backend.run_in_background``."""
 
 
 class Agreement:
@@ -81,7 +84,9 @@ class Shadow:
             return
         # Capped: a busy spell postpones comparisons, it does not bank a burst of them.
         self._credit = min(self._credit + self._fraction, 1.0)
-        if self._credit < 1.0 or not self._idle():
+        # One at a time: while the last still waits for an idle core, a new one would only
+        # queue behind it.
+        if self._credit < 1.0 or self._background or not self._idle():
             return
         self._credit -= 1.0
         task = asyncio.get_running_loop().create_task(
@@ -100,10 +105,10 @@ class Shadow:
     ) -> None:
         try:  # on the gateway's own device class: a shadow run never costs a hop
             reference = await self._run_reference(record.name, record.reference_variant, inputs)
-        except (ResourceExhaustedError, UnavailableError):
-            return  # Under load the comparison waits for a quieter moment.
+        except (ResourceExhaustedError, UnavailableError, RuntimeError):
+            return  # Under load, or while the replica stops: a quieter moment will come.
         name = record.signature.outputs[0].name
-        matched, rows = agreement(record.task, outputs[name], reference.outputs[name])
+        matched, rows = agreement(record.task, outputs[name], reference[name])
         tracker.add(matched, rows)
         self._metrics.agreement(
             record.name, variant, tracker.matched, tracker.rows, tracker.offline

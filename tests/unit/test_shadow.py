@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from gearbox.compression.errors import ResourceExhaustedError, UnavailableError
-from gearbox.serving.executor import BatchResult
 from gearbox.serving.shadow import Agreement, Shadow, agreement
 from tests.unit.serving_fixtures import OUTPUT, RecordingMetrics
 from tests.unit.tiny_model import make_record
@@ -50,7 +49,7 @@ def reference_answer(value: float = 1.0):
         rows = len(next(iter(inputs.values())))
         logits = np.zeros((rows, 10), np.float32)
         logits[:, 0] = value
-        return BatchResult({OUTPUT: logits}, 0.0, 0.0, rows)
+        return {OUTPUT: logits}
 
     return run_reference, calls
 

@@ -150,10 +150,12 @@ def p95_phase(args: argparse.Namespace, prometheus: PrometheusServer, variants: 
         client_p95 = float(np.percentile(run["client_ms"], 95))
         promql = by_variant.get(served) if served else None
         allowed = max(MAX_GAP_MS, MAX_GAP_SHARE * client_p95)
+        outside = [c - g for c, g in zip(run["client_ms"], run["gateway_ms"], strict=True)]
         figures[variant] = {
             "answered_by": run["answered_by"],
             "client": _quantiles(run["client_ms"]),
             "latency_ms": _quantiles(run["gateway_ms"]),
+            "outside_clock": _quantiles(outside),
             "promql_p95_ms": None if promql is None else round(promql, 4),
             "allowed_gap_ms": round(allowed, 4),
             "ok": promql is not None and abs(promql - client_p95) <= allowed,
@@ -265,14 +267,15 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         "PromQL p95 against the client's (ms; the gap allowed is max(1 ms, 30 %))",
         f"{'variant':<10} {'client p50':>10} {'client p95':>10} {'latency_ms p95':>14} "
-        f"{'PromQL p95':>10} {'allowed':>8}  result",
+        f"{'PromQL p95':>10} {'allowed':>8}  result   outside the clock p50 / p95",
     ]
     for variant, f in results["p95"].items():
         promql = "-" if f["promql_p95_ms"] is None else f"{f['promql_p95_ms']:.3f}"
+        outside = f["outside_clock"]
         lines.append(
             f"{variant:<10} {f['client']['p50']:>10.3f} {f['client']['p95']:>10.3f} "
             f"{f['latency_ms']['p95']:>14.3f} {promql:>10} {f['allowed_gap_ms']:>8.3f}  "
-            f"{'OK' if f['ok'] else 'FAIL'}"
+            f"{'OK  ' if f['ok'] else 'FAIL'}   {outside['p50']:.3f} / {outside['p95']:.3f}"
         )
     shadow = results["shadow"]
     lines += [

@@ -34,6 +34,7 @@ from gearbox.serving.dataplane import DataPlane
 from gearbox.serving.executor import Arrays, BatchResult
 from gearbox.serving.experiment_store import (
     AgreementTotals,
+    Feedback,
     LedgerStore,
     ReplicaExperiments,
     declared_experiments,
@@ -152,9 +153,13 @@ class HandleStore:
         return await self._call("listing")
 
     async def record(
-        self, source: str, outcomes: Sequence[Outcome], agreement: Sequence[AgreementTotals]
+        self,
+        source: str,
+        outcomes: Sequence[Outcome],
+        agreement: Sequence[AgreementTotals],
+        feedback: Sequence[Feedback] = (),
     ) -> None:
-        await self._call("record", source, list(outcomes), list(agreement))
+        await self._call("record", source, list(outcomes), list(agreement), list(feedback))
 
     async def feedback(self, request_id: str, label: int | None, score: float | None) -> None:
         await self._call("feedback", request_id, label, score)

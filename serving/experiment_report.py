@@ -528,9 +528,8 @@ def plot(report: ExperimentReport, path: str | os.PathLike[str]) -> Figure:
         lows = [a.accuracy_ci.low * 100 for a in measured if a.accuracy_ci is not None]
         highs = [a.accuracy_ci.high * 100 for a in measured if a.accuracy_ci is not None]
         span = max(max(highs) - min(lows), 1.0)
-        accuracy_axes.set_ylim(
-            max(0.0, min(lows) - 0.15 * span), min(100.0, max(highs) + 0.15 * span) + 0.02 * span
-        )
+        # Room above the highest interval (even past 100 %) for the labels beside the points.
+        accuracy_axes.set_ylim(max(0.0, min(lows) - 0.15 * span), max(highs) + 0.2 * span)
     else:
         accuracy_axes.set_ylim(0, 100)
     control = report.arms[0]

@@ -26,6 +26,7 @@ from gearbox.serving.experiments import (
     ExperimentLedger,
     Outcome,
     assign,
+    check_feedback,
 )
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ longest a newly created or ended experiment takes to reach every replica."""
 
 AgreementTotals = tuple[str, str, float, int]
 """(model, variant, matched rows, compared rows) of one replica's live shadow agreement."""
+Feedback = tuple[str, int | None, float | None]
+"""(request id, label, score): the truth for one request."""
 
 
 class ExperimentStore(Protocol):
@@ -51,7 +54,11 @@ class ExperimentStore(Protocol):
     async def listing(self) -> list[dict[str, Any]]: ...
 
     async def record(
-        self, source: str, outcomes: Sequence[Outcome], agreement: Sequence[AgreementTotals]
+        self,
+        source: str,
+        outcomes: Sequence[Outcome],
+        agreement: Sequence[AgreementTotals],
+        feedback: Sequence[Feedback] = (),
     ) -> None: ...
 
     async def feedback(self, request_id: str, label: int | None, score: float | None) -> None: ...
@@ -80,9 +87,17 @@ class LedgerStore:
         return self.ledger.listing()
 
     async def record(
-        self, source: str, outcomes: Sequence[Outcome], agreement: Sequence[AgreementTotals]
+        self,
+        source: str,
+        outcomes: Sequence[Outcome],
+        agreement: Sequence[AgreementTotals],
+        feedback: Sequence[Feedback] = (),
     ) -> None:
         self.ledger.record(outcomes)
+        for request_id, label, score in feedback:
+            # Checked when it was taken; an experiment that ended since dropped the outcome.
+            with contextlib.suppress(NotFoundError):
+                self.ledger.feedback(request_id, label=label, score=score)
         for model, variant, matched, rows in agreement:
             self.ledger.update_agreement(source, model, variant, matched, rows)
 
@@ -112,7 +127,10 @@ class ReplicaExperiments:
         self._agreement_totals: Callable[[], Sequence[AgreementTotals]] = tuple
         self._rng = rng or random.Random()
         self._by_model: dict[str, Experiment] = {}
-        self._pending: list[Outcome] = []
+        self._pending: dict[str, Outcome] = {}
+        """Outcomes not yet handed over, by request id."""
+        self._pending_feedback: list[Feedback] = []
+        """Feedback for pending outcomes: handed over with them."""
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -129,18 +147,26 @@ class ReplicaExperiments:
         return Assignment(experiment.name, assign(experiment, routing_key, self._rng))
 
     def record(self, outcome: Outcome) -> None:
-        self._pending.append(outcome)
+        self._pending[outcome.request_id] = outcome
 
     # -- in the background -----------------------------------------------------------------------
 
     async def sync(self) -> None:
         """Hands over the buffered outcomes and re-reads the active experiments."""
         async with self._lock:
-            outcomes, self._pending = self._pending, []
+            outcomes, self._pending = self._pending, {}
+            feedback, self._pending_feedback = self._pending_feedback, []
             try:
-                await self._store.record(self._source, outcomes, list(self._agreement_totals()))
+                await self._store.record(
+                    self._source,
+                    list(outcomes.values()),
+                    list(self._agreement_totals()),
+                    feedback,
+                )
             except Exception:
-                self._pending[:0] = outcomes  # kept for the next attempt
+                # Kept for the next attempt, ahead of what arrived meanwhile.
+                self._pending = {**outcomes, **self._pending}
+                self._pending_feedback[:0] = feedback
                 raise
             self._follow(await self._store.active())
 
@@ -189,9 +215,15 @@ class ReplicaExperiments:
         return await self._store.report(name, confidence)
 
     async def feedback(self, request_id: str, label: int | None, score: float | None) -> None:
-        """Feedback for one request, which may have been answered by another replica whose
-        outcomes are still on their way (at most one sync interval): one retry after that."""
-        await self.sync()
+        """Feedback for one request. One this replica answered and has not yet handed over
+        waits for its outcome; one another replica answered may be on its way (at most one
+        sync interval), so a request the ledger does not know yet gets one retry after that."""
+        pending = self._pending.get(request_id)
+        if pending is not None:
+            # Answered here moments ago: the feedback travels with its outcome, no hop now.
+            check_feedback(pending, label, score)
+            self._pending_feedback.append((request_id, label, score))
+            return
         try:
             await self._store.feedback(request_id, label, score)
         except NotFoundError:

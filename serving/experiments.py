@@ -248,6 +248,24 @@ class Outcome:
     recorded_at: float = field(default_factory=time.time)
 
 
+def check_feedback(outcome: Outcome | None, label: int | None, score: float | None) -> None:
+    """Refuses feedback that is not exactly one integer ``label`` or one finite ``score``, or
+    a label for ``outcome`` (when known) that has no predicted class to check it against."""
+    if (label is None) == (score is None):
+        raise InvalidArgumentError("feedback needs exactly one of 'label' and 'score'")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
+        raise InvalidArgumentError(f"feedback label must be an integer class, got {label!r}")
+    if score is not None and (
+        isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score)
+    ):
+        raise InvalidArgumentError(f"feedback score must be a finite number, got {score!r}")
+    if outcome is not None and label is not None and outcome.prediction is None:
+        raise InvalidArgumentError(
+            f"request '{outcome.request_id}' has no predicted class to check a label against "
+            "(an embedding model, or several rows); send a score instead"
+        )
+
+
 @dataclass
 class _Entry:
     outcome: Outcome
@@ -381,16 +399,7 @@ class ExperimentLedger:
     ) -> None:
         """Record the truth for one request: its class ``label`` or a ``score`` (exactly one).
         Feedback given again for the same request replaces the earlier one."""
-        if (label is None) == (score is None):
-            raise InvalidArgumentError("feedback needs exactly one of 'label' and 'score'")
-        if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
-            raise InvalidArgumentError(f"feedback label must be an integer class, got {label!r}")
-        if score is not None and (
-            isinstance(score, bool)
-            or not isinstance(score, int | float)
-            or not math.isfinite(score)
-        ):
-            raise InvalidArgumentError(f"feedback score must be a finite number, got {score!r}")
+        check_feedback(None, label, score)
         state = self._requests.get(request_id)
         entry = state.entries.get(request_id) if state is not None else None
         if entry is None:
@@ -398,11 +407,7 @@ class ExperimentLedger:
                 f"no request '{request_id}' in any experiment (feedback is kept for the most "
                 f"recent {self.max_outcomes} requests of each experiment)"
             )
-        if label is not None and entry.outcome.prediction is None:
-            raise InvalidArgumentError(
-                f"request '{request_id}' has no predicted class to check a label against "
-                "(an embedding model); send a score instead"
-            )
+        check_feedback(entry.outcome, label, score)
         entry.label = label
         entry.score = None if score is None else float(score)
 

@@ -231,3 +231,22 @@ def test_agreement_totals_travel_with_the_outcomes(tiny_repository):
             assert seen > 0 and matched is not None
 
     run(main())
+
+
+def test_feedback_for_an_answer_not_yet_handed_over_travels_with_it(tiny_repository):
+    async def test(gateway: Gateway) -> None:
+        await gateway.call("POST", "/v2/experiments", AB, TOKEN)
+        answer = await gateway.infer(routing_key="fresh")
+        assert gateway.ledger.requests_held == 0  # still in the replica's buffer
+        code, _ = await gateway.call("POST", "/v2/feedback", {"id": answer["id"], "label": 3})
+        assert code == 200
+        code, reply = await gateway.call("POST", "/v2/feedback", {"id": answer["id"], "score": 1})
+        assert code == 200
+        await gateway.experiments.sync()
+        report = gateway.ledger.report(AB["name"])
+        arm = report.arm(answer["parameters"]["arm"])
+        assert (arm.requests, arm.feedback) == (1, 1)
+        code, reply = await gateway.call("POST", "/v2/feedback", {"id": answer["id"]})
+        assert code == 400 and "exactly one" in reply["error"]
+
+    with_gateway(tiny_repository, test)

@@ -121,6 +121,18 @@ def client(port: int, path: str, warmup: int, requests: int) -> dict:
     return {"client_ms": latencies, "gateway_ms": told, "answered_by": sorted(chosen)}
 
 
+def _cpu_ticks() -> list[int]:
+    """The machine's CPU ticks by state, from /proc/stat (user, nice, system, idle, iowait,
+    irq, softirq, steal)."""
+    return [int(field) for field in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+
+
+def _stolen_share(before: list[int], after: list[int]) -> float:
+    """Share of the machine's CPU time the hypervisor took for others between two readings."""
+    total = sum(after) - sum(before)
+    return (after[7] - before[7]) / total if total else 0.0
+
+
 def _quantiles(values: list[float]) -> dict[str, float]:
     return {f"p{q}": round(float(np.percentile(values, q)), 4) for q in (50, 95, 99)}
 
@@ -141,7 +153,9 @@ def p95_phase(args: argparse.Namespace, prometheus: PrometheusServer, variants: 
         timed(args.http_port, variant, image, args.warmup, 1)
         prometheus.wait_for_scrapes(2)
         opened = time.time()
+        cpu_before = _cpu_ticks()
         run = timed(args.http_port, variant, image, 0, args.requests)
+        stolen = _stolen_share(cpu_before, _cpu_ticks())
         time.sleep(1.2)  # the replica writes its figures every second
         prometheus.wait_for_scrapes(2)
         window = time.time() - opened + SCRAPE_INTERVAL_S
@@ -156,6 +170,7 @@ def p95_phase(args: argparse.Namespace, prometheus: PrometheusServer, variants: 
             "client": _quantiles(run["client_ms"]),
             "latency_ms": _quantiles(run["gateway_ms"]),
             "outside_clock": _quantiles(outside),
+            "cpu_stolen_share": round(stolen, 3),
             "promql_p95_ms": None if promql is None else round(promql, 4),
             "allowed_gap_ms": round(allowed, 4),
             "ok": promql is not None and abs(promql - client_p95) <= allowed,
@@ -267,7 +282,7 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         "PromQL p95 against the client's (ms; the gap allowed is max(1 ms, 30 %))",
         f"{'variant':<10} {'client p50':>10} {'client p95':>10} {'latency_ms p95':>14} "
-        f"{'PromQL p95':>10} {'allowed':>8}  result   outside the clock p50 / p95",
+        f"{'PromQL p95':>10} {'allowed':>8}  result   outside the clock p50 / p95   stolen",
     ]
     for variant, f in results["p95"].items():
         promql = "-" if f["promql_p95_ms"] is None else f"{f['promql_p95_ms']:.3f}"
@@ -275,7 +290,8 @@ def report(results: dict[str, Any]) -> str:
         lines.append(
             f"{variant:<10} {f['client']['p50']:>10.3f} {f['client']['p95']:>10.3f} "
             f"{f['latency_ms']['p95']:>14.3f} {promql:>10} {f['allowed_gap_ms']:>8.3f}  "
-            f"{'OK  ' if f['ok'] else 'FAIL'}   {outside['p50']:.3f} / {outside['p95']:.3f}"
+            f"{'OK  ' if f['ok'] else 'FAIL'}   {outside['p50']:>6.3f} / {outside['p95']:<6.3f}"
+            f"        {f['cpu_stolen_share']:.0%}"
         )
     shadow = results["shadow"]
     lines += [

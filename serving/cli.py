@@ -31,6 +31,7 @@ from gearbox.serving.config import (
     GatewayConfig,
 )
 from gearbox.serving.console import RichProgress, rejected_reasons, variant_table
+from gearbox.serving.dataplane import gearbox_version
 from gearbox.serving.demo import (
     DigitsWorkload,
     Workload,
@@ -142,8 +143,14 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
         "proxy; also $GEARBOX_INGRESS. Applies to the Ray this command starts; a joined "
         "cluster keeps the ingress it was started with",
     )
-    command.add_argument("--http-port", type=_port, default=HTTP_PORT, metavar="PORT")
-    command.add_argument("--grpc-port", type=_port, default=GRPC_PORT, metavar="PORT")
+    command.add_argument(
+        "--http-port", type=_port, default=HTTP_PORT, metavar="PORT",
+        help="OIP v2 over HTTP, on 127.0.0.1 (default: %(default)s)",
+    )  # fmt: skip
+    command.add_argument(
+        "--grpc-port", type=_port, default=GRPC_PORT, metavar="PORT",
+        help="OIP v2 over gRPC, on 127.0.0.1 (default: %(default)s)",
+    )  # fmt: skip
     command.add_argument(
         "--metrics-port",
         type=_port,
@@ -162,7 +169,11 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
         "--device-classes", metavar="FILE", help="YAML file of device classes (default: cpu)"
     )
     command.add_argument(
-        "--replicas", type=_positive_int, default=1, metavar="N", help="gateway replicas"
+        "--replicas",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="gateway replicas (default: %(default)s)",
     )
     command.add_argument(
         "--shadow-fraction", type=_fraction, default=GatewayConfig.shadow_fraction,
@@ -198,7 +209,8 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
     )  # fmt: skip
     command.add_argument(
         "--max-queue", type=_positive_int, default=BatchingConfig.max_queue, metavar="N",
-        help="requests admitted per variant and device class before 429 / RESOURCE_EXHAUSTED",
+        help="requests admitted per variant and device class before 429 / RESOURCE_EXHAUSTED "
+        "(default: %(default)s)",
     )  # fmt: skip
     command.add_argument(
         "--transport-allowance-ms", type=_non_negative, default=0.0, metavar="MS",
@@ -260,6 +272,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Compress models into variants on Ray and serve them over the "
         "Open Inference Protocol.",
     )
+    parser.add_argument("--version", action="version", version=f"gearbox {gearbox_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     compress_cmd = commands.add_parser(
@@ -352,7 +365,11 @@ def _parser() -> argparse.ArgumentParser:
         help="serve what the repository already holds instead of compressing again",
     )
     demo_cmd.add_argument(
-        "--requests", type=_positive_int, default=60, metavar="N", help="requests per budget"
+        "--requests",
+        type=_positive_int,
+        default=60,
+        metavar="N",
+        help="requests per budget (default: %(default)s)",
     )
     _add_gateway_options(demo_cmd, address=False)
 

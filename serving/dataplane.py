@@ -75,7 +75,7 @@ EXTENSIONS = (
 )
 
 
-def _gearbox_version() -> str:
+def gearbox_version() -> str:
     try:
         return version("gearbox")
     except PackageNotFoundError:
@@ -264,7 +264,7 @@ class DataPlane:
         return self._overhead_ms
 
     def server_metadata(self) -> ServerMetadata:
-        return ServerMetadata("gearbox", _gearbox_version(), EXTENSIONS)
+        return ServerMetadata("gearbox", gearbox_version(), EXTENSIONS)
 
     def model_ready(self, model: str, version: str = "") -> bool:
         served = self._model(model)

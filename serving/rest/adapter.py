@@ -333,8 +333,14 @@ def _header_length(headers: Mapping[str, str], body_length: int) -> int | None:
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         document = json.loads(raw)
+    except RecursionError:
+        raise InvalidArgumentError("request body is nested too deeply to be read") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidArgumentError(f"request body is not valid JSON: {error}") from None
+    except ValueError as error:  # an integer longer than Python converts (4,300 digits)
+        raise InvalidArgumentError(
+            f"request body holds a number Gearbox cannot read: {error}"
+        ) from None
     if not isinstance(document, dict):
         raise InvalidArgumentError("request body must be a JSON object")
     return document

@@ -270,3 +270,38 @@ def test_serve_options_reach_the_batching_config(tmp_path):
     chosen = _gateway_config(_parser().parse_args(args))
     assert chosen.batching.priority_lane is False
     assert chosen.batching.standard_niceness == 3
+
+
+def test_version_names_the_installed_distribution(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gearbox {version('gearbox')}"
+
+
+def test_every_option_of_every_command_has_help_text():
+    from gearbox.serving.cli import _parser
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if action.dest in ("help", "version"):
+                continue
+            choices = getattr(action, "choices", None)
+            if isinstance(choices, dict):  # subcommands
+                for name, sub in choices.items():
+                    yield from walk(sub, [*path, name])
+            elif action.option_strings or action.dest:
+                yield " ".join(path), action
+
+    options = [(w, a) for w, a in walk(_parser(), ["gearbox"]) if a.option_strings]
+    missing = [f"{w}: {a.option_strings[0]}" for w, a in options if not a.help]
+    assert not missing, missing
+    # An option with a value to take says what it is when not given.
+    silent = [
+        f"{w}: {a.option_strings[0]}"
+        for w, a in options
+        if a.nargs != 0 and a.default not in (None, (), [], False) and "default" not in a.help
+    ]
+    assert not silent, silent

@@ -293,8 +293,12 @@ def infer_status(http, document_or_bytes, path=f"/v2/models/{MODEL}/infer", head
         ),
         (b'{"parameters": [], "inputs": [{"name": "images"}]}', "request parameters"),
         (b'{"parameters": {"a": [1]}, "inputs": [{"name": "images"}]}', "'a' must be a"),
+        (b"1" * 100_000, "a number Gearbox cannot read"),
+        (b'{"inputs": [{"name": "images", "datatype": "INT64", "shape": [1], "data": [%s]}]}'
+         % (b"9" * 5000), "a number Gearbox cannot read"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     ],
-)
+)  # fmt: skip
 def test_malformed_infer_requests_are_400_naming_the_problem(http, raw, match):
     status, error = infer_status(http, raw)
     assert status == 400

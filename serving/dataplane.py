@@ -53,6 +53,7 @@ from gearbox.serving.metrics import CANCELLED, OK, GatewayMetrics
 from gearbox.serving.queue_model import PredictionErrors, variant_key
 from gearbox.serving.router import (
     DEVICE_CLASS_PARAMETER,
+    REQUEST_PARAMETERS,
     Reason,
     Route,
     Router,
@@ -66,6 +67,12 @@ from gearbox.serving.text import TOKENS_PARAMETER, TRUNCATED_PARAMETER, Sentence
 PLATFORM = "onnxruntime_onnx"
 OVERHEAD_SMOOTHING = 0.1
 SELF_TEST_REQUESTS = 20
+IGNORED_PARAMETERS = "ignored_parameters"
+"""The response parameter naming the request parameters Gearbox did not use."""
+KNOWN_REQUEST_PARAMETERS = REQUEST_PARAMETERS | {
+    # The binary-data extension's request parameter, read by the HTTP adapter.
+    "binary_data_output",
+}
 EXTENSIONS = (
     "binary_tensor_data",
     "parameters",
@@ -375,6 +382,10 @@ class DataPlane:
                 self._shadow.maybe_compare(
                     record, variant, served.agreement[variant], inputs, result.outputs
                 )
+            ignored = sorted(set(request.parameters) - KNOWN_REQUEST_PARAMETERS)
+            if ignored:
+                # Echoed, so that a misspelt parameter (latency_budget) does not pass unseen.
+                text_parameters = {**text_parameters, IGNORED_PARAMETERS: ",".join(ignored)}
             experiment_parameters: dict[str, ParameterValue] = {}
             prediction = None
             if assignment is not None:

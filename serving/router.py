@@ -34,6 +34,10 @@ BUDGET_PARAMETER = "latency_budget_ms"
 DEVICE_CLASS_PARAMETER = "device_class"
 MIN_QUALITY_PARAMETER = "min_quality"
 ROUTING_KEY_PARAMETER = "routing_key"
+REQUEST_PARAMETERS = frozenset(
+    {BUDGET_PARAMETER, DEVICE_CLASS_PARAMETER, MIN_QUALITY_PARAMETER, ROUTING_KEY_PARAMETER}
+)
+"""The request parameters the router reads."""
 
 
 class Reason:

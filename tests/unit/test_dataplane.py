@@ -86,6 +86,16 @@ def test_pinned_variant_answers_as_its_artifact_does(served, variant):
     assert served.metrics.selections == [(MODEL, variant, "pinned")]
 
 
+def test_parameters_gearbox_does_not_read_are_echoed_so_a_typo_shows(served):
+    response = run(served.answer(infer_request(images(1), latency_budget=0.001, zeta=1)))
+    assert response.parameters["ignored_parameters"] == "latency_budget,zeta"
+    # The misspelt budget was not applied: the reference answered, within no budget.
+    assert response.parameters["variant"] == REFERENCE
+    assert "latency_budget_ms" not in response.parameters
+    clean = run(served.answer(infer_request(images(1), latency_budget_ms=10_000.0)))
+    assert "ignored_parameters" not in clean.parameters
+
+
 def test_response_parameters_describe_the_route(served):
     request = InferRequest(
         model=MODEL, inputs=(Tensor(INPUT, images(1)),), id="request-7", protocol="grpc"

@@ -14,6 +14,7 @@ class ErrorCode(Enum):
     NOT_FOUND = "not_found"
     FAILED_PRECONDITION = "failed_precondition"
     RESOURCE_EXHAUSTED = "resource_exhausted"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
     UNAVAILABLE = "unavailable"
     UNAUTHENTICATED = "unauthenticated"
     PERMISSION_DENIED = "permission_denied"
@@ -66,6 +67,12 @@ class CompressionError(GearboxError):
     """A technique could not produce a valid variant (export, verification, training)."""
 
     code = ErrorCode.FAILED_PRECONDITION
+
+
+class PayloadTooLargeError(GearboxError):
+    """A request larger than the gateway's limit: refused before it is read in full."""
+
+    code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
 class UnauthenticatedError(GearboxError):

@@ -39,6 +39,7 @@ HTTP_STATUS: Mapping[ErrorCode, int] = {
     ErrorCode.FAILED_PRECONDITION: 400,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.RESOURCE_EXHAUSTED: 429,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.UNAUTHENTICATED: 401,
     ErrorCode.PERMISSION_DENIED: 403,

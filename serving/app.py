@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gearbox.compression.devices import DeviceClass
-from gearbox.compression.errors import GearboxError
+from gearbox.compression.errors import GearboxError, PayloadTooLargeError
 from gearbox.compression.repository import ModelRepository
 from gearbox.serving.admin import Administration
 from gearbox.serving.catalog import Catalog
@@ -44,7 +44,7 @@ from gearbox.serving.grpc.adapter import GrpcServicer
 from gearbox.serving.hosting import Backend, LocalBackend, RemoteBackend, unwrap_remote_error
 from gearbox.serving.ingress import Ingress, ingress_in_effect
 from gearbox.serving.metrics import GatewayMetrics, ReplicaMetrics
-from gearbox.serving.rest.adapter import HttpAdapter
+from gearbox.serving.rest.adapter import HttpAdapter, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -205,23 +205,41 @@ class Gateway(GrpcServicer):
         super().__init__(plane)
         self._local = local
         self._experiments = experiments
+        self._max_request_bytes = config.max_request_bytes
         self._http = HttpAdapter(plane, Administration(plane, experiments, config.admin_token))
 
     async def __call__(self, request: Request) -> Response:
         clock = arrival()
-        reply = await self._http.handle(
-            request.method,
-            request.url.path,
-            request.headers,
-            await request.body(),
-            clock,
-            request.url.query,
-        )
+        try:
+            body = await read_body(request, self._max_request_bytes)
+        except PayloadTooLargeError as error:
+            reply = error_response(error.code, error.message)
+        else:
+            reply = await self._http.handle(
+                request.method, request.url.path, request.headers, body, clock, request.url.query
+            )
         return Response(reply.body, status_code=reply.status, headers=dict(reply.headers))
 
     def __del__(self) -> None:
         self._local.close()
         self._metrics.close()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused once it is known to exceed ``limit`` bytes: from its
+    Content-Length before a byte is read, or as a streamed body grows past it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(
+            f"request body of {int(declared)} bytes exceeds the gateway's limit of {limit} bytes"
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body exceeds the gateway's limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _actor_options(device: DeviceClass) -> dict[str, Any]:
@@ -287,6 +305,7 @@ CONFIG_ARGS = frozenset(
         "transport_allowance_ms",
         "metrics_port",
         "metrics_host",
+        "max_request_bytes",
     }
 )
 """The :class:`GatewayConfig` fields a Serve config file may set as application args."""

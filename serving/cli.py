@@ -69,6 +69,13 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
 
 
+def _positive_number(text: str) -> float:
+    value = _number(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite positive number")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = _number(text)
     if not 0.0 <= value <= 1.0:
@@ -176,6 +183,11 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
         help="gateway replicas (default: %(default)s)",
     )
     command.add_argument(
+        "--max-request-mb", type=_positive_number, default=64.0, metavar="MB",
+        help="largest HTTP request body read; a larger one is refused with 413 "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    command.add_argument(
         "--shadow-fraction", type=_fraction, default=GatewayConfig.shadow_fraction,
         metavar="F",
         help="share of answers from a non-reference variant also run, off the response path, "
@@ -251,6 +263,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         admin_token=os.environ.get(ADMIN_TOKEN_VARIABLE) or None,
         replicas=args.replicas,
         shadow_fraction=args.shadow_fraction,
+        max_request_bytes=int(args.max_request_mb * 1024 * 1024),
         access_log=args.access_log,
         metrics_port=args.metrics_port,
         transport_allowance_ms=args.transport_allowance_ms,

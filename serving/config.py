@@ -76,6 +76,9 @@ class GatewayConfig:
     """Share of requests served by a non-reference variant that are also run, off the response
     path, on the reference variant to measure live agreement."""
     max_ongoing_requests: int = 256
+    max_request_bytes: int = 64 * 1024 * 1024
+    """The largest HTTP request body a replica reads; a larger one is refused with 413 before
+    it is read (by its Content-Length, or as soon as a streamed body passes the limit)."""
     access_log: bool = False
     """Ray Serve's access log: a line per request in each replica's log. Off by default: it
     is written on the response path and cost 0.05-0.1 ms per request on the development
@@ -112,6 +115,8 @@ class GatewayConfig:
             raise InvalidArgumentError("at least one device class is needed")
         if self.replicas < 1:
             raise InvalidArgumentError("replicas must be at least 1")
+        if self.max_request_bytes < 1:
+            raise InvalidArgumentError("max_request_bytes must be at least 1")
         if not 0.0 <= self.shadow_fraction <= 1.0:
             raise InvalidArgumentError("shadow_fraction must lie in [0, 1]")
         if self.admin_token is not None and len(self.admin_token) < MIN_TOKEN_LENGTH:

@@ -119,6 +119,8 @@ def gateway(ray_address, repository, tmp_path_factory) -> Iterator[Gateway]:
             str(classes),
             "--max-queue",
             "2",
+            "--max-request-mb",
+            "1",
         ],
         cwd=ROOT,
         stdout=log.open("w"),
@@ -410,6 +412,13 @@ def test_device_classes_route_to_their_own_replicas(gateway, digits):
     )
     unserved = _infer(gateway, digits[0][:1], device_class="gpu")
     assert unserved.status_code == 503 and "gpu" in unserved.json()["error"]
+
+
+def test_a_body_over_the_limit_is_413_and_the_gateway_keeps_serving(gateway, digits):
+    huge = b'{"inputs": [' + b" " * (2 * 1024 * 1024) + b"]}"
+    reply = requests.post(f"{gateway.http}/v2/models/{MODEL}/infer", data=huge, timeout=30)
+    assert reply.status_code == 413 and "limit of 1048576 bytes" in reply.json()["error"]
+    assert _infer(gateway, digits[0][:1]).status_code == 200
 
 
 def test_overload_is_429_not_an_unbounded_queue(gateway, digits):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import signal
 import socket
@@ -101,6 +102,10 @@ def _proxy_location() -> ProxyLocation:
 
 def start_gateway(config: GatewayConfig, http_port: int, grpc_port: int) -> Endpoints:
     """Deploys the gateway on the Ray this process is connected to; returns once ready."""
+    # Serve's own start-up lines are not true of this gateway ("New http_options will not be
+    # applied" after the start just above; "ready at http://..." before the ingress is): the
+    # caller prints the endpoints once both protocols answer ready.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     served, skipped = servable_device_classes(config, ray.cluster_resources())
     serve.start(
         proxy_location=_proxy_location(),

@@ -41,10 +41,13 @@ from gearbox.serving.experiments import Experiment, Outcome
 from gearbox.serving.hosting import Backend, synthetic_inputs
 from gearbox.serving.inference import (
     BYTES,
+    ConfigTensor,
     InferRequest,
     InferResponse,
+    ModelConfig,
     ModelMetadata,
     ParameterValue,
+    RepositoryEntry,
     ServerMetadata,
     Tensor,
     TensorMetadata,
@@ -65,6 +68,10 @@ from gearbox.serving.statistics import ModelStatistics, Phases, Statistics
 from gearbox.serving.text import TOKENS_PARAMETER, TRUNCATED_PARAMETER, SentenceTokenizer
 
 PLATFORM = "onnxruntime_onnx"
+BACKEND = "onnxruntime"
+READY_STATE = "READY"
+UNAVAILABLE_STATE = "UNAVAILABLE"
+LOADING_STATE = "LOADING"
 OVERHEAD_SMOOTHING = 0.1
 SELF_TEST_REQUESTS = 20
 IGNORED_PARAMETERS = "ignored_parameters"
@@ -508,6 +515,79 @@ class DataPlane:
             return self._statistics.report(model, (version,))
         return self._statistics.report(model, served.entry.ready, unattributed=True)
 
+    # -- model configuration and repository index (Triton's extensions) -----------------------
+
+    def model_config(self, model: str, version: str = "") -> ModelConfig:
+        """Triton's model configuration of ``model``, as the gateway accepts its requests.
+
+        ``max_batch_size`` is 0 and ``dims`` keep the signature's -1 batch dimension: a request
+        may carry any number of rows (the executor splits and merges them under a limit set per
+        gateway, which is no per-request limit), and Triton's 0 means exactly "the first
+        dimension is the model's own". Triton's versions are numbers and Gearbox's are variant
+        names, so ``version_policy`` is left out and the ready variants are listed in the
+        ``variants`` parameter. A text model's sentences and token ids are alternatives, so
+        each of those inputs is ``optional``."""
+        served = self._model(model)
+        if version:
+            self._require_ready(served, version)
+        record = served.entry.record
+        inputs = tuple(
+            ConfigTensor(t.name, _triton_datatype(t.datatype), t.shape)
+            for t in record.signature.inputs
+        )
+        parameters = {
+            "variants": ",".join(served.entry.ready),
+            "reference_variant": record.reference_variant,
+            "task": record.task,
+            "metric": record.metric,
+        }
+        text = record.text
+        if text is not None:
+            inputs = (
+                ConfigTensor(text.name, _triton_datatype(BYTES), (-1,), optional=True),
+                *(dataclasses.replace(t, optional=True) for t in inputs),
+            )
+            parameters["text_input"] = text.name
+            parameters["max_tokens"] = str(text.max_tokens)
+        return ModelConfig(
+            name=model,
+            platform=PLATFORM,
+            backend=BACKEND,
+            max_batch_size=0,
+            inputs=inputs,
+            outputs=tuple(
+                ConfigTensor(t.name, _triton_datatype(t.datatype), t.shape)
+                for t in record.signature.outputs
+            ),
+            parameters=parameters,
+        )
+
+    def repository_index(self, ready: bool = False, repository: str = "") -> list[RepositoryEntry]:
+        """Triton's repository index: one row per published variant (Triton lists one per model
+        version), ``READY`` where it is served, ``UNAVAILABLE`` with the reason where it was
+        rejected at compression, ``LOADING`` before the warm-up; a model with no variant at all
+        is one row with an empty version. ``ready`` keeps only the ``READY`` rows.
+        ``repository``: Gearbox serves one repository, named by no name."""
+        if repository:
+            raise InvalidArgumentError(
+                f"repository '{repository}' not found: Gearbox serves one repository, "
+                "asked for without a name"
+            )
+        rows = []
+        for name in sorted(self._models):
+            manifests = self._models[name].entry.manifests
+            if not manifests:
+                rows.append(RepositoryEntry(name, "", UNAVAILABLE_STATE, "no variant published"))
+            for variant, manifest in sorted(manifests.items()):
+                if not manifest.is_ready:
+                    reason = f"rejected at compression: {manifest.reason or 'no reason given'}"
+                    rows.append(RepositoryEntry(name, variant, UNAVAILABLE_STATE, reason))
+                elif not self._ready:
+                    rows.append(RepositoryEntry(name, variant, LOADING_STATE, "warming up"))
+                else:
+                    rows.append(RepositoryEntry(name, variant, READY_STATE))
+        return [row for row in rows if row.state == READY_STATE or not ready]
+
     # -- experiments ---------------------------------------------------------------------------
 
     def agreement_totals(self) -> list[tuple[str, str, float, int]]:
@@ -568,6 +648,11 @@ def _top1(record: ModelRecord, outputs: Mapping[str, np.ndarray], rows: int) -> 
     if record.task != "classification" or rows != 1:
         return None
     return int(np.argmax(outputs[record.signature.outputs[0].name]))
+
+
+def _triton_datatype(datatype: str) -> str:
+    """Triton's configuration name of an OIP datatype (``FP32`` -> ``TYPE_FP32``)."""
+    return "TYPE_STRING" if datatype == BYTES else f"TYPE_{datatype}"
 
 
 def _code_of(error: BaseException) -> str:

@@ -101,6 +101,42 @@ class ServerMetadata:
     extensions: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ConfigTensor:
+    """One input or output of Triton's model configuration."""
+
+    name: str
+    data_type: str
+    """Triton's name of the datatype: ``TYPE_FP32``, ``TYPE_STRING`` (OIP's BYTES), ..."""
+    dims: tuple[int, ...]
+    optional: bool = False
+    """An input a request may leave out (a text model takes sentences or token ids)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Triton's model configuration, reduced to the fields Gearbox can fill truthfully."""
+
+    name: str
+    platform: str
+    backend: str
+    max_batch_size: int
+    inputs: tuple[ConfigTensor, ...]
+    outputs: tuple[ConfigTensor, ...]
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    """Triton's parameters are strings only."""
+
+
+@dataclass(frozen=True)
+class RepositoryEntry:
+    """One row of Triton's repository index: a model version (a Gearbox variant)."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
 def datatype_of(array: np.ndarray) -> str:
     if array.dtype == object:
         return BYTES

@@ -21,10 +21,13 @@ from gearbox.serving.clock import arrival
 from gearbox.serving.dataplane import DataPlane
 from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
 from gearbox.serving.inference import (
+    ConfigTensor,
     InferRequest,
     InferResponse,
+    ModelConfig,
     ModelMetadata,
     ParameterValue,
+    RepositoryEntry,
     RequestedOutput,
     Tensor,
     tensor_from_bytes,
@@ -156,6 +159,28 @@ class GrpcServicer:
             lambda: statistics_to_proto(self._plane.statistics(request.name, request.version)),
         )
 
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, grpc_context: StatusContext
+    ) -> pb.ModelConfigResponse:
+        return await _answer(
+            grpc_context,
+            pb.ModelConfigResponse,
+            lambda: pb.ModelConfigResponse(
+                config=config_to_proto(self._plane.model_config(request.name, request.version))
+            ),
+        )
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, grpc_context: StatusContext
+    ) -> pb.RepositoryIndexResponse:
+        return await _answer(
+            grpc_context,
+            pb.RepositoryIndexResponse,
+            lambda: index_to_proto(
+                self._plane.repository_index(request.ready, request.repository_name)
+            ),
+        )
+
 
 async def _answer(
     context: StatusContext,
@@ -229,6 +254,34 @@ def statistics_to_proto(stats: list[ModelStatistics]) -> pb.ModelStatisticsRespo
             ],
         )
     return response
+
+
+def config_to_proto(config: ModelConfig) -> pb.ModelConfig:
+    def tensor(item: ConfigTensor) -> dict[str, Any]:
+        return {"name": item.name, "data_type": item.data_type, "dims": list(item.dims)}
+
+    message = pb.ModelConfig(
+        name=config.name,
+        platform=config.platform,
+        backend=config.backend,
+        max_batch_size=config.max_batch_size,
+        input=[pb.ModelInput(**tensor(t), optional=t.optional) for t in config.inputs],
+        output=[pb.ModelOutput(**tensor(t)) for t in config.outputs],
+    )
+    for key, value in config.parameters.items():
+        message.parameters[key].string_value = value
+    return message
+
+
+def index_to_proto(entries: list[RepositoryEntry]) -> pb.RepositoryIndexResponse:
+    return pb.RepositoryIndexResponse(
+        models=[
+            pb.RepositoryIndexResponse.ModelIndex(
+                name=e.name, version=e.version, state=e.state, reason=e.reason
+            )
+            for e in entries
+        ]
+    )
 
 
 def parameters_from_proto(parameters: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:

@@ -20,10 +20,13 @@ from gearbox.serving.clock import RequestClock
 from gearbox.serving.dataplane import DataPlane
 from gearbox.serving.experiments import DEFAULT_CONFIDENCE
 from gearbox.serving.inference import (
+    ConfigTensor,
     InferRequest,
     InferResponse,
+    ModelConfig,
     ModelMetadata,
     ParameterValue,
+    RepositoryEntry,
     RequestedOutput,
     Tensor,
     tensor_from_bytes,
@@ -119,6 +122,9 @@ class HttpAdapter:
         if rest == ["health", "ready"] and method == "GET":
             ready = self._plane.ready(clock.direct)
             return json_response(200 if ready else 503, {"ready": ready})
+        if rest == ["repository", "index"] and method == "POST":
+            ready = _index_ready(body)
+            return _json_list(index_json(self._plane.repository_index(ready)))
         if len(rest) < 2 or rest[0] != "models":
             return _unknown(method, path)
         if rest == ["models", "stats"] and method == "GET":
@@ -141,6 +147,8 @@ class HttpAdapter:
             return encode_infer_response(response, self._plane.answered)
         if tail == ["stats"] and method == "GET":
             return json_response(200, statistics_json(self._plane.statistics(model, version)))
+        if tail == ["config"] and method == "GET":
+            return json_response(200, config_json(self._plane.model_config(model, version)))
         if tail == ["variants"] and method == "GET" and not version:
             return json_response(200, self._plane.variants(model))
         return _unknown(method, path)
@@ -204,6 +212,50 @@ def _metadata_json(meta: ModelMetadata) -> dict[str, Any]:
         ],
         "parameters": dict(meta.parameters),
     }
+
+
+def config_json(config: ModelConfig) -> dict[str, Any]:
+    """Triton's model configuration as its HTTP endpoint writes it (dims as numbers)."""
+
+    def tensor(item: ConfigTensor) -> dict[str, Any]:
+        return {"name": item.name, "data_type": item.data_type, "dims": list(item.dims)}
+
+    return {
+        "name": config.name,
+        "platform": config.platform,
+        "backend": config.backend,
+        "max_batch_size": config.max_batch_size,
+        "input": [{**tensor(t), "optional": t.optional} for t in config.inputs],
+        "output": [tensor(t) for t in config.outputs],
+        "parameters": {k: {"string_value": v} for k, v in config.parameters.items()},
+    }
+
+
+def index_json(entries: list[RepositoryEntry]) -> list[dict[str, str]]:
+    """Triton's repository index: as Triton does, ``reason`` only where there is one."""
+    return [
+        {
+            "name": e.name,
+            "version": e.version,
+            "state": e.state,
+            **({"reason": e.reason} if e.reason else {}),
+        }
+        for e in entries
+    ]
+
+
+def _index_ready(body: bytes) -> bool:
+    # tritonclient posts an empty body; Triton's own clients may send {"ready": true}.
+    if not body.strip():
+        return False
+    ready = _json_object(body).get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidArgumentError("repository index: 'ready' must be a boolean")
+    return ready
+
+
+def _json_list(rows: list[dict[str, str]]) -> HttpResponse:
+    return HttpResponse(200, json.dumps(rows, separators=(",", ":")).encode())
 
 
 def statistics_json(stats: list[ModelStatistics]) -> dict[str, Any]:

@@ -286,6 +286,23 @@ def test_unmodified_triton_grpc_client(gateway, digits):
     assert parameters["budget_met"].bool_param is True
 
 
+def test_triton_model_config_and_repository_index_through_unmodified_clients(gateway):
+    over_http = httpclient.InferenceServerClient(gateway.http.removeprefix("http://"))
+    config = over_http.get_model_config(MODEL)
+    assert config["name"] == MODEL and config["platform"] == "onnxruntime_onnx"
+    assert [tensor["name"] for tensor in config["input"]] == ["images"]
+    assert config["input"][0]["data_type"] == "TYPE_FP32"
+    index = over_http.get_model_repository_index()
+    ready = {(row["name"], row["version"]) for row in index if row["state"] == "READY"}
+    assert {(MODEL, v) for v in ("fp32", "int8", "pruned", "distilled")} <= ready
+    rejected = [row for row in index if (row["name"], row["version"]) == (GATED, "distilled")]
+    assert rejected and rejected[0]["state"] == "UNAVAILABLE"
+    over_grpc = grpcclient.InferenceServerClient(gateway.grpc)
+    assert over_grpc.get_model_config(MODEL).config.input[0].name == "images"
+    models = over_grpc.get_model_repository_index().models
+    assert {(m.name, m.version) for m in models if m.state == "READY"} == ready
+
+
 def _ready_manifests(gateway: Gateway, model: str = MODEL) -> dict:
     return {m.variant: m for m in gateway.repository.variants(model) if m.is_ready}
 

@@ -73,6 +73,8 @@ METHODS = {
     "ModelMetadata",
     "ModelInfer",
     "ModelStatistics",
+    "ModelConfig",
+    "RepositoryIndex",
 }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -280,78 +280,70 @@ def _mann_whitney(values: Sequence[float], control: Sequence[float]) -> tuple[fl
     return statistic, float(result.pvalue), statistic > len(values) * len(control) / 2
 
 
-def _compare_latency(
+@dataclass(frozen=True)
+class _RankedMetric:
+    """A metric whose arms are compared by rank (Mann-Whitney U), and how its verdicts read."""
+
+    metric: Metric
+    subject: str
+    """What is compared: "latency", "scores"."""
+    evidence: str
+    """What there must be enough of: "requests", "feedback"."""
+    counted: str
+    """What the counts count: "requests", "scored requests"."""
+    higher: str
+    lower: str
+    """The finding when the arm ranks higher / lower: "is slower", "scores lower"."""
+    label: str
+    """The summary figure's name: "p50", "mean"."""
+    figure: Callable[[ArmReport], float | None]
+    shown: Callable[[float], str]
+
+
+LATENCY = _RankedMetric(
+    "latency", "latency", "requests", "requests", "is slower", "is faster", "p50",
+    lambda arm: arm.latency_p50_ms, _ms,
+)  # fmt: skip
+SCORES = _RankedMetric(
+    "score", "scores", "feedback", "scored requests", "scores higher", "scores lower", "mean",
+    lambda arm: arm.mean_score, lambda value: f"{value:.3g}",
+)  # fmt: skip
+
+
+def _compare_ranks(
+    what: _RankedMetric,
     arm: ArmReport,
     control: ArmReport,
-    latencies: Sequence[float],
-    control_latencies: Sequence[float],
+    values: Sequence[float],
+    control_values: Sequence[float],
     confidence: float,
 ) -> Comparison:
-    base = {"metric": "latency", "arm": arm.name, "control": control.name, "test": MANN_WHITNEY}
-    if min(arm.requests, control.requests) < MIN_PER_ARM:
+    base = {"metric": what.metric, "arm": arm.name, "control": control.name, "test": MANN_WHITNEY}
+    if min(len(values), len(control_values)) < MIN_PER_ARM:
         verdict = (
-            f"Not enough requests to compare latency ({arm.name}: {arm.requests}, "
-            f"{control.name}: {control.requests} requests; {MIN_PER_ARM} each needed)"
+            f"Not enough {what.evidence} to compare {what.subject} ({arm.name}: "
+            f"{len(values)}, {control.name}: {len(control_values)} {what.counted}; "
+            f"{MIN_PER_ARM} each needed)"
         )
         return Comparison(
             **{**base, "test": None}, statistic=None, p_value=None, difference=None,
             significant=False, verdict=verdict,
         )  # fmt: skip
-    assert arm.latency_p50_ms is not None and control.latency_p50_ms is not None
-    statistic, p_value, slower = _mann_whitney(latencies, control_latencies)
+    arm_figure, control_figure = what.figure(arm), what.figure(control)
+    assert arm_figure is not None and control_figure is not None
+    statistic, p_value, higher = _mann_whitney(values, control_values)
     significant, tail = _significance(p_value, confidence)
-    figures = f"p50 {_ms(arm.latency_p50_ms)} vs {_ms(control.latency_p50_ms)}"
+    summary = f"{what.label} {what.shown(arm_figure)} vs {what.shown(control_figure)}"
     if significant:
-        direction = "slower" if slower else "faster"
-        verdict = (
-            f"{arm.name} is {direction} than {control.name}: {figures} ({MANN_WHITNEY}, {tail})"
-        )
+        finding = what.higher if higher else what.lower
+        verdict = f"{arm.name} {finding} than {control.name}: {summary} ({MANN_WHITNEY}, {tail})"
     else:
         verdict = (
-            f"No significant difference in latency between {arm.name} and {control.name} "
-            f"({figures}, {_p(p_value)} at {_level(confidence)})"
+            f"No significant difference in {what.subject} between {arm.name} and "
+            f"{control.name} ({summary}, {_p(p_value)} at {_level(confidence)})"
         )
     return Comparison(
-        **base, statistic=statistic, p_value=p_value,
-        difference=arm.latency_p50_ms - control.latency_p50_ms,
-        direction="higher" if slower else "lower", significant=significant, verdict=verdict,
-    )  # fmt: skip
-
-
-def _compare_scores(
-    arm: ArmReport,
-    control: ArmReport,
-    scores: Sequence[float],
-    control_scores: Sequence[float],
-    confidence: float,
-) -> Comparison:
-    base = {"metric": "score", "arm": arm.name, "control": control.name, "test": MANN_WHITNEY}
-    if min(arm.scored, control.scored) < MIN_PER_ARM:
-        verdict = (
-            f"Not enough feedback to compare scores ({arm.name}: {arm.scored}, "
-            f"{control.name}: {control.scored} scored requests; {MIN_PER_ARM} each needed)"
-        )
-        return Comparison(
-            **{**base, "test": None}, statistic=None, p_value=None, difference=None,
-            significant=False, verdict=verdict,
-        )  # fmt: skip
-    assert arm.mean_score is not None and control.mean_score is not None
-    statistic, p_value, higher = _mann_whitney(scores, control_scores)
-    significant, tail = _significance(p_value, confidence)
-    figures = f"mean {arm.mean_score:.3g} vs {control.mean_score:.3g}"
-    if significant:
-        direction = "higher" if higher else "lower"
-        verdict = (
-            f"{arm.name} scores {direction} than {control.name}: {figures} ({MANN_WHITNEY}, {tail})"
-        )
-    else:
-        verdict = (
-            f"No significant difference in scores between {arm.name} and {control.name} "
-            f"({figures}, {_p(p_value)} at {_level(confidence)})"
-        )
-    return Comparison(
-        **base, statistic=statistic, p_value=p_value,
-        difference=arm.mean_score - control.mean_score,
+        **base, statistic=statistic, p_value=p_value, difference=arm_figure - control_figure,
         direction="higher" if higher else "lower", significant=significant, verdict=verdict,
     )  # fmt: skip
 
@@ -408,13 +400,20 @@ def build_report(
         if any_labels or not any_scores:
             comparisons.append(_compare_accuracy(report, control, confidence))
         comparisons.append(
-            _compare_latency(
-                report, control, sample.latencies_ms, control_sample.latencies_ms, confidence
+            _compare_ranks(
+                LATENCY,
+                report,
+                control,
+                sample.latencies_ms,
+                control_sample.latencies_ms,
+                confidence,
             )
         )
         if any_scores:
             comparisons.append(
-                _compare_scores(report, control, sample.scores, control_sample.scores, confidence)
+                _compare_ranks(
+                    SCORES, report, control, sample.scores, control_sample.scores, confidence
+                )
             )
     # Sorting by metric keeps each metric's lines together when there are several arms.
     order = {"accuracy": 0, "latency": 1, "score": 2}

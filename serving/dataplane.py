@@ -389,10 +389,10 @@ class DataPlane:
                 self._shadow.maybe_compare(
                     record, variant, served.agreement[variant], inputs, result.outputs
                 )
-            ignored = sorted(set(request.parameters) - KNOWN_REQUEST_PARAMETERS)
+            ignored = request.parameters.keys() - KNOWN_REQUEST_PARAMETERS
             if ignored:
                 # Echoed, so that a misspelt parameter (latency_budget) does not pass unseen.
-                text_parameters = {**text_parameters, IGNORED_PARAMETERS: ",".join(ignored)}
+                text_parameters = {**text_parameters, IGNORED_PARAMETERS: ",".join(sorted(ignored))}
             experiment_parameters: dict[str, ParameterValue] = {}
             prediction = None
             if assignment is not None:

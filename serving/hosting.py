@@ -269,8 +269,7 @@ class LocalBackend:
     def close(self) -> None:
         for executor in self._lanes.values():
             executor.close()
-        if hasattr(self, "_background"):
-            self._background.shutdown(wait=False, cancel_futures=True)
+        self._background.shutdown(wait=False, cancel_futures=True)
 
 
 class RemoteBackend:

@@ -171,7 +171,6 @@ class ReplicaMetrics:
         self._path = directory / f"{os.getpid()}-{id(self):x}{SNAPSHOT_SUFFIX}"
         self._figures = _Figures()
         self._lock = threading.Lock()
-        self._inflight: dict[tuple[str, str], int] = {}
         self._stop = threading.Event()
         self._exporter = MetricsExporter(directory, host, port) if port is not None else None
         self._flusher = threading.Thread(
@@ -248,10 +247,9 @@ class ReplicaMetrics:
             )  # fmt: skip
 
     def inflight(self, model: str, device_class: str, delta: int) -> None:
+        key = (INFLIGHT.name, (model, device_class))
         with self._lock:
-            count = self._inflight.get((model, device_class), 0) + delta
-            self._inflight[(model, device_class)] = count
-            self._figures.live[(INFLIGHT.name, (model, device_class))] = count
+            self._figures.live[key] = self._figures.live.get(key, 0.0) + delta
 
     def batch_formed(self, model: str, variant: str, device_class: str, rows: int) -> None:
         self._observe(BATCH_SIZE, (model, variant, device_class), rows)

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequen
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -48,6 +49,7 @@ from gearbox.serving.experiment_store import ReplicaExperiments
 from gearbox.serving.hosting import LocalBackend
 from gearbox.serving.inference import InferRequest, InferResponse, Tensor
 from gearbox.serving.queue_model import BatchCost, ServiceTimes, variant_key
+from gearbox.serving.rest.adapter import HttpAdapter
 from tests.unit.tiny_model import linear_onnx, make_manifest, make_record
 
 MODEL = "tiny"
@@ -439,3 +441,64 @@ def serving(tiny_repository: ModelRepository) -> Iterator[Callable[..., Served]]
             return stack
 
         yield make
+
+
+# --- stand-ins for what carries a request to an adapter -------------------------------------
+
+
+class GrpcContext:
+    """Records what an adapter tells the gRPC context."""
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details: str | None = None
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+
+class _TritonReply:
+    """What tritonclient.http reads of geventhttpclient's response."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status_code = status
+        self._body = body
+
+    def read(self) -> bytes:
+        return self._body
+
+
+class TritonHttpStub:
+    """Stands in for tritonclient.http's connection: each request goes to ``adapter``, and
+    ``requests`` lists (method, URI) as the client sent them."""
+
+    def __init__(self, adapter: HttpAdapter) -> None:
+        self.adapter = adapter
+        self.requests: list[tuple[str, str]] = []
+
+    def _send(self, method: str, request_uri: str, body: bytes) -> _TritonReply:
+        self.requests.append((method, request_uri))
+        reply = run(self.adapter.handle(method, request_uri, {}, body))
+        return _TritonReply(reply.status, reply.body)
+
+    def get(self, request_uri: str, headers: Any = None) -> _TritonReply:
+        return self._send("GET", request_uri, b"")
+
+    def post(self, request_uri: str, body: str | bytes, headers: Any = None) -> _TritonReply:
+        return self._send("POST", request_uri, body.encode() if isinstance(body, str) else body)
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def triton_http_client(adapter: HttpAdapter) -> tuple[Any, TritonHttpStub]:
+    """An unmodified ``tritonclient.http`` client whose connection is ``adapter``."""
+    import tritonclient.http as triton_http
+
+    client = triton_http.InferenceServerClient("localhost:8000")
+    client._client_stub.close()
+    stub = client._client_stub = TritonHttpStub(adapter)
+    return client, stub

@@ -10,7 +10,6 @@ from typing import Any
 import grpc
 import pytest
 import tritonclient.grpc.aio as triton_grpc
-import tritonclient.http as triton_http
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor
 from tritonclient.grpc import model_config_pb2 as triton_config_pb2
@@ -30,9 +29,11 @@ from tests.unit.serving_fixtures import (
     OUTPUT,
     READY,
     REJECTED,
+    GrpcContext,
     Served,
     run,
     started,
+    triton_http_client,
 )
 from tests.unit.tiny_encoder import (
     TEXT_MAX_TOKENS,
@@ -155,44 +156,9 @@ def test_repository_index_says_loading_before_the_warm_up(tiny_repository: Model
     assert ready == []
 
 
-class _Reply:
-    """What tritonclient.http reads of geventhttpclient's response."""
-
-    def __init__(self, status: int, body: bytes) -> None:
-        self.status_code = status
-        self._body = body
-
-    def read(self) -> bytes:
-        return self._body
-
-
-class _Stub:
-    """Stands in for tritonclient.http's connection: each request goes to the adapter."""
-
-    def __init__(self, adapter: HttpAdapter) -> None:
-        self.adapter = adapter
-        self.requests: list[tuple[str, str]] = []
-
-    def _send(self, method: str, request_uri: str, body: bytes) -> _Reply:
-        self.requests.append((method, request_uri))
-        reply = run(self.adapter.handle(method, request_uri, {}, body))
-        return _Reply(reply.status, reply.body)
-
-    def get(self, request_uri: str, headers: Any = None) -> _Reply:
-        return self._send("GET", request_uri, b"")
-
-    def post(self, request_uri: str, body: str | bytes, headers: Any = None) -> _Reply:
-        return self._send("POST", request_uri, body.encode() if isinstance(body, str) else body)
-
-    def close(self) -> None:
-        """Nothing to close."""
-
-
 def test_tritonclient_http_reads_config_and_index(served: Served):
     http = HttpAdapter(served.plane)
-    client = triton_http.InferenceServerClient("localhost:8000")
-    client._client_stub.close()
-    stub = client._client_stub = _Stub(http)
+    client, stub = triton_http_client(http)
     config = client.get_model_config(MODEL)
     variant = client.get_model_config(MODEL, "small")
     index = client.get_model_repository_index()
@@ -253,26 +219,16 @@ def test_a_text_model_reports_sentences_and_token_ids_as_alternatives(text_repos
 # --- gRPC -----------------------------------------------------------------------------------
 
 
-class Context:
-    def __init__(self) -> None:
-        self.code: grpc.StatusCode | None = None
-        self.details: str | None = None
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        self.details = details
-
-
-def grpc_config(served: Served, name: str, version: str = "") -> tuple[Any, Context]:
-    context = Context()
+def grpc_config(served: Served, name: str, version: str = "") -> tuple[Any, GrpcContext]:
+    context = GrpcContext()
     message = pb.ModelConfigRequest(name=name, version=version)
     return run(GrpcServicer(served.plane).ModelConfig(message, context)), context
 
 
-def grpc_index(served: Served, ready: bool = False, repository: str = "") -> tuple[Any, Context]:
-    context = Context()
+def grpc_index(
+    served: Served, ready: bool = False, repository: str = ""
+) -> tuple[Any, GrpcContext]:
+    context = GrpcContext()
     message = pb.RepositoryIndexRequest(repository_name=repository, ready=ready)
     return run(GrpcServicer(served.plane).RepositoryIndex(message, context)), context
 

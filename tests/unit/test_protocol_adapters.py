@@ -43,6 +43,7 @@ from tests.unit.serving_fixtures import (
     REJECTED,
     SEEDED_MS,
     Gate,
+    GrpcContext,
     RecordingMetrics,
     images,
     run,
@@ -386,10 +387,10 @@ def test_health_and_readiness_are_503_before_the_warm_up(tiny_repository):
                 for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready")
             ]
             servicer = GrpcServicer(served.plane)
-            grpc_before = await servicer.ServerReady(pb.ServerReadyRequest(), Context())
+            grpc_before = await servicer.ServerReady(pb.ServerReadyRequest(), GrpcContext())
             await served.plane.warm_up()
             after = await http.handle("GET", "/v2/health/ready", {}, b"")
-            grpc_after = await servicer.ServerReady(pb.ServerReadyRequest(), Context())
+            grpc_after = await servicer.ServerReady(pb.ServerReadyRequest(), GrpcContext())
             return before, after, grpc_before, grpc_after
 
     (live, ready, model_ready), after, grpc_before, grpc_after = run(main())
@@ -558,22 +559,8 @@ def test_inconsistent_binary_bodies_are_400(http, tamper, match):
 # --- gRPC ----------------------------------------------------------------------------------
 
 
-class Context:
-    """Records what the adapter tells the gRPC context."""
-
-    def __init__(self) -> None:
-        self.code: grpc.StatusCode | None = None
-        self.details: str | None = None
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        self.details = details
-
-
 def call(method, request):
-    context = Context()
+    context = GrpcContext()
     reply = run(method(request, context))
     return reply, context
 
@@ -796,7 +783,7 @@ def test_grpc_unavailable_and_internal_errors(serving, tiny_repository):
 def test_grpc_overload_is_resource_exhausted(serving):
     served = serving(batching=BatchingConfig(max_queue=2))
     servicer = GrpcServicer(served.plane)
-    contexts = [Context() for _ in range(4)]
+    contexts = [GrpcContext() for _ in range(4)]
 
     async def main():
         async with Gate(served.backend.executor, served.backend.times).held():

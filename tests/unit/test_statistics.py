@@ -12,7 +12,6 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton_grpc
-import tritonclient.http as triton_http
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import InferenceServerException
@@ -36,10 +35,12 @@ from tests.unit.serving_fixtures import (
     REFERENCE,
     REJECTED,
     Gate,
+    GrpcContext,
     Served,
     images,
     infer_request,
     run,
+    triton_http_client,
     until,
 )
 
@@ -308,46 +309,17 @@ def test_http_unknown_is_404(quiet, path):
     assert "not found" in document["error"]
 
 
-class _Reply:
-    """What tritonclient.http reads of geventhttpclient's response."""
-
-    def __init__(self, status: int, body: bytes) -> None:
-        self.status_code = status
-        self._body = body
-
-    def read(self) -> bytes:
-        return self._body
-
-
-class _Stub:
-    """Stands in for tritonclient.http's connection: each GET goes to the adapter."""
-
-    def __init__(self, adapter: HttpAdapter) -> None:
-        self.adapter = adapter
-        self.paths: list[str] = []
-
-    def get(self, request_uri: str, headers: Any = None) -> _Reply:
-        self.paths.append(request_uri)
-        reply = run(self.adapter.handle("GET", request_uri, {}, b""))
-        return _Reply(reply.status, reply.body)
-
-    def close(self) -> None:
-        """Nothing to close."""
-
-
 def test_tritonclient_http_get_inference_statistics(quiet):
     http = HttpAdapter(quiet.plane)
     http_infer(http, FASTEST, images(1))
-    client = triton_http.InferenceServerClient("localhost:8000")
-    client._client_stub.close()
-    stub = client._client_stub = _Stub(http)
+    client, stub = triton_http_client(http)
     every = client.get_inference_statistics()
     model = client.get_inference_statistics(MODEL)
     version = client.get_inference_statistics(MODEL, FASTEST)
     with pytest.raises(InferenceServerException, match="'int4'") as missing:
         client.get_inference_statistics(MODEL, "int4")
     client.close()
-    assert stub.paths == [
+    assert [uri for _, uri in stub.requests] == [
         "/v2/models/stats",
         f"/v2/models/{MODEL}/stats",
         f"/v2/models/{MODEL}/versions/{FASTEST}/stats",
@@ -362,22 +334,10 @@ def test_tritonclient_http_get_inference_statistics(quiet):
 # --- gRPC -----------------------------------------------------------------------------------
 
 
-class Context:
-    def __init__(self) -> None:
-        self.code: grpc.StatusCode | None = None
-        self.details: str | None = None
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        self.details = details
-
-
 def grpc_statistics(
     servicer: GrpcServicer, name: str = "", version: str = ""
-) -> tuple[pb.ModelStatisticsResponse, Context]:
-    context = Context()
+) -> tuple[pb.ModelStatisticsResponse, GrpcContext]:
+    context = GrpcContext()
     request = pb.ModelStatisticsRequest(name=name, version=version)
     return run(servicer.ModelStatistics(request, context)), context
 

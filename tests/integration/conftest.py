@@ -126,15 +126,39 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _forget_cluster(address)
 
 
-def run_gearbox(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
-    """The real console script, as a user runs it."""
+def run_gearbox(
+    *args: str, cwd: Path = ROOT, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """The real console script, as a user runs it (``env``: added to this environment)."""
     return subprocess.run(
         [str(Path(sys.executable).with_name("gearbox")), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
+
+
+def wait_gateway_ready(http: str, grpc_target: str, process: subprocess.Popen, log: Path) -> None:
+    """Returns once `gearbox serve` answers ready over both protocols (behind HAProxy each
+    says ready only once its direct path is up); fails the test if it exits or never does."""
+    import requests
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"gearbox serve exited early:\n{log.read_text()}")
+        try:
+            http_ready = requests.get(f"{http}/v2/health/ready", timeout=2).ok
+            if http_ready and grpcclient.InferenceServerClient(grpc_target).is_server_ready():
+                return
+        except (requests.RequestException, InferenceServerException):
+            pass
+        time.sleep(1)
+    pytest.fail(f"gateway never became ready:\n{log.read_text()}")
 
 
 def start_gearbox(*args: str, cwd: Path = ROOT) -> subprocess.Popen:

@@ -46,7 +46,7 @@ from gearbox.serving.metric_names import (
     VARIANT_SIZE,
 )
 from tests.fixtures.prometheus import PrometheusServer, prometheus_binary
-from tests.integration.conftest import ROOT, _free_port
+from tests.integration.conftest import ROOT, _free_port, run_gearbox, wait_gateway_ready
 
 MODEL = "digits"
 TOKEN = "integration-admin-token-0123456789"
@@ -86,14 +86,7 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 
 def _gearbox(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [GEARBOX, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "GEARBOX_ADMIN_TOKEN": TOKEN},
-    )
+    return run_gearbox(*args, timeout=120, env={"GEARBOX_ADMIN_TOKEN": TOKEN})
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +117,7 @@ def gateway(ray_address, digits_repository, tmp_path_factory) -> Iterator[Gatewa
         log,
     )
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"gearbox serve exited early:\n{log.read_text()}")
-            try:
-                ready = requests.get(f"{gateway.http}/v2/health/ready", timeout=2).ok
-                if ready and grpcclient.InferenceServerClient(gateway.grpc).is_server_ready():
-                    break
-            except Exception:
-                pass
-            assert time.monotonic() < deadline, f"never ready:\n{log.read_text()}"
-            time.sleep(1)
+        wait_gateway_ready(gateway.http, gateway.grpc, process, log)
         yield gateway
     finally:
         process.send_signal(signal.SIGTERM)

@@ -38,7 +38,7 @@ from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
 from gearbox.serving.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from gearbox.serving.metric_names import REQUEST_LATENCY, REQUESTS, VARIANT_SELECTED
 from tests.fixtures.slow_model import chain_onnx
-from tests.integration.conftest import ROOT, _free_port
+from tests.integration.conftest import ROOT, _free_port, wait_gateway_ready
 from tests.unit.tiny_encoder import text_encoder_spec, tiny_encoder, tiny_tokenizer_json
 from tests.unit.tiny_model import make_manifest, make_record
 
@@ -135,7 +135,7 @@ def gateway(ray_address, repository, tmp_path_factory) -> Iterator[Gateway]:
         f"http://127.0.0.1:{metrics_port}/metrics",
     )
     try:
-        _wait_ready(gateway, log)
+        wait_gateway_ready(gateway.http, gateway.grpc, process, log)
         yield gateway
     finally:
         process.send_signal(signal.SIGTERM)
@@ -143,22 +143,6 @@ def gateway(ray_address, repository, tmp_path_factory) -> Iterator[Gateway]:
         output = log.read_text()
         assert code == 0, output
         assert "draining and stopping" in output
-
-
-def _wait_ready(gateway: Gateway, log: Path) -> None:
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if gateway.process.poll() is not None:
-            pytest.fail(f"gearbox serve exited early:\n{log.read_text()}")
-        # Both protocols: behind HAProxy each says ready only once its direct path is up.
-        try:
-            http_ready = requests.get(f"{gateway.http}/v2/health/ready", timeout=2).ok
-            if http_ready and grpcclient.InferenceServerClient(gateway.grpc).is_server_ready():
-                return
-        except (requests.RequestException, InferenceServerException):
-            pass
-        time.sleep(1)
-    pytest.fail(f"gateway never became ready:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="module")

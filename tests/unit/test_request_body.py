@@ -7,9 +7,8 @@ import asyncio
 import pytest
 from starlette.requests import Request
 
-from gearbox.compression.errors import ErrorCode, PayloadTooLargeError
+from gearbox.compression.errors import PayloadTooLargeError
 from gearbox.serving.app import read_body
-from gearbox.serving.rest.adapter import HTTP_STATUS
 
 LIMIT = 1000
 
@@ -46,7 +45,3 @@ def test_a_streamed_body_is_refused_once_it_passes_the_limit():
     with pytest.raises(PayloadTooLargeError):
         asyncio.run(read_body(request, LIMIT))
     assert read == [2]  # stopped at the chunk that crossed the limit
-
-
-def test_too_large_is_413():
-    assert HTTP_STATUS[ErrorCode.PAYLOAD_TOO_LARGE] == 413

@@ -27,6 +27,7 @@ from torch import nn
 
 from gearbox.compression.devices import CPU
 from gearbox.compression.errors import CompressionError
+from gearbox.compression.signature import oip_datatype
 from gearbox.compression.spec import ModelSpec, Split
 from gearbox.compression.training import model_inputs, predict
 
@@ -238,6 +239,68 @@ def verify_against_torch(
             f"{float(difference.max()):.3g} on the held-out split"
         )
     return float(difference.max())
+
+
+def _graph_tensor_type(value: onnx.ValueInfoProto) -> tuple[str, list[int] | None]:
+    """A graph input's or output's OIP datatype and shape (-1 for a symbolic dimension; None
+    when the graph records no shape)."""
+    tensor_type = value.type.tensor_type
+    try:
+        datatype = oip_datatype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    except (KeyError, TypeError, ValueError):  # no numpy twin (e.g. UNDEFINED)
+        datatype = onnx.TensorProto.DataType.Name(tensor_type.elem_type)
+    if not tensor_type.HasField("shape"):
+        return datatype, None
+    return datatype, [d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim]
+
+
+def _graph_shape_fits(declared: tuple[int, ...], graph: list[int], kind: str) -> bool:
+    """Declared fixed sizes must be the graph's (a symbolic one is checked at run time). A
+    dynamic input must be dynamic in the graph too, or requests of other sizes would fail; a
+    dynamic output may be fixed (the declaration is looser than the model, not wrong)."""
+    if len(graph) != len(declared):
+        return False
+    return all(
+        got == want or (got == -1 and want != -1) or (want == -1 and kind == "output")
+        for want, got in zip(declared, graph, strict=True)
+    )
+
+
+def check_graph_signature(model_bytes: bytes, spec: ModelSpec, variant: str) -> None:
+    """Raise unless the graph's inputs and outputs are the declared ones: the same names in the
+    same order, the same datatypes and ranks, and sizes as :func:`_graph_shape_fits` allows.
+
+    Serving asks ONNX Runtime for the declared names and model metadata advertises the declared
+    shapes, so a graph that differs must not be published. The graph is parsed, not run.
+    """
+    graph = onnx.load_from_string(model_bytes).graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    # Older IR versions list initializers among the inputs; they are weights, not inputs.
+    graph_inputs = [value for value in graph.input if value.name not in initializers]
+    where = f"model '{spec.name}', variant '{variant}'"
+    for kind, declared, actual in (
+        ("input", spec.signature.inputs, graph_inputs),
+        ("output", spec.signature.outputs, list(graph.output)),
+    ):
+        declared_names = [t.name for t in declared]
+        actual_names = [value.name for value in actual]
+        if actual_names != declared_names:
+            raise CompressionError(
+                f"{where}: the ONNX graph's {kind}s are ({', '.join(actual_names)}), "
+                f"declared ({', '.join(declared_names)})"
+            )
+        for tensor, value in zip(declared, actual, strict=True):
+            datatype, shape = _graph_tensor_type(value)
+            if datatype != tensor.datatype:
+                raise CompressionError(
+                    f"{where}: ONNX graph {kind} '{tensor.name}' has datatype {datatype}, "
+                    f"declared {tensor.datatype}"
+                )
+            if shape is not None and not _graph_shape_fits(tensor.shape, shape, kind):
+                raise CompressionError(
+                    f"{where}: ONNX graph {kind} '{tensor.name}' has shape {shape}, "
+                    f"declared {list(tensor.shape)} (-1: any size)"
+                )
 
 
 @dataclass(frozen=True)

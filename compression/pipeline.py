@@ -33,6 +33,7 @@ from gearbox.compression.evaluation import (
     evaluate_quality,
     profile_latency,
 )
+from gearbox.compression.onnx_export import check_graph_signature
 from gearbox.compression.progress import ProgressBoard, ProgressListener, SilentProgress
 from gearbox.compression.provenance import (
     BuildCache,
@@ -42,6 +43,7 @@ from gearbox.compression.provenance import (
     variant_digests,
 )
 from gearbox.compression.quality import get_metric
+from gearbox.compression.registration import build_torch_model, verify_declared_signature
 from gearbox.compression.repository import (
     ModelRecord,
     ModelRepository,
@@ -108,12 +110,7 @@ def _use_assigned_cpus() -> None:
 
 
 def _reference_model(spec: ModelSpec, weights: Weights | None) -> torch.nn.Module:
-    model = spec.build_model()
-    if not isinstance(model, torch.nn.Module):
-        raise InvalidArgumentError(
-            f"model factory '{spec.model_factory}' returned {type(model).__name__}, "
-            "not a torch.nn.Module"
-        )
+    model = build_torch_model(spec)
     if weights is not None:
         # Arrays from Ray's object store are read-only; torch wants tensors it may write.
         model.load_state_dict(
@@ -172,6 +169,8 @@ def _build_variant(
             report=report,
         ),
     )
+    # Serving asks the graph for the declared tensors: a graph that differs is not published.
+    check_graph_signature(compressed.onnx, spec, config.name)
     report("evaluating held-out quality", 0.9)
     evaluation = evaluate_quality(compressed.onnx, spec, data)
     return VariantBuild(
@@ -375,6 +374,7 @@ def compress(
     repository.ensure_writable()
     tokenizer = spec.read_tokenizer()  # before any training: a missing file fails at once
     data = spec.load_data()
+    verify_declared_signature(spec, data)  # a wrong declaration fails here, before any Ray work
     by_name = {recipe.name: recipe for recipe in recipes}
     digests = variant_digests(spec, data, recipes)
     cache = BuildCache(repository, spec.name)

@@ -75,6 +75,7 @@ from gearbox.compression.provenance import (
     variant_digests,
 )
 from gearbox.compression.quality import get_metric
+from gearbox.compression.registration import verify_declared_signature
 from gearbox.compression.repository import ModelRecord, ModelRepository, VariantManifest
 from gearbox.compression.spec import DataSplits, ModelSpec
 from gearbox.compression.techniques import (
@@ -553,6 +554,7 @@ def search(
     repository.ensure_writable()
     tokenizer = spec.read_tokenizer()
     data = spec.load_data()
+    verify_declared_signature(spec, data)  # a wrong declaration fails before any trial
     points = draw_points(space, trials, seed)
     configs = [space.candidate(point, spec, finetune_epochs) for point in points]
     labels = {config.name: f"trial {i + 1:02d}/{len(points)}" for i, config in enumerate(configs)}

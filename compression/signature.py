@@ -104,7 +104,8 @@ class Signature:
         """
         missing = [t.name for t in self.inputs if t.name not in inputs]
         if missing:
-            raise InvalidArgumentError(f"{where}: missing input(s) {', '.join(missing)}")
+            given = f" (given: {', '.join(sorted(inputs))})" if inputs else ""
+            raise InvalidArgumentError(f"{where}: missing input(s) {', '.join(missing)}{given}")
         extra = sorted(set(inputs) - set(self.input_names))
         if extra:
             raise InvalidArgumentError(

@@ -265,3 +265,26 @@ def test_digits_example_reaches_its_quality_and_every_variant_passes_the_gate(
     assert manifests["int8"].details["mode"] == "static"
     for variant in ("pruned", "distilled"):
         assert manifests[variant].param_count < manifests["fp32"].param_count
+
+
+def test_cli_refuses_a_wrong_declared_output_shape_in_one_line_before_any_work(
+    ray_address, tmp_path
+):
+    repo = tmp_path / "repo"
+    result = run_gearbox(
+        "compress",
+        "--spec",
+        "tests.fixtures.declared_signatures:two_classes_declared",
+        "--repo",
+        str(repo),
+        "--address",
+        ray_address,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("gearbox:")]
+    assert errors == [
+        "gearbox: error: model 'two-classes': declared output 'logits' has shape [-1, 2] but "
+        "the model returns [2, 10] (train split, 2 rows; -1: any size)"
+    ]
+    assert "Traceback" not in result.stderr
+    assert list(repo.iterdir()) == []

@@ -1,10 +1,15 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
+import torch
+from onnx import TensorProto, helper
 
-from gearbox.compression import InvalidArgumentError, Signature, TensorSpec
+from gearbox.compression import CompressionError, InvalidArgumentError, Signature, TensorSpec
 from gearbox.compression.errors import ErrorCode
+from gearbox.compression.onnx_export import check_graph_signature, export_verified
+from tests.unit.tiny_model import TinyConvNet, conv_spec, linear_onnx, tiny_splits
 
 IMAGES = TensorSpec("images", "FP32", (-1, 1, 8, 8))
 LOGITS = TensorSpec("logits", "FP32", (-1, 10))
@@ -130,3 +135,96 @@ def test_signature_from_json_validates_its_tensors():
     data["inputs"][0]["datatype"] = "FLOAT"
     with pytest.raises(InvalidArgumentError, match="unknown datatype 'FLOAT'"):
         Signature.from_json(data)
+
+
+# --- an exported graph against the declared signature ---------------------------------------
+
+
+def _graph(mutate) -> bytes:
+    """tiny_model's hand-built ``images -> logits`` graph, changed by ``mutate(model)``."""
+    model = onnx.load_from_string(linear_onnx())
+    mutate(model)
+    return model.SerializeToString()
+
+
+def _output(model: onnx.ModelProto) -> onnx.TypeProto.Tensor:
+    return model.graph.output[0].type.tensor_type
+
+
+def _rename_output(model: onnx.ModelProto) -> None:
+    model.graph.node[-1].output[0] = "scores"
+    model.graph.output[0].name = "scores"
+
+
+def _add_output(model: onnx.ModelProto) -> None:
+    model.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["n"]))
+
+
+def _rename_input(model: onnx.ModelProto) -> None:
+    model.graph.node[0].input[0] = "pixels"
+    model.graph.input[0].name = "pixels"
+
+
+def _three_classes(model: onnx.ModelProto) -> None:
+    _output(model).shape.dim[1].dim_value = 3
+
+
+def _extra_output_dim(model: onnx.ModelProto) -> None:
+    _output(model).shape.dim.add().dim_param = "extra"
+
+
+def _fixed_input_batch(model: onnx.ModelProto) -> None:
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+
+
+def _fixed_output_batch(model: onnx.ModelProto) -> None:
+    _output(model).shape.dim[0].dim_value = 2
+
+
+def _double_output(model: onnx.ModelProto) -> None:
+    _output(model).elem_type = TensorProto.DOUBLE
+
+
+def test_graph_check_accepts_the_declared_graph_and_an_exported_one():
+    check_graph_signature(linear_onnx(), conv_spec(), "fp32")
+    torch.manual_seed(0)
+    exported = export_verified(TinyConvNet(), conv_spec(), tiny_splits().heldout)
+    check_graph_signature(exported, conv_spec(), "fp32")
+
+
+GRAPH_MISMATCHES = [
+    (_rename_output, "the ONNX graph's outputs are (scores), declared (logits)"),
+    (_add_output, "the ONNX graph's outputs are (logits, extra), declared (logits)"),
+    (_rename_input, "the ONNX graph's inputs are (pixels), declared (images)"),
+    (
+        _three_classes,
+        "ONNX graph output 'logits' has shape [-1, 3], declared [-1, 10] (-1: any size)",
+    ),
+    (
+        _extra_output_dim,
+        "ONNX graph output 'logits' has shape [-1, 10, -1], declared [-1, 10] (-1: any size)",
+    ),
+    (
+        _fixed_input_batch,
+        "ONNX graph input 'images' has shape [2, 1, 8, 8], declared [-1, 1, 8, 8] (-1: any size)",
+    ),
+    (_double_output, "ONNX graph output 'logits' has datatype FP64, declared FP32"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "named"), GRAPH_MISMATCHES)
+def test_graph_check_names_the_tensor_that_differs(mutate, named):
+    with pytest.raises(CompressionError) as caught:
+        check_graph_signature(_graph(mutate), conv_spec(), "int8")
+    assert caught.value.message == f"model 'tiny-conv', variant 'int8': {named}"
+
+
+def test_graph_check_accepts_a_fixed_output_size_declared_dynamic():
+    # The declaration is looser than the graph, not wrong: every answer fits it.
+    check_graph_signature(_graph(_fixed_output_batch), conv_spec(), "fp32")
+
+
+def test_check_inputs_names_what_was_given_in_place_of_a_missing_input():
+    with pytest.raises(InvalidArgumentError) as caught:
+        SIGNATURE.check_inputs({"pixels": np.zeros((1, 64), np.float32)}, "request")
+    assert caught.value.message == "request: missing input(s) images (given: pixels)"

@@ -1,19 +1,31 @@
+import dataclasses
 import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gearbox.compression import (
+    CORE_RECIPES,
     DataSplits,
     InvalidArgumentError,
+    ModelRepository,
     ModelSpec,
+    Signature,
     Split,
+    TensorSpec,
     TrainingConfig,
+    compress,
     load_spec,
 )
+from gearbox.compression.examples import digits
+from gearbox.compression.registration import verify_declared_signature
 from gearbox.compression.spec import import_object
+from tests.fixtures.declared_signatures import IMAGES, LOGITS, SCALE, declared
+from tests.fixtures.declared_signatures import MODULE as FIXTURES
 from tests.unit import tiny_model
-from tests.unit.tiny_model import CONV_SIGNATURE, MODULE, conv_spec
+from tests.unit.tiny_model import CONV_SIGNATURE, MODULE, conv_spec, mlp_spec
 
 
 def test_helper_module_has_the_import_path_specs_use():
@@ -201,3 +213,131 @@ def test_load_data_reports_a_failing_provider():
 def test_load_data_reports_a_provider_that_cannot_be_imported():
     with pytest.raises(InvalidArgumentError, match="cannot import data provider"):
         _load("no_such_provider")
+
+
+# --- the declared signature against what the model really takes and returns -----------------
+
+
+def _verify(spec):
+    verify_declared_signature(spec, spec.load_data())
+
+
+def _refused(spec) -> str:
+    """The one-line message compress() stops with, having written nothing to the repository."""
+    with tempfile.TemporaryDirectory() as root:
+        repository = ModelRepository(Path(root) / "repo")
+        with pytest.raises(InvalidArgumentError) as caught:
+            compress(spec, repository, CORE_RECIPES)
+        assert list(repository.root.iterdir()) == []
+    assert "\n" not in caught.value.message
+    return caught.value.message
+
+
+def test_the_examples_declare_what_their_models_take_and_return():
+    _verify(digits.spec())
+    _verify(conv_spec())
+    _verify(mlp_spec())
+
+
+def test_a_declared_output_too_many_is_refused():
+    spec = declared("TinyConvNet", outputs=(LOGITS, TensorSpec("features", "FP32", (-1, 64))))
+    assert _refused(spec) == (
+        "model 'declared': the signature declares 2 output(s) (logits, features) but the model "
+        "returns 1 (train split, 2 rows)"
+    )
+
+
+def test_an_undeclared_extra_output_is_refused():
+    assert _refused(declared("LogitsAndFeatures")) == (
+        "model 'declared': the signature declares 1 output(s) (logits) but the model returns 2 "
+        "(train split, 2 rows)"
+    )
+
+
+def test_an_output_the_model_names_otherwise_is_refused():
+    assert _refused(declared("NamedScores")) == (
+        "model 'declared': declared output #1 'logits' is named 'scores' by the model "
+        "(train split, 2 rows)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "returned"), [((-1, 2), "[2, 10]"), ((-1, 10, 1), "[2, 10]"), ((4, 10), "[2, 10]")]
+)
+def test_an_output_shape_the_model_does_not_return_is_refused(shape, returned):
+    spec = declared("TinyConvNet", outputs=(TensorSpec("logits", "FP32", shape),))
+    assert _refused(spec) == (
+        f"model 'declared': declared output 'logits' has shape {list(shape)} but the model "
+        f"returns {returned} (train split, 2 rows; -1: any size)"
+    )
+
+
+def test_dimensions_declared_dynamic_are_not_compared():
+    _verify(declared("TinyConvNet", outputs=(TensorSpec("logits", "FP32", (-1, -1)),)))
+
+
+def test_an_output_datatype_the_model_does_not_return_is_refused():
+    assert _refused(declared("DoubleLogits")) == (
+        "model 'declared': declared output 'logits' has datatype FP32 but the model returns FP64 "
+        "(train split, 2 rows)"
+    )
+
+
+def test_an_input_name_the_data_lacks_is_refused():
+    spec = declared("TinyConvNet", inputs=(TensorSpec("pixels", "FP32", (-1, 1, 8, 8)),))
+    assert _refused(spec) == (
+        "model 'declared', train split: missing input(s) pixels (given: images)"
+    )
+
+
+def test_inputs_declared_out_of_forwards_order_are_refused():
+    spec = declared(
+        "ScaledLogits", inputs=(SCALE, IMAGES), data_provider=f"{FIXTURES}:scaled_splits"
+    )
+    assert _refused(spec) == (
+        "model 'declared': declared input 'scale' is input #1, but ScaledLogits.forward takes "
+        "'scale' as argument #2 (images, scale): declare the inputs in forward's order"
+    )
+    _verify(dataclasses.replace(spec, signature=Signature((IMAGES, SCALE), (LOGITS,))))
+
+
+def test_more_inputs_than_forward_takes_are_refused():
+    spec = declared(
+        "TinyConvNet", inputs=(IMAGES, SCALE), data_provider=f"{FIXTURES}:scaled_splits"
+    )
+    assert _refused(spec) == (
+        "model 'declared': the signature declares 2 input(s) (images, scale) but "
+        "TinyConvNet.forward takes (images)"
+    )
+
+
+def test_an_input_shape_the_model_cannot_take_is_refused():
+    spec = declared(
+        "tests.unit.tiny_model:TinyConvNet",
+        inputs=(TensorSpec("pixels", "FP32", (-1, 64)),),
+        data_provider="tests.unit.tiny_model:tiny_flat_splits",
+    )
+    message = _refused(spec)
+    assert message.startswith(
+        "model 'declared': the model fails on the declared inputs (pixels FP32 [2, 64]; "
+        "train split): RuntimeError: "
+    )
+
+
+def test_an_input_datatype_the_model_cannot_take_is_refused():
+    spec = declared(
+        "TinyConvNet",
+        inputs=(TensorSpec("images", "FP64", (-1, 1, 8, 8)),),
+        data_provider=f"{FIXTURES}:float64_splits",
+    )
+    assert _refused(spec).startswith(
+        "model 'declared': the model fails on the declared inputs (images FP64 [2, 1, 8, 8]; "
+        "train split): RuntimeError: "
+    )
+
+
+def test_a_factory_that_makes_no_torch_module_is_refused():
+    spec = declared("tests.unit.tiny_model:not_a_spec")
+    assert _refused(spec) == (
+        "model factory 'tests.unit.tiny_model:not_a_spec' returned str, not a torch.nn.Module"
+    )

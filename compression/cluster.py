@@ -46,7 +46,14 @@ def ray_session(
             logging_level="ERROR",
             runtime_env={"env_vars": job_env},
         )
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except Exception as exc:
+        # Ray's own failures to start or join; a plain Exception when its node times out
+        # starting. Anything else is not Ray's answer and goes on as it is.
+        ray_failure = type(exc) is Exception or isinstance(
+            exc, (ConnectionError, RuntimeError, ValueError)
+        )
+        if not ray_failure:
+            raise
         where = f"at {address}" if address else "locally"
         hint = ""
         if address and not os.environ.get("RAY_AUTH_MODE"):

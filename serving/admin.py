@@ -1,9 +1,12 @@
-"""The gateway's own endpoints beyond OIP inference: A/B experiments and feedback.
+"""The gateway's own endpoints beyond OIP inference: A/B experiments, feedback, and loading
+and unloading models (Triton's model-repository extension).
 
-Protocol-neutral like the data plane; the HTTP adapter maps them to ``/v2/experiments`` and
-``/v2/feedback``. Calls that change what the gateway does (creating or ending an experiment)
-need the admin token as a bearer token; reading reports and sending feedback do not, as the
-callers of the gateway send feedback for their own requests.
+Protocol-neutral like the data plane; the HTTP adapter maps them to ``/v2/experiments``,
+``/v2/feedback`` and ``/v2/repository/models/{m}/load|unload``, the gRPC adapter the last two
+to ``RepositoryModelLoad`` / ``RepositoryModelUnload``. Calls that change what the gateway does
+(creating or ending an experiment, loading or unloading a model) need the admin token as a
+bearer token; reading reports and sending feedback do not, as the callers of the gateway send
+feedback for their own requests.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from gearbox.serving.config import ADMIN_TOKEN_VARIABLE
 from gearbox.serving.dataplane import DataPlane
 from gearbox.serving.experiment_store import ReplicaExperiments
 from gearbox.serving.experiments import DEFAULT_CONFIDENCE, Experiment
+from gearbox.serving.repository_control import ReplicaRepository
+
+UNLOAD_PARAMETERS = frozenset({"unload_dependents"})
+"""What Triton's unload takes; Gearbox models have no dependents, so it changes nothing."""
 
 
 class _Feedback(BaseModel):
@@ -36,11 +43,16 @@ class _Feedback(BaseModel):
 
 class Administration:
     def __init__(
-        self, plane: DataPlane, experiments: ReplicaExperiments | None, token: str | None
+        self,
+        plane: DataPlane,
+        experiments: ReplicaExperiments | None,
+        token: str | None,
+        repository: ReplicaRepository | None = None,
     ) -> None:
         self._plane = plane
         self._experiments = experiments
         self._token = token
+        self._repository = repository
 
     def authorize(self, authorization: str | None) -> None:
         """Passes only an ``Authorization: Bearer <token>`` naming this gateway's token."""
@@ -55,6 +67,37 @@ class Administration:
         # Constant time: the comparison must not tell an attacker how much of a guess was right.
         if not hmac.compare_digest(given.strip().encode(), self._token.encode()):
             raise UnauthenticatedError("the admin token is wrong")
+
+    def _updates(self) -> ReplicaRepository:
+        if self._repository is None:
+            raise UnavailableError("this gateway does not follow repository updates")
+        return self._repository
+
+    async def load_model(
+        self, model: str, parameters: dict[str, Any], authorization: str | None
+    ) -> dict[str, Any]:
+        """Serves ``model`` as the repository holds it now (variants published, re-published
+        or removed since are picked up), on every replica, before answering."""
+        self.authorize(authorization)
+        if parameters:
+            raise InvalidArgumentError(
+                f"load takes no parameters (given: {', '.join(sorted(parameters))}): Gearbox "
+                "serves what its repository holds; publish variants with `gearbox compress`"
+            )
+        return {"name": model, "generation": await self._updates().load(model)}
+
+    async def unload_model(
+        self, model: str, parameters: dict[str, Any], authorization: str | None
+    ) -> dict[str, Any]:
+        """Stops serving ``model`` on every replica until it is loaded again."""
+        self.authorize(authorization)
+        unknown = sorted(set(parameters) - UNLOAD_PARAMETERS)
+        if unknown:
+            raise InvalidArgumentError(
+                f"unload takes only {', '.join(sorted(UNLOAD_PARAMETERS))} "
+                f"(given: {', '.join(unknown)})"
+            )
+        return {"name": model, "generation": await self._updates().unload(model)}
 
     def _ledger(self) -> ReplicaExperiments:
         if self._experiments is None:

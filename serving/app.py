@@ -9,6 +9,7 @@ routing and inference on the common path cost a single hop. Other device classes
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -24,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gearbox.compression.devices import DeviceClass
-from gearbox.compression.errors import GearboxError, PayloadTooLargeError
+from gearbox.compression.errors import GearboxError, PayloadTooLargeError, UnavailableError
 from gearbox.compression.repository import ModelRepository
 from gearbox.serving.admin import Administration
 from gearbox.serving.catalog import Catalog
@@ -41,15 +42,25 @@ from gearbox.serving.experiment_store import (
 )
 from gearbox.serving.experiments import Experiment, ExperimentLedger, Outcome
 from gearbox.serving.grpc.adapter import GrpcServicer
-from gearbox.serving.hosting import Backend, LocalBackend, RemoteBackend, unwrap_remote_error
+from gearbox.serving.hosting import LocalBackend, RemoteBackend, unwrap_remote_error
 from gearbox.serving.ingress import Ingress, ingress_in_effect
 from gearbox.serving.metrics import GatewayMetrics, ReplicaMetrics
+from gearbox.serving.repository_control import (
+    ReplicaRepository,
+    RepositoryControl,
+    RepositoryState,
+    gateway_update,
+)
 from gearbox.serving.rest.adapter import HttpAdapter, error_response
 
 logger = logging.getLogger(__name__)
 
 GRPC_SERVICER = "gearbox.serving.clock.add_inference_service"
 """Ray Serve's ``grpc_servicer_functions`` entry: OIP's service, with the arrival clock."""
+
+CONTROL_TIMEOUT_S = 30.0
+"""The longest a replica waits for the experiment ledger or the repository control (they are
+off the request path: a call that takes longer fails, and is tried again by the next sync)."""
 
 # A worker thread that finished a batch waits for the GIL at most this long before its callers
 # are answered (Python's default, 5 ms, is longer than most variants run).
@@ -90,55 +101,140 @@ def _replica_metrics(config: GatewayConfig) -> ReplicaMetrics:
 class DeviceClassHost:
     """Replicas of one extra device class (their Ray resources come from its definition)."""
 
-    async def __init__(self, config: GatewayConfig, device_class: str) -> None:
+    async def __init__(
+        self, config: GatewayConfig, device_class: str, control: DeploymentHandle
+    ) -> None:
         device = next(d for d in config.device_classes if d.name == device_class)
-        catalog = Catalog.load(ModelRepository(config.repository))
+        repository = ModelRepository(config.repository)
+        replica = serve.get_replica_context().replica_id.unique_id
+        updates = HandleControl(control)
+        state = await updates.sync(replica, None)
+        catalog = state.applied_to(Catalog.load(repository))
         self._metrics = _replica_metrics(config)
         self._backend = await _local_backend(
             config, catalog, device, self._metrics, routed_here=False
         )
+        self._report_loaded(catalog)
+
+        async def apply(state: RepositoryState) -> None:
+            catalog = state.applied_to(await asyncio.to_thread(Catalog.load, repository))
+            await self._backend.update(catalog)
+            self._report_loaded(catalog)
+
+        self._repository = ReplicaRepository(
+            updates, apply, replica, repository.models, serving=state.generation
+        )
+        self._repository.start()
+
+    def _report_loaded(self, catalog: Catalog) -> None:
+        served = self._backend.served(catalog)
+        for manifest in catalog.ready_manifests():
+            loaded = manifest.variant in served.models[manifest.model].ready
+            self._metrics.variant_loaded(
+                manifest.model, manifest.variant, self._backend.device_class, loaded
+            )
 
     async def infer(self, model: str, variant: str, inputs: Arrays) -> BatchResult:
         return await self._backend.infer(model, variant, inputs)
 
+    def check_health(self) -> None:
+        """Ray Serve's periodic health check: a replica whose workers died is replaced."""
+        if not self._backend.live():
+            raise UnavailableError("a worker thread of this replica's executor has stopped")
+
     def __del__(self) -> None:
+        self._repository.cancel()
         self._backend.close()
         self._metrics.close()
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
-class ExperimentHost:
-    """The one ledger of every A/B experiment, its outcomes and feedback (see
-    :mod:`gearbox.serving.experiment_store`). Reached off the request path only."""
+class _OperationsHost:
+    """A singleton deployment whose ``call`` runs one operation of its ``_target``."""
 
-    def __init__(self, declared: tuple[Experiment, ...]) -> None:
-        self._store = LedgerStore(ExperimentLedger(), declared)
+    _target: Any
 
     async def call(self, operation: str, *args: Any) -> tuple[bool, Any]:
         """(True, the result) or (False, the Gearbox error): an error travels back as a value,
         since Ray re-raises a replica's exceptions in a form that loses their message."""
         try:
-            return True, await getattr(self._store, operation)(*args)
+            return True, await getattr(self._target, operation)(*args)
         except GearboxError as error:
             return False, error
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class ExperimentHost(_OperationsHost):
+    """The one ledger of every A/B experiment, its outcomes and feedback (see
+    :mod:`gearbox.serving.experiment_store`). Reached off the request path only."""
+
+    def __init__(self, declared: tuple[Experiment, ...]) -> None:
+        self._target = LedgerStore(ExperimentLedger(), declared)
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class RepositoryHost(_OperationsHost):
+    """The one record of repository updates every replica follows (see
+    :mod:`gearbox.serving.repository_control`). Reached off the request path only."""
+
+    def __init__(self) -> None:
+        self._target = RepositoryControl()
+
+
+class _HandleCalls:
+    """Calls of an :class:`_OperationsHost` through its handle, its errors raised again."""
+
+    def __init__(self, handle: DeploymentHandle, what: str) -> None:
+        self._handle = handle
+        self._what = what
+
+    async def __call__(self, operation: str, *args: Any) -> Any:
+        response = self._handle.call.remote(operation, *args)
+        try:
+            succeeded, value = await asyncio.wait_for(_awaited(response), CONTROL_TIMEOUT_S)
+        except TimeoutError:
+            response.cancel()
+            raise UnavailableError(
+                f"{self._what} did not answer its {operation} within {CONTROL_TIMEOUT_S:g} s"
+            ) from None
+        except Exception as error:
+            raise unwrap_remote_error(error, f"{self._what}'s {operation} failed") from None
+        if not succeeded:
+            raise value
+        return value
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+class HandleControl:
+    """:class:`~gearbox.serving.repository_control.Control` through a handle to
+    :class:`RepositoryHost`."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._call = _HandleCalls(handle, "the repository control")
+
+    async def sync(self, replica: str, serving: int | None) -> RepositoryState:
+        return await self._call("sync", replica, serving)
+
+    async def load(self, model: str) -> RepositoryState:
+        return await self._call("load", model)
+
+    async def unload(self, model: str) -> RepositoryState:
+        return await self._call("unload", model)
+
+    async def behind(self, generation: int) -> list[str]:
+        return await self._call("behind", generation)
+
+    async def forget(self, replica: str) -> None:
+        await self._call("forget", replica)
 
 
 class HandleStore:
     """:class:`ExperimentStore` through a handle to :class:`ExperimentHost`."""
 
     def __init__(self, handle: DeploymentHandle) -> None:
-        self._handle = handle
-
-    async def _call(self, operation: str, *args: Any) -> Any:
-        try:
-            succeeded, value = await self._handle.call.remote(operation, *args)
-        except Exception as error:
-            raise unwrap_remote_error(
-                error, f"the experiment ledger's {operation} failed"
-            ) from None
-        if not succeeded:
-            raise value
-        return value
+        self._call = _HandleCalls(handle, "the experiment ledger")
 
     async def active(self) -> tuple[Experiment, ...]:
         return await self._call("active")
@@ -178,17 +274,23 @@ class Gateway(GrpcServicer):
         config: GatewayConfig,
         remote: Mapping[str, DeploymentHandle],
         ledger: DeploymentHandle,
+        control: DeploymentHandle,
     ) -> None:
         metrics = self._metrics = _replica_metrics(config)
-        catalog = Catalog.load(ModelRepository(config.repository))
-        local = await _local_backend(config, catalog, config.gateway_device_class, metrics)
-        backends: list[Backend] = [local]
-        backends += [RemoteBackend(name, handle, catalog) for name, handle in remote.items()]
+        repository = ModelRepository(config.repository)
         replica = serve.get_replica_context().replica_id.unique_id
+        updates = HandleControl(control)
+        state = await updates.sync(replica, None)
+        catalog = state.applied_to(Catalog.load(repository))
+        local = await _local_backend(config, catalog, config.gateway_device_class, metrics)
+        remotes = [
+            RemoteBackend(name, handle, catalog, config.remote_answer_timeout_s)
+            for name, handle in remote.items()
+        ]
         experiments = ReplicaExperiments(HandleStore(ledger), source=replica)
         plane = DataPlane(
-            catalog,
-            backends,
+            local.served(catalog),
+            [local, *remotes],
             [device.name for device in config.device_classes],
             metrics,
             shadow_fraction=config.shadow_fraction,
@@ -202,11 +304,26 @@ class Gateway(GrpcServicer):
         # background.
         await experiments.sync()
         experiments.start()
-        super().__init__(plane)
+
+        self._repository = ReplicaRepository(
+            updates,
+            gateway_update(repository, local, plane, remotes),
+            replica,
+            repository.models,
+            serving=state.generation,
+        )
+        self._repository.start()
+        administration = Administration(plane, experiments, config.admin_token, self._repository)
+        super().__init__(plane, config.tensor_limits, administration)
         self._local = local
         self._experiments = experiments
         self._max_request_bytes = config.max_request_bytes
-        self._http = HttpAdapter(plane, Administration(plane, experiments, config.admin_token))
+        self._http = HttpAdapter(plane, administration, config.tensor_limits)
+
+    def check_health(self) -> None:
+        """Ray Serve's periodic health check: a replica whose workers died is replaced."""
+        if not self._local.live():
+            raise UnavailableError("a worker thread of this replica's executor has stopped")
 
     async def __call__(self, request: Request) -> Response:
         clock = arrival()
@@ -221,6 +338,7 @@ class Gateway(GrpcServicer):
         return Response(reply.body, status_code=reply.status, headers=dict(reply.headers))
 
     def __del__(self) -> None:
+        self._repository.cancel()
         self._local.close()
         self._metrics.close()
 
@@ -277,13 +395,14 @@ def build_app(
     """The Gearbox application; ``extra_device_classes`` defaults to every configured one."""
     extra = config.device_classes[1:] if extra_device_classes is None else extra_device_classes
     logging_config = LoggingConfig(enable_access_log=config.access_log)
+    control = RepositoryHost.options(logging_config=logging_config).bind()
     remote = {
         device.name: DeviceClassHost.options(
             name=f"DeviceClass-{device.name}",
             ray_actor_options=_actor_options(device),
             max_ongoing_requests=config.max_ongoing_requests,
             logging_config=logging_config,
-        ).bind(config, device.name)
+        ).bind(config, device.name, control)
         for device in extra
         if device.name != config.gateway_device_class.name
     }
@@ -293,7 +412,7 @@ def build_app(
         ray_actor_options=_actor_options(config.gateway_device_class),
         max_ongoing_requests=config.max_ongoing_requests,
         logging_config=logging_config,
-    ).bind(config, remote, ledger)
+    ).bind(config, remote, ledger, control)
 
 
 CONFIG_ARGS = frozenset(
@@ -306,6 +425,8 @@ CONFIG_ARGS = frozenset(
         "metrics_port",
         "metrics_host",
         "max_request_bytes",
+        "max_request_rows",
+        "max_tensor_elements",
     }
 )
 """The :class:`GatewayConfig` fields a Serve config file may set as application args."""
@@ -317,7 +438,8 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
     ``args``: ``repository`` (required), ``device_classes_file``, ``replicas``,
     ``shadow_fraction``, ``access_log``, ``prediction_quantile``, ``transport_allowance_ms``,
-    ``metrics_port``, ``metrics_host``, ``experiments`` (a list of experiment definitions, as
+    ``metrics_port``, ``metrics_host``, ``max_request_bytes``, ``max_request_rows``,
+    ``max_tensor_elements``, ``experiments`` (a list of experiment definitions, as
     ``POST /v2/experiments`` takes them). The admin token comes from the environment variable
     ``GEARBOX_ADMIN_TOKEN`` (set it in the application's ``runtime_env``), never from the file.
     """

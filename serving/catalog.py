@@ -1,9 +1,14 @@
-"""What the gateway serves: a snapshot of the model repository, read once per replica."""
+"""What the gateway serves: a snapshot of the model repository, with the variants this gateway
+cannot serve (they failed to load, or their model was unloaded) marked as such.
+
+A replica reads one at start and a new one on each repository update
+(:mod:`gearbox.serving.repository_control`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from gearbox.compression.repository import ModelRecord, ModelRepository, VariantManifest
 from gearbox.serving.queue_model import BatchCost
@@ -16,10 +21,18 @@ class CatalogEntry:
     """Every published variant, rejected ones included (to say why they are not served)."""
     tokenizer: bytes | None = None
     """A text model's ``tokenizer.json``, verified against ``model.json``."""
+    unavailable: Mapping[str, str] = field(default_factory=dict)
+    """Ready variants this gateway does not serve, and why (an artifact that failed its sha256
+    or would not load, a model unloaded on request)."""
 
     @property
     def ready(self) -> tuple[str, ...]:
-        return tuple(name for name, m in sorted(self.manifests.items()) if m.is_ready)
+        """The variants served: ready at compression and not unavailable here."""
+        return tuple(
+            name
+            for name, manifest in sorted(self.manifests.items())
+            if manifest.is_ready and name not in self.unavailable
+        )
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,27 @@ class Catalog:
         return [
             entry.manifests[variant] for entry in self.models.values() for variant in entry.ready
         ]
+
+    def with_unavailable(self, reasons: Mapping[tuple[str, str], str]) -> Catalog:
+        """This catalog with each (model, variant) of ``reasons`` left out of service, and why."""
+        entries = dict(self.models)
+        for (model, variant), reason in reasons.items():
+            entry = entries.get(model)
+            if entry is not None and variant in entry.manifests:
+                unavailable = {**entry.unavailable, variant: reason}
+                entries[model] = dataclasses.replace(entry, unavailable=unavailable)
+        return Catalog(entries)
+
+    def without_models(self, models: Iterable[str], reason: str) -> Catalog:
+        """This catalog with every variant of ``models`` left out of service for ``reason``."""
+        return self.with_unavailable(
+            {
+                (model, variant): reason
+                for model in models
+                if model in self.models
+                for variant in self.models[model].ready
+            }
+        )
 
 
 def profiled_costs_by_tokens(manifest: VariantManifest, device_class: str) -> dict[int, BatchCost]:

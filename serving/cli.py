@@ -52,6 +52,7 @@ from gearbox.serving.server import (
     stop_gateway,
     until_stopped,
 )
+from gearbox.serving.tls import tls_files
 from gearbox.serving.top import add_top_parser, run_top_command
 
 EXIT_ERROR = 1
@@ -73,13 +74,6 @@ def _positive_number(text: str) -> float:
     value = _number(text)
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a finite positive number")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _number(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
     return value
 
 
@@ -116,6 +110,13 @@ def _non_negative(text: str) -> float:
     value = _number(text)
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text} is not a finite non-negative number")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite positive number")
     return value
 
 
@@ -188,6 +189,18 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
         "(default: %(default)s)",
     )  # fmt: skip
     command.add_argument(
+        "--max-request-rows", type=_positive_int, default=GatewayConfig.max_request_rows,
+        metavar="ROWS",
+        help="most rows (first dimension) an inference request's tensor may have; more is "
+        "refused with 400 / INVALID_ARGUMENT (default: %(default)s)",
+    )  # fmt: skip
+    command.add_argument(
+        "--max-tensor-elements", type=_positive_int,
+        default=GatewayConfig.max_tensor_elements, metavar="N",
+        help="most elements one tensor of a request may hold; more is refused with 413 / "
+        "RESOURCE_EXHAUSTED (default: %(default)s)",
+    )  # fmt: skip
+    command.add_argument(
         "--shadow-fraction", type=_fraction, default=GatewayConfig.shadow_fraction,
         metavar="F",
         help="share of answers from a non-reference variant also run, off the response path, "
@@ -225,6 +238,17 @@ def _add_gateway_options(command: argparse.ArgumentParser, address: bool = True)
         "(default: %(default)s)",
     )  # fmt: skip
     command.add_argument(
+        "--answer-timeout-s", type=_positive, default=BatchingConfig.answer_timeout_s,
+        metavar="S", help="longest a request waits for its variant's session before 503 / "
+        "UNAVAILABLE (a stuck session costs its callers this, never the replica; default: "
+        "%(default)s)",
+    )  # fmt: skip
+    command.add_argument(
+        "--remote-timeout-s", type=_positive, default=GatewayConfig.remote_answer_timeout_s,
+        metavar="S", help="longest a request waits for another device class's replicas "
+        "before 503 / UNAVAILABLE (default: %(default)s)",
+    )  # fmt: skip
+    command.add_argument(
         "--transport-allowance-ms", type=_non_negative, default=0.0, metavar="MS",
         help="time your callers' budgets also spend outside the gateway (ingress, network), "
         "left free when choosing a variant (default 0)",
@@ -260,14 +284,18 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         args.repo,
         args.device_classes,
         experiments=getattr(args, "experiments", ()),
+        tls=tls_files(getattr(args, "tls_cert", None), getattr(args, "tls_key", None)),
         admin_token=os.environ.get(ADMIN_TOKEN_VARIABLE) or None,
         replicas=args.replicas,
         shadow_fraction=args.shadow_fraction,
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+        max_request_rows=args.max_request_rows,
+        max_tensor_elements=args.max_tensor_elements,
         access_log=args.access_log,
         metrics_port=args.metrics_port,
         transport_allowance_ms=args.transport_allowance_ms,
         prediction_quantile=args.prediction_quantile,
+        remote_answer_timeout_s=args.remote_timeout_s,
         batching=BatchingConfig(
             max_batch_size=args.max_batch_size,
             max_wait_ms=args.max_batch_wait_ms,
@@ -275,6 +303,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
             inline_max_ms=args.inline_max_ms,
             priority_lane=args.priority_lane,
             standard_niceness=args.standard_niceness,
+            answer_timeout_s=args.answer_timeout_s,
         ),
     )
 
@@ -357,6 +386,14 @@ def _parser() -> argparse.ArgumentParser:
         help="A/B experiments to run from the start: a YAML or JSON list of definitions, as "
         "POST /v2/experiments takes them (default: none). Creating and ending them later "
         f"needs the admin token, read from ${ADMIN_TOKEN_VARIABLE} (unset: admin calls off)",
+    )
+    serve_cmd.add_argument(
+        "--tls-cert", metavar="FILE",
+        help="serve HTTPS and gRPC over TLS with this PEM certificate (chain), with --tls-key "
+        "(Gearbox runs its own TLS terminator in front of the ingress)",
+    )  # fmt: skip
+    serve_cmd.add_argument(
+        "--tls-key", metavar="FILE", help="the unencrypted PEM private key of --tls-cert"
     )
 
     demo_cmd = commands.add_parser(
@@ -493,8 +530,18 @@ def _print_endpoints(out: Console, endpoints: Endpoints, models: list[str]) -> N
     )
     for name, reason in endpoints.skipped_device_classes.items():
         out.print(f"  device class {name} is not served: {reason}", highlight=False)
+    for line in endpoints.unserved:
+        out.print(f"  not served: {line}", highlight=False, soft_wrap=True)
     out.print(f"  HTTP     {endpoints.http}  (OIP v2, e.g. POST /v2/models/{models[0]}/infer)")
-    out.print(f"  gRPC     {endpoints.grpc}  (inference.GRPCInferenceService)")
+    over_tls = " over TLS" if endpoints.tls else ""
+    out.print(f"  gRPC     {endpoints.grpc}  (inference.GRPCInferenceService{over_tls})")
+    if endpoints.tls is not None:
+        out.print(
+            f"  TLS      certificate {endpoints.tls.certificate} (valid for "
+            f"{endpoints.tls.server_name}), terminated by Gearbox's HAProxy, pid "
+            f"{endpoints.tls.terminator_pid}",
+            highlight=False,
+        )
     out.print(f"  ingress  {endpoints.ingress.value}  ({INGRESS_NOTES[endpoints.ingress]})")
     for url in endpoints.metrics:
         out.print(f"  metrics  {url}")
@@ -540,6 +587,13 @@ def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         session = ray_session(args.address, env=env)
         with session, until_stopped() as stop:
             started_serve = not serve_was_running()
+            if config.tls is not None and not started_serve:
+                # Its ingress keeps the ports it started with, so Gearbox cannot put it on
+                # internal ports behind the TLS terminator.
+                raise InvalidArgumentError(
+                    "Ray Serve already runs on this cluster and keeps the ports it started "
+                    "with: --tls-cert needs a cluster without Serve running"
+                )
 
             def start() -> None:
                 endpoints = start_gateway(config, args.http_port, args.grpc_port)

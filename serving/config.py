@@ -9,7 +9,9 @@ from pathlib import Path
 from gearbox.compression.devices import CPU, DeviceClass, load_device_classes
 from gearbox.compression.errors import InvalidArgumentError
 from gearbox.serving.experiments import Experiment
+from gearbox.serving.inference import DEFAULT_LIMITS, TensorLimits
 from gearbox.serving.metrics import metrics_directory
+from gearbox.serving.tls import TlsFiles
 
 HTTP_PORT = 8000
 GRPC_PORT = 9000
@@ -21,6 +23,10 @@ MIN_TOKEN_LENGTH = 16
 """A shorter admin token is refused: it could be guessed."""
 ADMIN_TOKEN_VARIABLE = "GEARBOX_ADMIN_TOKEN"
 """Where ``gearbox serve`` and a Serve config's application read the admin token from."""
+ANSWER_TIMEOUT_S = 30.0
+"""The default bound on a caller's wait for a worker (:attr:`BatchingConfig.answer_timeout_s`)."""
+REMOTE_ANSWER_TIMEOUT_S = 45.0
+"""The default bound on a call to another device class (``remote_answer_timeout_s``)."""
 
 
 @dataclass(frozen=True)
@@ -50,8 +56,15 @@ class BatchingConfig:
     """How many steps below the replica's own priority the standard workers run, so that the
     priority worker, the event loop and the ingress take a core from them whenever they need
     one (0 keeps them level; 10 leaves them about a tenth of a contended core on Linux)."""
+    answer_timeout_s: float = ANSWER_TIMEOUT_S
+    """How long a caller waits for a worker to answer its request before it gets 503 /
+    UNAVAILABLE and its place in the queue is freed: a session that hangs (a stuck driver,
+    say) then costs each caller this long, never forever. Far above any queue a healthy
+    variant builds (``max_queue`` batches of a slow transformer take a few seconds)."""
 
     def __post_init__(self) -> None:
+        if self.answer_timeout_s <= 0:
+            raise InvalidArgumentError("answer_timeout_s must be positive")
         if self.max_batch_size < 1:
             raise InvalidArgumentError("max_batch_size must be at least 1")
         if self.max_wait_ms < 0:
@@ -79,6 +92,12 @@ class GatewayConfig:
     max_request_bytes: int = 64 * 1024 * 1024
     """The largest HTTP request body a replica reads; a larger one is refused with 413 before
     it is read (by its Content-Length, or as soon as a streamed body passes the limit)."""
+    max_request_rows: int = DEFAULT_LIMITS.max_rows
+    """The most rows (a tensor's first dimension) one inference request may carry; more is
+    refused with 400 / INVALID_ARGUMENT before any tensor is built."""
+    max_tensor_elements: int = DEFAULT_LIMITS.max_elements
+    """The most elements one tensor of a request may hold; more is refused with 413 /
+    RESOURCE_EXHAUSTED before any tensor is built."""
     access_log: bool = False
     """Ray Serve's access log: a line per request in each replica's log. Off by default: it
     is written on the response path and cost 0.05-0.1 ms per request on the development
@@ -91,6 +110,11 @@ class GatewayConfig:
     """Time each caller's budget also spends outside the gateway's clock (the ingress in front,
     the network, the client's own stack), left free when a variant is chosen. The budget's
     clock itself does not change: ``latency_ms`` and ``budget_met`` stay the gateway's span."""
+    remote_answer_timeout_s: float = REMOTE_ANSWER_TIMEOUT_S
+    """How long the gateway waits for another device class's replicas to answer a request
+    before it gets 503 / UNAVAILABLE (the call is cancelled there). Longer than
+    ``batching.answer_timeout_s``, so that a stuck session there is reported by its own
+    replica, which names the variant."""
 
     metrics_port: int | None = METRICS_PORT
     """Where each machine's replicas serve their metrics (``/metrics``); None: not served,
@@ -98,6 +122,9 @@ class GatewayConfig:
     metrics_host: str = "127.0.0.1"
     experiments: tuple[Experiment, ...] = ()
     """A/B experiments running from the start (more are created through the admin API)."""
+    tls: TlsFiles | None = None
+    """The certificate and key the HTTP and gRPC ports serve TLS with, from Gearbox's own TLS
+    terminator in front of the ingress (None: plaintext; see ``tls_terminator``)."""
     admin_token: str | None = field(default=None, repr=False)
     """The bearer token every admin call must carry; None turns the admin API off."""
     instance: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -111,12 +138,18 @@ class GatewayConfig:
             raise InvalidArgumentError("prediction_quantile must lie in (0, 1)")
         if self.transport_allowance_ms < 0:
             raise InvalidArgumentError("transport_allowance_ms must not be negative")
+        if self.remote_answer_timeout_s <= 0:
+            raise InvalidArgumentError("remote_answer_timeout_s must be positive")
         if not self.device_classes:
             raise InvalidArgumentError("at least one device class is needed")
         if self.replicas < 1:
             raise InvalidArgumentError("replicas must be at least 1")
         if self.max_request_bytes < 1:
             raise InvalidArgumentError("max_request_bytes must be at least 1")
+        if self.max_request_rows < 1:
+            raise InvalidArgumentError("max_request_rows must be at least 1")
+        if self.max_tensor_elements < 1:
+            raise InvalidArgumentError("max_tensor_elements must be at least 1")
         if not 0.0 <= self.shadow_fraction <= 1.0:
             raise InvalidArgumentError("shadow_fraction must lie in [0, 1]")
         if self.admin_token is not None and len(self.admin_token) < MIN_TOKEN_LENGTH:
@@ -130,6 +163,10 @@ class GatewayConfig:
     @property
     def metrics_directory(self) -> Path:
         return metrics_directory(self.instance)
+
+    @property
+    def tensor_limits(self) -> TensorLimits:
+        return TensorLimits(self.max_request_rows, self.max_tensor_elements)
 
     @property
     def gateway_device_class(self) -> DeviceClass:

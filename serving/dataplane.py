@@ -72,6 +72,8 @@ BACKEND = "onnxruntime"
 READY_STATE = "READY"
 UNAVAILABLE_STATE = "UNAVAILABLE"
 LOADING_STATE = "LOADING"
+REJECTED_PREFIX = "rejected at compression: "
+"""How the repository index's reason for a variant the accuracy gate rejected begins."""
 OVERHEAD_SMOOTHING = 0.1
 SELF_TEST_REQUESTS = 20
 IGNORED_PARAMETERS = "ignored_parameters"
@@ -162,20 +164,45 @@ class DataPlane:
         self._errors = PredictionErrors(prediction_quantile)
         self._transport_allowance_ms = transport_allowance_ms
         self._ready = False
-        self._models = {name: self._serve(name, entry) for name, entry in catalog.models.items()}
-        self._statistics = Statistics({name: s.entry.ready for name, s in self._models.items()})
+        self._models: dict[str, _ServedModel] = {}
+        self._statistics = Statistics({})
+        self._loaded_reported: set[tuple[str, str]] = set()
+        self.serve(catalog)
         self._experiments = experiments
         if experiments is not None:
             experiments.follow_agreement(self.agreement_totals)
 
+    def serve(self, catalog: Catalog) -> None:
+        """Serves ``catalog`` from the next request on (a repository update: its backends
+        host its variants already). A variant served before, from the same artifact, keeps
+        its live agreement; requests already routed finish where they were sent."""
+        models = {name: self._serve(name, entry) for name, entry in catalog.models.items()}
+        self._statistics.serve({name: served.entry.ready for name, served in models.items()})
+        loaded = set()
+        for name, served in models.items():
+            for variant, manifest in served.entry.manifests.items():
+                if manifest.is_ready:
+                    loaded.add((name, variant))
+                    self._metrics.variant_loaded(
+                        name, variant, self._local.device_class, variant in served.entry.ready
+                    )
+        for name, variant in self._loaded_reported - loaded:
+            self._metrics.variant_loaded(name, variant, self._local.device_class, False)
+        self._loaded_reported = loaded
+        self._models = models
+
     def _serve(self, name: str, entry: CatalogEntry) -> _ServedModel:
         reference = entry.record.reference_variant
+        before = self._models.get(name)
         choices = []
         agreement = {}
         for variant in entry.ready:
             manifest = entry.manifests[variant]
             choices.append(VariantChoice(variant, manifest.quality.value, variant == reference))
-            agreement[variant] = Agreement(manifest.quality.agreement)
+            if before is not None and _same_artifact(before.entry, entry, variant):
+                agreement[variant] = before.agreement[variant]
+            else:
+                agreement[variant] = Agreement(manifest.quality.agreement)
             self._metrics.variant_figures(
                 name, variant, manifest.quality.value, manifest.size_bytes
             )
@@ -264,7 +291,9 @@ class DataPlane:
     # -- health and metadata -------------------------------------------------------------------
 
     def live(self) -> bool:
-        return True
+        """Whether this replica can still answer: its own device class's worker threads run
+        (Ray Serve's health check restarts a replica that is not live)."""
+        return self._local.live()
 
     def ready(self, arrived_directly: bool = True) -> bool:
         """Warmed up and, behind the HAProxy ingress, reached directly. Until HAProxy's health
@@ -283,7 +312,8 @@ class DataPlane:
     def model_ready(self, model: str, version: str = "") -> bool:
         served = self._model(model)
         if version:
-            return self._manifest(served, version).is_ready and self._ready
+            self._manifest(served, version)  # an unknown variant is not found, not unready
+            return version in served.entry.ready and self._ready
         return served.router is not None and self._ready
 
     def model_metadata(self, model: str, version: str = "") -> ModelMetadata:
@@ -300,6 +330,10 @@ class DataPlane:
             parameters.update(_manifest_parameters(served.entry.manifests[version]))
         else:
             versions = served.entry.ready
+            if served.entry.unavailable:
+                parameters["unavailable_variants"] = "; ".join(
+                    f"{variant}: {why}" for variant, why in sorted(served.entry.unavailable.items())
+                )
         inputs = tuple(TensorMetadata(t.name, t.datatype, t.shape) for t in signature.inputs)
         text = served.entry.record.text
         if text is not None:
@@ -322,7 +356,9 @@ class DataPlane:
         rows = []
         for name, manifest in sorted(served.entry.manifests.items()):
             row = manifest.to_json()
-            row["served"] = manifest.is_ready and served.router is not None
+            row["served"] = name in served.entry.ready
+            if name in served.entry.unavailable:
+                row["unavailable"] = served.entry.unavailable[name]
             if row["served"]:
                 assert served.router is not None
                 row["predicted_latency_ms"] = {
@@ -578,10 +614,15 @@ class DataPlane:
             manifests = self._models[name].entry.manifests
             if not manifests:
                 rows.append(RepositoryEntry(name, "", UNAVAILABLE_STATE, "no variant published"))
+            unavailable = self._models[name].entry.unavailable
             for variant, manifest in sorted(manifests.items()):
                 if not manifest.is_ready:
-                    reason = f"rejected at compression: {manifest.reason or 'no reason given'}"
+                    reason = f"{REJECTED_PREFIX}{manifest.reason or 'no reason given'}"
                     rows.append(RepositoryEntry(name, variant, UNAVAILABLE_STATE, reason))
+                elif variant in unavailable:
+                    rows.append(
+                        RepositoryEntry(name, variant, UNAVAILABLE_STATE, unavailable[variant])
+                    )
                 elif not self._ready:
                     rows.append(RepositoryEntry(name, variant, LOADING_STATE, "warming up"))
                 else:
@@ -631,6 +672,11 @@ class DataPlane:
                 f"variant '{version}' of model '{served.entry.record.name}' was rejected at "
                 f"compression ({manifest.reason}) and is not served"
             )
+        why = served.entry.unavailable.get(version)
+        if why is not None:
+            raise UnavailableError(
+                f"variant '{version}' of model '{served.entry.record.name}' is not served: {why}"
+            )
 
     def _router(self, served: _ServedModel, version: str) -> Router:
         if version:
@@ -640,6 +686,15 @@ class DataPlane:
                 f"model '{served.entry.record.name}' has no ready variant to serve"
             )
         return served.router
+
+
+def _same_artifact(before: CatalogEntry, after: CatalogEntry, variant: str) -> bool:
+    previous = before.manifests.get(variant)
+    return (
+        previous is not None
+        and variant in before.ready
+        and previous.sha256 == after.manifests[variant].sha256
+    )
 
 
 def _top1(record: ModelRecord, outputs: Mapping[str, np.ndarray], rows: int) -> int | None:

@@ -19,7 +19,13 @@ event loop about as little as the hop would delay the request, and a tiny reques
 behind a long one. Anything slower, and everything once requests queue, runs on a worker.
 
 Admission is bounded: once ``max_queue`` requests of a variant are waiting or running,
-``submit`` raises :class:`ResourceExhaustedError` (429 / RESOURCE_EXHAUSTED) at once.
+``submit`` raises :class:`ResourceExhaustedError` (429 / RESOURCE_EXHAUSTED) at once. So is
+every wait: a caller not answered within ``answer_timeout_s`` gets UNAVAILABLE (503), and a
+caller that stops waiting (timed out, or gone away) gives its place back at once, even while a
+worker still runs its batch, so a session that hangs never holds its variant at 429. Each
+batch's callers are answered whatever happens: a failure of the session fails the requests it
+ran, and one of the executor's own bookkeeping around it fails the batch with an internal error
+(the worker carries on).
 
 A device class has two executors, its lanes (:class:`Lane`). The *standard* lane runs every
 request the router sends there, its workers a few steps down in the operating system's
@@ -98,9 +104,11 @@ class _Pending:
     layout: tuple[tuple[str, str, tuple[int, ...]], ...]
     future: asyncio.Future[BatchResult]
     loop: asyncio.AbstractEventLoop
+    variant: _Variant
     enqueued_at: float = field(default_factory=time.perf_counter)
-    abandoned: bool = False
-    """The caller went away (cancelled): skipped when batches form."""
+    freed: bool = False
+    """Its place under ``max_queue`` is given back (answered, or its caller stopped waiting):
+    whichever comes first frees it, once."""
 
 
 _Answer = tuple[_Pending, "BatchResult | None", "BaseException | None"]
@@ -128,8 +136,12 @@ class _Variant:
 @dataclass(eq=False)
 class _Running:
     variant: _Variant
-    rows: int
+    batch: list[_Pending]
     started: float
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.batch)
 
 
 class DeviceExecutor:
@@ -177,7 +189,30 @@ class DeviceExecutor:
     def host(
         self, model: str, variant: str, run_batch: RunBatch, pads_sequences: bool = False
     ) -> None:
-        self._variants[(model, variant)] = _Variant(model, variant, run_batch, pads_sequences)
+        """Serves ``variant`` with ``run_batch`` from the next batch on. A variant hosted
+        already keeps its queue: requests waiting for it run on the new session, and a batch
+        running finishes on the old one."""
+        with self._ready:
+            entry = self._variants.get((model, variant))
+            if entry is None:
+                self._variants[(model, variant)] = _Variant(
+                    model, variant, run_batch, pads_sequences
+                )
+            else:
+                entry.run_batch = run_batch
+                entry.pads_sequences = pads_sequences
+
+    def unhost(self, model: str, variant: str) -> bool:
+        """Stops hosting ``variant`` if no request waits for it or runs on it (True), else
+        leaves it hosted (False)."""
+        with self._ready:
+            entry = self._variants.get((model, variant))
+            if entry is not None and (
+                entry.admitted or any(run.variant is entry for run in self._running)
+            ):
+                return False
+            self._variants.pop((model, variant), None)
+            return True
 
     @property
     def hosted(self) -> list[tuple[str, str]]:
@@ -205,11 +240,7 @@ class DeviceExecutor:
     async def _on_worker(self, entry: _Variant, inputs: Arrays, rows: int) -> BatchResult:
         loop = asyncio.get_running_loop()
         pending = _Pending(
-            inputs,
-            rows,
-            _layout(inputs, entry.pads_sequences),
-            loop.create_future(),
-            loop,
+            inputs, rows, _layout(inputs, entry.pads_sequences), loop.create_future(), loop, entry
         )
         with self._ready:
             if self._stopped:
@@ -224,11 +255,37 @@ class DeviceExecutor:
             entry.queued_rows += rows
             self._queued += 1
             self._ready.notify()
+        timeout_s = self._batching.answer_timeout_s
+        deadline = asyncio.timeout(timeout_s)
         try:
-            return await pending.future
-        except asyncio.CancelledError:
-            pending.abandoned = True
+            async with deadline:
+                return await pending.future
+        except (asyncio.CancelledError, TimeoutError):
+            self._withdraw(pending)
+            if deadline.expired():
+                raise UnavailableError(
+                    f"{self._name(entry)}: no answer within {timeout_s:g} s "
+                    "(answer_timeout_s); its session may be stuck"
+                ) from None
             raise
+
+    def _withdraw(self, pending: _Pending) -> None:
+        """The caller stopped waiting (went away, or timed out): a queued request leaves the
+        queue, and its place is freed at once, even if a worker runs it (a stuck session must
+        not hold the variant's queue full)."""
+        with self._ready:
+            entry = pending.variant
+            if pending in entry.queue:
+                entry.queue.remove(pending)
+                entry.queued_rows -= pending.rows
+                self._queued -= 1
+            self._free(pending)
+
+    def _free(self, pending: _Pending) -> None:
+        """Gives back ``pending``'s place under ``max_queue`` (the lock is held)."""
+        if not pending.freed:
+            pending.freed = True
+            pending.variant.admitted -= 1
 
     def runs_inline(self, key: str, rows: int) -> bool:
         """Whether a batch of ``key`` submitted now would run inline (see the module doc)."""
@@ -241,11 +298,28 @@ class DeviceExecutor:
         started = time.perf_counter()
         outputs = entry.run_batch(inputs)
         service_s = time.perf_counter() - started
-        tokens = _sequence_length([inputs]) if entry.pads_sequences else None
+        try:
+            self._record(entry, [inputs], rows, service_s)
+        except Exception as error:
+            logger.exception("%s: an inline batch failed outside the session", self._name(entry))
+            raise self._failed_outside(entry) from error
+        return BatchResult(outputs, service_s, 0.0, rows)
+
+    def _record(
+        self, entry: _Variant, inputs: Sequence[Arrays], rows: int, service_s: float
+    ) -> None:
+        """Teaches the service times what a batch cost, and reports it (``on_batch``)."""
+        tokens = _sequence_length(inputs) if entry.pads_sequences else None
         self._times.observe(entry.key, self.device_class, rows, service_s * 1000, tokens)
         if self._on_batch is not None:
             self._on_batch(entry.model, entry.variant, rows, service_s)
-        return BatchResult(outputs, service_s, 0.0, rows)
+
+    def _failed_outside(self, entry: _Variant) -> GearboxError:
+        """What a caller is told when its batch failed in the executor's own bookkeeping."""
+        return GearboxError(
+            f"{self._name(entry)}: the batch failed outside the session (an internal error; "
+            "the replica's log has the details)"
+        )
 
     async def measure_hop(
         self,
@@ -316,13 +390,19 @@ class DeviceExecutor:
         """Requests admitted on this device class and not yet answered."""
         return sum(entry.admitted for entry in self._variants.values())
 
+    def live(self) -> bool:
+        """Whether every worker thread still takes batches (a dead one would leave its
+        share of the requests waiting until their timeout)."""
+        return not self._stopped and all(thread.is_alive() for thread in self._threads)
+
     def close(self) -> None:
         """Stops the workers after their current batch; queued callers get UNAVAILABLE."""
         with self._ready:
             self._stopped = True
             abandoned = [p for entry in self._variants.values() for p in entry.queue]
             for entry in self._variants.values():
-                entry.admitted -= len(entry.queue)
+                for pending in entry.queue:
+                    self._free(pending)
                 entry.queue.clear()
                 entry.queued_rows = 0
             self._queued = 0
@@ -336,38 +416,55 @@ class DeviceExecutor:
         if self._niceness:
             _lower_thread_priority(self._niceness)
         while True:
-            with self._ready:
-                batch, entry = self._next_batch()
-                if entry is None:
-                    return
-                running = _Running(entry, sum(p.rows for p in batch), time.perf_counter())
-                self._running.append(running)
+            batch: list[_Pending] = []
             answers: list[_Answer] = []
             try:
-                answers = self._run(entry, batch, running.started)
-            except Exception as error:  # a bug costs this batch, never the worker
-                logger.exception("%s: a batch failed outside the session", self._name(entry))
-                answers = [(pending, None, error) for pending in batch]
+                running = self._start(batch)
+                if running is None:
+                    return
+                answers = self._run(running.variant, batch, running.started)
+            except Exception:  # a bug costs this batch, never the worker
+                where = self._name(batch[0].variant) if batch else self.device_class
+                logger.exception("%s: a batch failed outside the session", where)
             finally:
-                # Released before the callers hear back: one answered may submit again at once.
-                with self._ready:
-                    self._running.remove(running)
-                    entry.admitted -= len(batch)
-                for pending, result, error in answers:
-                    _deliver(pending, result, error)
+                self._finish(batch, answers)
 
-    def _next_batch(self) -> tuple[list[_Pending], _Variant | None]:
-        """Waits for work, then takes the batch to run next (the lock is held)."""
+    def _start(self, batch: list[_Pending]) -> _Running | None:
+        """Waits for work and moves the batch to run next into ``batch`` (None: stopped).
+        Whatever it raises, every request it took is in ``batch``, for :meth:`_finish`."""
+        with self._ready:
+            entry = self._next_batch(batch)
+            if entry is None:
+                return None
+            running = _Running(entry, batch, time.perf_counter())
+            self._running.append(running)
+            return running
+
+    def _finish(self, batch: list[_Pending], answers: list[_Answer]) -> None:
+        """Frees the batch's places and tells each caller: its answer, or, where the batch
+        failed before it had answers, an internal error."""
+        with self._ready:
+            self._running = [run for run in self._running if run.batch is not batch]
+            # Released before the callers hear back: one answered may submit again at once.
+            for pending in batch:
+                self._free(pending)
+        if batch and not answers:
+            failure = self._failed_outside(batch[0].variant)
+            answers = [(pending, None, failure) for pending in batch]
+        for pending, result, error in answers:
+            _deliver(pending, result, error)
+
+    def _next_batch(self, batch: list[_Pending]) -> _Variant | None:
+        """Waits for work, then moves the batch to run next into ``batch`` (the lock is
+        held); the variant it is of, or None once stopped."""
         while True:
             if self._stopped:
-                return [], None
+                return None
             entry = self._oldest()
-            # A caller may go away between the two looks: then look again.
-            batch = self._take(entry, []) if entry is not None else []
-            if entry is not None and batch:
+            if entry is not None:
                 break
-            if entry is None:
-                self._ready.wait()
+            self._ready.wait()
+        self._take(entry, batch)
         wait_s = self._batching.max_wait_ms / 1000
         if wait_s > 0:
             deadline = time.perf_counter() + wait_s
@@ -379,60 +476,49 @@ class DeviceExecutor:
                 if remaining <= 0 or self._stopped:
                     break
                 self._ready.wait(remaining)
-                batch = self._take(entry, batch)
-        return batch, entry
+                self._take(entry, batch)
+        return entry
 
     def _oldest(self) -> _Variant | None:
-        """The variant whose first live request has waited longest (requests are served in
-        arrival order across variants)."""
-        oldest: _Variant | None = None
-        for entry in self._variants.values():
-            while entry.queue and entry.queue[0].abandoned:
-                dropped = entry.queue.popleft()
-                entry.queued_rows -= dropped.rows
-                entry.admitted -= 1
-                self._queued -= 1
-            if entry.queue and (
-                oldest is None or entry.queue[0].enqueued_at < oldest.queue[0].enqueued_at
-            ):
-                oldest = entry
-        return oldest
+        """The variant whose first request has waited longest (requests are served in arrival
+        order across variants; a caller that stops waiting leaves the queue at once)."""
+        waiting = [entry for entry in self._variants.values() if entry.queue]
+        return min(waiting, key=lambda entry: entry.queue[0].enqueued_at, default=None)
 
-    def _take(self, entry: _Variant, batch: list[_Pending]) -> list[_Pending]:
+    def _take(self, entry: _Variant, batch: list[_Pending]) -> None:
         """Moves queued requests that fit (same trailing shapes, and rows within
-        :meth:`_batch_limit` at the batch's length) into ``batch``."""
+        :meth:`_batch_limit` at the batch's length) into ``batch``. Should anything here
+        raise, each request is still either queued or in ``batch``, never lost."""
         rows = sum(p.rows for p in batch)
         tokens = _sequence_length([p.inputs for p in batch]) if entry.pads_sequences else None
         waiting = len(batch) + len(entry.queue)
-        kept: deque[_Pending] = deque()
-        while entry.queue:
-            pending = entry.queue.popleft()
-            entry.queued_rows -= pending.rows
-            self._queued -= 1
-            if pending.abandoned:
-                entry.admitted -= 1
-                continue
-            merged_tokens = tokens
-            if entry.pads_sequences:
-                lengths = (tokens, _sequence_length([pending.inputs]))
-                merged_tokens = max((n for n in lengths if n is not None), default=None)
-            if not batch or (
-                pending.layout == batch[0].layout
-                and rows + pending.rows <= self._batch_limit(entry.key, merged_tokens, waiting)
-            ):
-                tokens = merged_tokens
+        kept: list[_Pending] = []
+        try:
+            while entry.queue:
+                pending = entry.queue[0]
+                merged_tokens = tokens
+                if entry.pads_sequences:
+                    lengths = (tokens, _sequence_length([pending.inputs]))
+                    merged_tokens = max((n for n in lengths if n is not None), default=None)
+                fits = not batch or (
+                    pending.layout == batch[0].layout
+                    and rows + pending.rows <= self._batch_limit(entry.key, merged_tokens, waiting)
+                )
+                entry.queue.popleft()
+                if not fits:
+                    kept.append(pending)
+                    continue
                 batch.append(pending)
+                entry.queued_rows -= pending.rows
+                self._queued -= 1
+                tokens = merged_tokens
                 rows += pending.rows
-            else:
-                kept.append(pending)
-        for pending in kept:
-            entry.queued_rows += pending.rows
-            self._queued += 1
-        entry.queue.extendleft(reversed(kept))
-        return batch
+        finally:
+            entry.queue.extendleft(reversed(kept))
 
     def _run(self, entry: _Variant, batch: list[_Pending], started: float) -> list[_Answer]:
-        """Runs the batch; what each caller is to be told."""
+        """Runs the batch; what each caller is to be told. A failure of the session fails
+        only the requests it ran; one of the bookkeeping after it is raised."""
         try:
             outputs = self._run_merged(entry, batch)
         except Exception as error:
@@ -446,10 +532,7 @@ class DeviceExecutor:
             return [(batch[0], None, error)]
         service_s = time.perf_counter() - started
         rows = sum(p.rows for p in batch)
-        tokens = _sequence_length([p.inputs for p in batch]) if entry.pads_sequences else None
-        self._times.observe(entry.key, self.device_class, rows, service_s * 1000, tokens)
-        if self._on_batch is not None:
-            self._on_batch(entry.model, entry.variant, rows, service_s)
+        self._record(entry, [p.inputs for p in batch], rows, service_s)
         return [
             (pending, BatchResult(result, service_s, started - pending.enqueued_at, rows), None)
             for pending, result in zip(batch, outputs, strict=True)

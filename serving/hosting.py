@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,14 +23,17 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 from ray.exceptions import RayTaskError
+from ray.serve.handle import DeploymentResponse
 
 from gearbox.compression.devices import DeviceClass
 from gearbox.compression.errors import GearboxError, NotFoundError, UnavailableError
 from gearbox.compression.repository import ModelRecord, ModelRepository, VariantManifest
 from gearbox.serving.catalog import Catalog, profiled_cost, profiled_costs_by_tokens
-from gearbox.serving.config import MAX_NICENESS, BatchingConfig
+from gearbox.serving.config import MAX_NICENESS, REMOTE_ANSWER_TIMEOUT_S, BatchingConfig
 from gearbox.serving.executor import Arrays, BatchResult, DeviceExecutor, Lane, OnBatch
 from gearbox.serving.queue_model import BatchCost, ServiceTimes, predict_ms, variant_key
+
+logger = logging.getLogger(__name__)
 
 WARM_UP_RUNS = 5
 """Timed runs per session and batch size before a replica says ready (after one untimed)."""
@@ -60,6 +65,10 @@ class Backend(Protocol):
 
     def depth(self) -> int:
         """Requests admitted on this device class and not yet answered."""
+        ...
+
+    def live(self) -> bool:
+        """Whether it can still answer (its worker threads run)."""
         ...
 
     async def run_in_background(
@@ -122,6 +131,23 @@ def _has_dynamic_row_shape(record: ModelRecord) -> bool:
     return any(-1 in spec.shape[1:] for spec in record.signature.inputs)
 
 
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """An error's message, short enough for a log line, a metadata field and a metric's help."""
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A variant's session, loaded and timed, not yet hosted."""
+
+    record: ModelRecord
+    manifest: VariantManifest
+    runner: _SessionRunner
+    measured_ms: dict[int, float]
+
+
 class LocalBackend:
     """Every ready variant of the catalog, in sessions on this process's device class."""
 
@@ -162,51 +188,113 @@ class LocalBackend:
         self._records: dict[str, ModelRecord] = {}
         self._profiled: dict[str, BatchCost] = {}
         self._by_tokens: dict[str, dict[int, BatchCost]] = {}
+        self._artifacts: dict[tuple[str, str], str] = {}
+        """(model, variant) -> the sha256 of the artifact its hosted session was loaded from."""
+        self.unavailable: dict[tuple[str, str], str] = {}
+        """Ready variants this backend could not host, and why."""
+        self._repository = repository
+        self._device = device
         try:
-            self._load(repository, catalog, device)
+            self._install(self._prepare(catalog))
         except BaseException:
             self.close()  # no worker thread outlives a replica that failed to start
             raise
 
-    def _load(self, repository: ModelRepository, catalog: Catalog, device: DeviceClass) -> None:
+    def _prepare(self, catalog: Catalog) -> list[_Prepared]:
+        """Loads and warms a session for every variant ``catalog`` serves that this backend
+        does not hold from the same artifact; touches nothing a request reads, so it may run
+        on any thread while the hosted variants serve. A variant that fails (its artifact
+        fails its sha256, ONNX Runtime refuses it or its first runs) is recorded in
+        ``unavailable`` and left out, so the others serve."""
+        prepared = []
         for manifest in catalog.ready_manifests():
-            session = load_session(repository, manifest, device)
-            runner = _SessionRunner(session, tuple(o.name for o in session.get_outputs()))
-            key = variant_key(manifest.model, manifest.variant)
-            self._runners[key] = runner
-            self._profiled[key] = profiled_cost(manifest, device.name)
-            self._by_tokens[key] = profiled_costs_by_tokens(manifest, device.name)
-            self.times.seed(key, device.name, self._profiled[key], self._by_tokens[key])
+            key = (manifest.model, manifest.variant)
+            if self._artifacts.get(key) == manifest.sha256:
+                continue
             record = catalog.models[manifest.model].record
+            try:
+                prepared.append(self._load_variant(record, manifest))
+            except UnavailableError:
+                raise  # the device class itself is missing: no variant can load
+            except Exception as error:
+                reason = f"failed to load on {self.device_class}: {_first_line(error)}"
+                logger.error("variant %s of model %s %s", manifest.variant, manifest.model, reason)
+                self.unavailable[key] = reason
+            else:
+                self.unavailable.pop(key, None)
+        return prepared
+
+    def _load_variant(self, record: ModelRecord, manifest: VariantManifest) -> _Prepared:
+        session = load_session(self._repository, manifest, self._device)
+        runner = _SessionRunner(session, tuple(o.name for o in session.get_outputs()))
+        # The first run allocates; then timed runs at batch 1 and at the largest batch.
+        measured = {}
+        for rows in sorted({1, self._batching.max_batch_size}):
+            inputs = synthetic_inputs(record, rows)
+            runner(inputs)
+            spans = []
+            for _ in range(WARM_UP_RUNS):
+                started = time.perf_counter()
+                runner(inputs)
+                spans.append((time.perf_counter() - started) * 1000)
+            measured[rows] = statistics.median(spans)
+        return _Prepared(record, manifest, runner, measured)
+
+    def _install(self, prepared: Sequence[_Prepared]) -> None:
+        """Hosts what :meth:`_prepare` loaded (on the thread that serves requests: the
+        figures predictions read change only there). A variant hosted already switches to
+        its new session from its next batch."""
+        for loaded in prepared:
+            manifest, record = loaded.manifest, loaded.record
+            key = variant_key(manifest.model, manifest.variant)
+            self._runners[key] = loaded.runner
+            self._profiled[key] = profiled_cost(manifest, self.device_class)
+            self._by_tokens[key] = profiled_costs_by_tokens(manifest, self.device_class)
+            self.times.seed(key, self.device_class, self._profiled[key], self._by_tokens[key])
+            if not _has_dynamic_row_shape(record):
+                self.times.calibrate(key, self.device_class, loaded.measured_ms)
+            self._records[manifest.model] = record
             for executor in self._lanes.values():
                 executor.host(
-                    manifest.model, manifest.variant, runner, pads_sequences=record.text is not None
+                    manifest.model,
+                    manifest.variant,
+                    loaded.runner,
+                    pads_sequences=record.text is not None,
                 )
-            self._records[manifest.model] = record
+            self._artifacts[(manifest.model, manifest.variant)] = manifest.sha256
+
+    async def update(self, catalog: Catalog) -> None:
+        """Serves ``catalog`` from now on: variants published or re-published since are loaded
+        and warmed off the event loop, then hosted; variants it no longer serves stop being
+        hosted once no request waits for them."""
+        prepared = await asyncio.to_thread(self._prepare, catalog)
+        self._install(prepared)
+        served = {(m.model, m.variant) for m in catalog.ready_manifests()}
+        for model, variant in self.hosted:
+            if (model, variant) in served:
+                continue
+            if all(executor.unhost(model, variant) for executor in self._lanes.values()):
+                self._runners.pop(variant_key(model, variant), None)
+                self._artifacts.pop((model, variant), None)
+        # What the catalog no longer serves is no longer this backend's to report.
+        self.unavailable = {k: v for k, v in self.unavailable.items() if k in served}
 
     @property
     def hosted(self) -> list[tuple[str, str]]:
         return self.executor.hosted
 
-    async def warm_up(self, runs: int = WARM_UP_RUNS) -> None:
-        """Runs every session at batch 1 and at the largest batch, and calibrates the live
-        service times from what this machine measured, so predictions hold from the first
-        request rather than after the first few; then measures the worker hop.
+    def served(self, catalog: Catalog) -> Catalog:
+        """``catalog`` as this backend serves it: what it could not host marked unavailable."""
+        return catalog.with_unavailable(self.unavailable)
 
-        A model with dynamic dimensions beyond the batch (tokens of a sentence, say) is warmed
-        but keeps its manifest's figures: zeros one token long would time a request no caller
-        sends, where the manifest was profiled on the model's own held-out rows."""
-        for model, variant in self.hosted:
-            record = self._records[model]
-            measured = {}
-            for rows in sorted({1, self._batching.max_batch_size}):
-                inputs = synthetic_inputs(record, rows)
-                self.executor.run_now(model, variant, inputs)  # the first run allocates
-                measured[rows] = statistics.median(
-                    self.executor.run_now(model, variant, inputs)[1] * 1000 for _ in range(runs)
-                )
-            if not _has_dynamic_row_shape(record):
-                self.times.calibrate(variant_key(model, variant), self.device_class, measured)
+    async def warm_up(self) -> None:
+        """Measures the hop from the event loop to a worker and back; every session was run
+        and timed when it was loaded, so predictions hold from the first request rather than
+        after the first few.
+
+        A model with dynamic dimensions beyond the batch (tokens of a sentence, say) keeps its
+        manifest's figures: zeros one token long would time a request no caller sends, where
+        the manifest was profiled on the model's own held-out rows."""
         if self.hosted:
             model, variant = min(
                 self.hosted,
@@ -266,6 +354,9 @@ class LocalBackend:
     def depth(self) -> int:
         return sum(executor.depth() for executor in self._lanes.values())
 
+    def live(self) -> bool:
+        return all(executor.live() for executor in self._lanes.values())
+
     def close(self) -> None:
         for executor in self._lanes.values():
             executor.close()
@@ -276,19 +367,34 @@ class RemoteBackend:
     """A device class served by replicas of its own, reached through a Ray Serve handle.
 
     Its service time is the whole round trip (the hop included), learnt from each answer and
-    seeded from the manifests; requests in flight queue ahead of a new one.
+    seeded from the manifests; requests in flight queue ahead of a new one. A call not answered
+    within ``timeout_s`` is cancelled there and fails with UNAVAILABLE.
     """
 
     lanes = (Lane.STANDARD,)
 
-    def __init__(self, device_class: str, handle: Any, catalog: Catalog) -> None:
+    def __init__(
+        self,
+        device_class: str,
+        handle: Any,
+        catalog: Catalog,
+        timeout_s: float = REMOTE_ANSWER_TIMEOUT_S,
+    ) -> None:
         self.device_class = device_class
         self._handle = handle
+        self._timeout_s = timeout_s
         self._inflight = 0
         self.times = ServiceTimes()
+        self._seeded: set[str] = set()
+        self.update(catalog)
+
+    def update(self, catalog: Catalog) -> None:
+        """Seeds the figures of variants published since (its own replicas load them)."""
         for manifest in catalog.ready_manifests():
             key = variant_key(manifest.model, manifest.variant)
-            self.times.seed(key, device_class, profiled_cost(manifest, device_class))
+            if key not in self._seeded:
+                self.times.seed(key, self.device_class, profiled_cost(manifest, self.device_class))
+                self._seeded.add(key)
 
     def settle(self) -> None:
         """Nothing to forget here: its own replicas settle their predictions."""
@@ -298,11 +404,21 @@ class RemoteBackend:
     ) -> BatchResult:
         self._inflight += 1
         started = time.perf_counter()
+        response = self._handle.infer.remote(model, variant, dict(inputs))
+        deadline = asyncio.timeout(self._timeout_s)
         try:
-            result: BatchResult = await self._handle.infer.remote(model, variant, dict(inputs))
+            async with deadline:
+                result: BatchResult = await response
         except Exception as error:
-            raise unwrap_remote_error(
-                error, f"device class '{self.device_class}' failed to answer"
+            if not deadline.expired():
+                raise unwrap_remote_error(
+                    error, f"device class '{self.device_class}' failed to answer"
+                ) from None
+            if isinstance(response, DeploymentResponse):
+                response.cancel()  # best effort: the replica stops working for nobody
+            raise UnavailableError(
+                f"device class '{self.device_class}' did not answer within "
+                f"{self._timeout_s:g} s (remote_answer_timeout_s)"
             ) from None
         finally:
             self._inflight -= 1
@@ -331,6 +447,11 @@ class RemoteBackend:
 
     def depth(self) -> int:
         return self._inflight
+
+    def live(self) -> bool:
+        """Its own replicas are health-checked by Ray Serve: reaching them is never this
+        replica's failure."""
+        return True
 
 
 def unwrap_remote_error(error: Exception, what: str) -> GearboxError:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gearbox.compression.errors import InvalidArgumentError
+from gearbox.compression.errors import InvalidArgumentError, PayloadTooLargeError
 from gearbox.compression.signature import NUMPY_TO_OIP, OIP_TO_NUMPY
 
 ParameterValue = bool | int | float | str
@@ -23,6 +23,31 @@ Protocol = Literal["http", "grpc"]
 BYTES = "BYTES"
 """OIP's variable-length datatype (text): numpy object arrays of ``bytes`` or ``str`` here."""
 _LENGTH_PREFIX = struct.Struct("<I")
+MAX_DIMENSIONS = 32
+"""The most dimensions a request's tensor may have (numpy itself stops at 64)."""
+_NUMERIC_KINDS = frozenset("biuf")
+"""numpy's kinds of booleans, integers and floats: what numeric data may hold."""
+
+
+@dataclass(frozen=True)
+class TensorLimits:
+    """How large a request's tensors may be: checked from each tensor's declared shape as it is
+    decoded, before any array is built (the gateway's configuration sets them)."""
+
+    max_rows: int = 4096
+    """The most rows (first dimension) a request's tensor may have. The executor runs a large
+    request in batches, but all of them ahead of the requests that arrive after it."""
+    max_elements: int = 16 * 1024 * 1024
+    """The most elements one tensor may hold (64 MiB of FP32, the default body limit)."""
+
+    def __post_init__(self) -> None:
+        if self.max_rows < 1:
+            raise InvalidArgumentError("max_rows must be at least 1")
+        if self.max_elements < 1:
+            raise InvalidArgumentError("max_elements must be at least 1")
+
+
+DEFAULT_LIMITS = TensorLimits()
 
 
 @dataclass(frozen=True)
@@ -149,14 +174,18 @@ def datatype_of(array: np.ndarray) -> str:
 def numpy_dtype(name: str, datatype: str) -> np.dtype:
     try:
         return OIP_TO_NUMPY[datatype]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: a datatype that is no string (a JSON list)
         known = ", ".join([*OIP_TO_NUMPY, BYTES])
         raise InvalidArgumentError(
             f"input '{name}': unknown or unsupported datatype '{datatype}' (supported: {known})"
         ) from None
 
 
-def checked_shape(name: str, shape: object) -> tuple[int, ...]:
+def checked_shape(
+    name: str, shape: object, limits: TensorLimits = DEFAULT_LIMITS
+) -> tuple[int, ...]:
+    """``shape`` as integers, refused unless every array of it could be built within
+    ``limits``: too many rows is 400, too many elements 413."""
     if not isinstance(shape, Sequence) or isinstance(shape, str | bytes):
         raise InvalidArgumentError(f"input '{name}': shape must be a list of integers")
     dims = []
@@ -166,6 +195,22 @@ def checked_shape(name: str, shape: object) -> tuple[int, ...]:
                 f"input '{name}': shape {list(shape)} must hold non-negative integers"
             )
         dims.append(int(dim))
+    if len(dims) > MAX_DIMENSIONS:
+        raise InvalidArgumentError(
+            f"input '{name}': shape has {len(dims)} dimensions, at most {MAX_DIMENSIONS} are read"
+        )
+    if dims and dims[0] > limits.max_rows:
+        raise InvalidArgumentError(
+            f"input '{name}': {dims[0]} rows (the shape's first dimension) exceed the gateway's "
+            f"limit of {limits.max_rows} rows per request"
+        )
+    # Zero dimensions left out: [0, 10**30] holds no element, yet numpy can build no array of
+    # that shape either (and the count is in Python integers, which never overflow).
+    if math.prod(dim for dim in dims if dim) > limits.max_elements:
+        raise PayloadTooLargeError(
+            f"input '{name}': shape {dims} exceeds the gateway's limit of "
+            f"{limits.max_elements} elements per tensor"
+        )
     return tuple(dims)
 
 
@@ -175,19 +220,34 @@ def _element_count(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def tensor_from_values(name: str, datatype: str, shape: object, values: object) -> Tensor:
+def tensor_from_values(
+    name: str,
+    datatype: str,
+    shape: object,
+    values: object,
+    limits: TensorLimits = DEFAULT_LIMITS,
+) -> Tensor:
     """A tensor from JSON ``data`` or gRPC typed contents: flat or nested, row-major."""
     if datatype == BYTES:
-        return _bytes_from_values(name, checked_shape(name, shape), values)
+        return _bytes_from_values(name, checked_shape(name, shape, limits), values)
     dtype = numpy_dtype(name, datatype)
-    dims = checked_shape(name, shape)
-    if isinstance(values, str | bytes) or values is None:
+    dims = checked_shape(name, shape, limits)
+    if not isinstance(values, list | tuple):
         raise InvalidArgumentError(f"input '{name}': data must be a list of numbers")
     try:
-        array = np.asarray(values, dtype=dtype)
+        # The kind numpy reads first: told the datatype, it would take "1.5" or "NaN" strings
+        # for numbers.
+        array = np.asarray(values)
+        if array.dtype.kind not in _NUMERIC_KINDS:
+            raise ValueError(f"numpy reads the data as {array.dtype}")
+        if dtype.kind == "f":
+            array = array.astype(dtype, copy=False)
+        else:  # converted again from the values, so that numpy checks each one's range
+            array = np.asarray(values, dtype=dtype)
     except (TypeError, ValueError, OverflowError):
         raise InvalidArgumentError(
-            f"input '{name}': data must be {datatype} numbers in a (possibly nested) list"
+            f"input '{name}': data must be {datatype} numbers in a (possibly nested) list of "
+            "equal-length lists"
         ) from None
     expected = _element_count(dims)
     if array.size != expected:
@@ -197,12 +257,14 @@ def tensor_from_values(name: str, datatype: str, shape: object, values: object) 
     return Tensor(name, array.reshape(dims))
 
 
-def tensor_from_bytes(name: str, datatype: str, shape: object, raw: bytes) -> Tensor:
+def tensor_from_bytes(
+    name: str, datatype: str, shape: object, raw: bytes, limits: TensorLimits = DEFAULT_LIMITS
+) -> Tensor:
     """A tensor from raw little-endian bytes (gRPC ``raw_input_contents``, HTTP binary data)."""
     if datatype == BYTES:
-        return _bytes_from_raw(name, checked_shape(name, shape), raw)
+        return _bytes_from_raw(name, checked_shape(name, shape, limits), raw)
     dtype = numpy_dtype(name, datatype)
-    dims = checked_shape(name, shape)
+    dims = checked_shape(name, shape, limits)
     expected = _element_count(dims) * dtype.itemsize
     if len(raw) != expected:
         raise InvalidArgumentError(

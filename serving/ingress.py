@@ -38,11 +38,16 @@ rotation (Ray's default is 30 s, made for cloud load balancers; HAProxy here lea
 from Serve directly and retries a refused connection on another replica)."""
 
 
-HAPROXY_PORT_RANGE = range(20000, 25000)
+HAPROXY_PORT_RANGE = range(20000, 22500)
 """Where HAProxy's exporter and stats ports are picked: above Ray's worker ports (10002-19999),
 below Serve's direct-ingress ports (30000 up) and the kernel's ephemeral range (32768 up on
 Linux), where Ray's processes bind ports of their own while the cluster starts, after the
 pick and before HAProxy binds."""
+
+TLS_UPSTREAM_PORT_RANGE = range(22500, 25000)
+"""Where Serve's plaintext HTTP and gRPC ingress ports are picked when Gearbox's TLS terminator
+holds the user's ports (:mod:`gearbox.serving.tls_terminator`): clear of the ranges above, and
+of the HAProxy pages, which a starting Serve binds after the pick."""
 
 
 class Ingress(enum.StrEnum):
@@ -61,6 +66,8 @@ class Ingress(enum.StrEnum):
 
 
 WORKER_NICENESS = "RAY_worker_niceness"
+RETRY_ON = "conn-failure empty-response junk-response"
+"""HAProxy's ``retry-on``: what a request is sent to another replica after."""
 
 
 def ray_environment(ingress: Ingress, state_dir: str | Path | None = None) -> dict[str, str]:
@@ -94,11 +101,16 @@ def ray_environment(ingress: Ingress, state_dir: str | Path | None = None) -> di
             # One HAProxy thread forwards far more requests than a node's Python replicas
             # answer; Ray's default of four contends with them for the cores of a small node.
             "RAY_SERVE_HAPROXY_NBTHREAD": "1",
+            # Inference is idempotent: a request whose replica died before answering (the
+            # connection closed with no answer, or half of one) goes to another replica
+            # rather than being lost. Ray retries only failed connections by default.
+            "RAY_SERVE_HAPROXY_RETRY_ON": RETRY_ON,
         }
     )
     if state_dir is not None:
         state = Path(state_dir)
         state.mkdir(parents=True, exist_ok=True)
+        metrics_port = free_port(HAPROXY_PORT_RANGE)
         env.update(
             {
                 "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state / "haproxy.cfg"),
@@ -106,8 +118,8 @@ def ray_environment(ingress: Ingress, state_dir: str | Path | None = None) -> di
                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
                 "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state / "metrics.sock"),
-                "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(HAPROXY_PORT_RANGE)),
-                "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(HAPROXY_PORT_RANGE)),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(HAPROXY_PORT_RANGE, metrics_port)),
             }
         )
     return env
@@ -135,12 +147,15 @@ def local_state_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def free_port(ports: range) -> int:
+def free_port(ports: range, *taken: int) -> int:
     """A port of ``ports`` free on every interface (HAProxy binds its pages on all of them),
-    tried from a random point so that two clusters on one machine differ."""
+    tried from a random point so that two clusters on one machine differ; never one of
+    ``taken`` (picked already, not bound yet)."""
     start = random.randrange(len(ports))
     for offset in range(len(ports)):
         port = ports[(start + offset) % len(ports)]
+        if port in taken:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             try:
                 probe.bind(("", port))

@@ -104,6 +104,14 @@ VARIANT_AGREEMENT = MetricSpec(
     "cosine for embeddings); the manifest's offline figure until a comparison has run.",
     gauge_mode=GaugeMode.RATIO,
 )
+VARIANT_LOADED = MetricSpec(
+    "gearbox_variant_loaded",
+    Kind.GAUGE,
+    ("model", "variant", "device_class"),
+    "Running replicas that serve each ready variant on each device class: 0 where its "
+    "artifact failed its sha256 or would not load (the log and the repository index say why).",
+    gauge_mode=GaugeMode.LIVE_SUM,
+)
 INFLIGHT = MetricSpec(
     "gearbox_inflight_requests",
     Kind.GAUGE,
@@ -127,6 +135,7 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     VARIANT_QUALITY,
     VARIANT_SIZE,
     VARIANT_AGREEMENT,
+    VARIANT_LOADED,
     INFLIGHT,
     BATCH_SIZE,
 )

@@ -46,6 +46,7 @@ from gearbox.serving.metric_names import (
     REQUEST_LATENCY,
     REQUESTS,
     VARIANT_AGREEMENT,
+    VARIANT_LOADED,
     VARIANT_QUALITY,
     VARIANT_SELECTED,
     VARIANT_SIZE,
@@ -94,6 +95,11 @@ class GatewayMetrics(Protocol):
     def agreement(
         self, model: str, variant: str, matched: float, rows: int, offline: float
     ) -> None: ...
+
+    def variant_loaded(self, model: str, variant: str, device_class: str, loaded: bool) -> None:
+        """Whether this replica serves ``variant`` on ``device_class`` (False: it could not
+        load it, or stopped serving it)."""
+        ...
 
     def inflight(self, model: str, device_class: str, delta: int) -> None: ...
 
@@ -245,6 +251,11 @@ class ReplicaMetrics:
             self._figures.ratios[(VARIANT_AGREEMENT.name, (model, variant))] = (
                 matched, rows, offline,
             )  # fmt: skip
+
+    def variant_loaded(self, model: str, variant: str, device_class: str, loaded: bool) -> None:
+        key = (VARIANT_LOADED.name, (model, variant, device_class))
+        with self._lock:
+            self._figures.live[key] = float(loaded)
 
     def inflight(self, model: str, device_class: str, delta: int) -> None:
         key = (INFLIGHT.name, (model, device_class))

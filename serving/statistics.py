@@ -186,6 +186,14 @@ class Statistics:
             for version in versions
         }
 
+    def serve(self, served: Mapping[str, Iterable[str]]) -> None:
+        """Records ``served`` from now on (a repository update); the figures of versions served
+        before are kept, as Triton keeps a reloaded model's."""
+        self._versions = {model: frozenset(versions) for model, versions in served.items()}
+        for model, versions in self._versions.items():
+            for version in versions:
+                self._figures.setdefault((model, version), _Figures())
+
     def succeeded(self, model: str, version: str, phases: Phases | None, latency_ms: float) -> None:
         """A request answered by ``version`` whose outputs are encoded ``latency_ms`` after it
         arrived."""

@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from gearbox.compression.errors import ErrorCode, GearboxError, InvalidArgumentError
+from gearbox.compression.errors import (
+    ErrorCode,
+    GearboxError,
+    InvalidArgumentError,
+    UnavailableError,
+)
+from gearbox.serving.admin import Administration
 from gearbox.serving.clock import arrival
 from gearbox.serving.dataplane import DataPlane
 from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
 from gearbox.serving.inference import (
+    DEFAULT_LIMITS,
     ConfigTensor,
     InferRequest,
     InferResponse,
@@ -30,6 +37,7 @@ from gearbox.serving.inference import (
     RepositoryEntry,
     RequestedOutput,
     Tensor,
+    TensorLimits,
     tensor_from_bytes,
     tensor_from_values,
     tensor_to_bytes,
@@ -74,6 +82,8 @@ class StatusContext(Protocol):
 
     def set_details(self, details: str) -> None: ...
 
+    def invocation_metadata(self) -> Sequence[tuple[str, str | bytes]]: ...
+
 
 Reply = TypeVar("Reply")
 
@@ -85,8 +95,16 @@ class GrpcServicer:
     after the RPC, passing its context); it works as well on any ``grpc.aio`` server.
     """
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        limits: TensorLimits = DEFAULT_LIMITS,
+        admin: Administration | None = None,
+    ) -> None:
+        """``admin``: what loads and unloads models (without it, those RPCs are refused)."""
         self._plane = plane
+        self._limits = limits
+        self._admin = admin
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, grpc_context: StatusContext
@@ -143,7 +161,7 @@ class GrpcServicer:
         clock = arrival()
 
         async def call() -> pb.ModelInferResponse:
-            response = await self._plane.infer(request_from_proto(request), clock)
+            response = await self._plane.infer(request_from_proto(request, self._limits), clock)
             return response_to_proto(
                 response, bool(request.raw_input_contents), self._plane.answered
             )
@@ -180,6 +198,61 @@ class GrpcServicer:
                 self._plane.repository_index(request.ready, request.repository_name)
             ),
         )
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, grpc_context: StatusContext
+    ) -> pb.RepositoryModelLoadResponse:
+        async def load() -> pb.RepositoryModelLoadResponse:
+            admin = self._administration(request.repository_name)
+            await admin.load_model(
+                request.model_name,
+                _repository_parameters(request.parameters),
+                _authorization(grpc_context),
+            )
+            return pb.RepositoryModelLoadResponse()
+
+        return await _answer(grpc_context, pb.RepositoryModelLoadResponse, load)
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, grpc_context: StatusContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        async def unload() -> pb.RepositoryModelUnloadResponse:
+            admin = self._administration(request.repository_name)
+            await admin.unload_model(
+                request.model_name,
+                _repository_parameters(request.parameters),
+                _authorization(grpc_context),
+            )
+            return pb.RepositoryModelUnloadResponse()
+
+        return await _answer(grpc_context, pb.RepositoryModelUnloadResponse, unload)
+
+    def _administration(self, repository: str) -> Administration:
+        if repository:
+            raise InvalidArgumentError(
+                f"repository '{repository}' not found: Gearbox serves one repository, "
+                "asked for without a name"
+            )
+        if self._admin is None:
+            raise UnavailableError("this gateway does not load or unload models")
+        return self._admin
+
+
+def _authorization(context: StatusContext) -> str | None:
+    """The call's ``authorization`` metadata (gRPC's form of the HTTP header)."""
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() == "authorization":
+            return value.decode(errors="replace") if isinstance(value, bytes) else value
+    return None
+
+
+def _repository_parameters(
+    parameters: Mapping[str, pb.ModelRepositoryParameter],
+) -> dict[str, object]:
+    return {
+        name: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+        for name, value in parameters.items()
+    }
 
 
 async def _answer(
@@ -304,7 +377,9 @@ def parameter_to_proto(value: ParameterValue) -> pb.InferParameter:
     return pb.InferParameter(string_param=str(value))
 
 
-def request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
+def request_from_proto(
+    request: pb.ModelInferRequest, limits: TensorLimits = DEFAULT_LIMITS
+) -> InferRequest:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgumentError(
@@ -318,7 +393,9 @@ def request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
                 raise InvalidArgumentError(
                     f"input '{name}': give raw_input_contents or typed contents, not both"
                 )
-            inputs.append(tensor_from_bytes(name, item.datatype, list(item.shape), raw[position]))
+            inputs.append(
+                tensor_from_bytes(name, item.datatype, list(item.shape), raw[position], limits)
+            )
             continue
         field = CONTENTS_FIELD.get(item.datatype)
         if field is None:
@@ -327,7 +404,9 @@ def request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
                 "send it in raw_input_contents"
             )
         values = getattr(item.contents, field)
-        inputs.append(tensor_from_values(name, item.datatype, list(item.shape), list(values)))
+        inputs.append(
+            tensor_from_values(name, item.datatype, list(item.shape), list(values), limits)
+        )
     outputs = tuple(RequestedOutput(o.name) for o in request.outputs)
     return InferRequest(
         model=request.model_name,

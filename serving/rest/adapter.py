@@ -20,6 +20,7 @@ from gearbox.serving.clock import RequestClock
 from gearbox.serving.dataplane import DataPlane
 from gearbox.serving.experiments import DEFAULT_CONFIDENCE
 from gearbox.serving.inference import (
+    DEFAULT_LIMITS,
     ConfigTensor,
     InferRequest,
     InferResponse,
@@ -29,6 +30,7 @@ from gearbox.serving.inference import (
     RepositoryEntry,
     RequestedOutput,
     Tensor,
+    TensorLimits,
     tensor_from_bytes,
     tensor_from_values,
     tensor_to_bytes,
@@ -52,6 +54,9 @@ HTTP_STATUS: Mapping[ErrorCode, int] = {
 HEADER_LENGTH = "inference-header-content-length"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
+_INT64 = -(2**63)
+_UINT64 = 2**64
+"""The range of integer parameters: gRPC's ``int64_param`` and ``uint64_param`` together."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +75,15 @@ def error_response(code: ErrorCode, message: str) -> HttpResponse:
 
 
 class HttpAdapter:
-    def __init__(self, plane: DataPlane, admin: Administration | None = None) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        admin: Administration | None = None,
+        limits: TensorLimits = DEFAULT_LIMITS,
+    ) -> None:
         self._plane = plane
         self._admin = admin
+        self._limits = limits
 
     async def handle(
         self,
@@ -86,7 +97,7 @@ class HttpAdapter:
         """Answers one request; ``clock`` started when it reached the server (default: now);
         ``query``: the URL's query string."""
         try:
-            if path.startswith(("/v2/experiments", "/v2/feedback")):
+            if path.startswith(("/v2/experiments", "/v2/feedback", "/v2/repository/models/")):
                 return await self._administer(method.upper(), path, headers, body, query)
             return await self._dispatch(
                 method.upper(), path, headers, body, clock or RequestClock.start()
@@ -142,7 +153,7 @@ class HttpAdapter:
             ready = self._plane.model_ready(model, version)
             return json_response(200 if ready else 503, {"name": model, "ready": ready})
         if tail == ["infer"] and method == "POST":
-            request = decode_infer_request(model, version, headers, body)
+            request = decode_infer_request(model, version, headers, body, self._limits)
             response = await self._plane.infer(request, clock)
             return encode_infer_response(response, self._plane.answered)
         if tail == ["stats"] and method == "GET":
@@ -156,7 +167,8 @@ class HttpAdapter:
     async def _administer(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes, query: str
     ) -> HttpResponse:
-        """``/v2/experiments[/NAME[/report]]`` and ``/v2/feedback`` (see :mod:`..admin`)."""
+        """``/v2/experiments[/NAME[/report]]``, ``/v2/feedback`` and
+        ``/v2/repository/models/{m}/load|unload`` (see :mod:`..admin`)."""
         admin = self._admin
         if admin is None:
             return error_response(ErrorCode.NOT_FOUND, f"no endpoint {method} {path}")
@@ -175,7 +187,27 @@ class HttpAdapter:
         if len(parts) == 3 and parts[::2] == ["experiments", "report"] and method == "GET":
             confidence = _query_number(query, "confidence", DEFAULT_CONFIDENCE)
             return json_response(200, await admin.report(parts[1], confidence))
+        if len(parts) == 4 and parts[:2] == ["repository", "models"] and method == "POST":
+            model, action = parts[2], parts[3]
+            if action == "load":
+                return json_response(
+                    200, await admin.load_model(model, _load_parameters(body), authorization)
+                )
+            if action == "unload":
+                return json_response(
+                    200, await admin.unload_model(model, _load_parameters(body), authorization)
+                )
         return _unknown(method, path)
+
+
+def _load_parameters(body: bytes) -> dict[str, Any]:
+    """The ``parameters`` of a load or unload body (Triton's; an empty body has none)."""
+    if not body.strip():
+        return {}
+    parameters = _json_object(body).get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidArgumentError("'parameters' must be a JSON object")
+    return parameters
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -297,7 +329,11 @@ def statistics_json(stats: list[ModelStatistics]) -> dict[str, Any]:
 
 
 def decode_infer_request(
-    model: str, version: str, headers: Mapping[str, str], body: bytes
+    model: str,
+    version: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    limits: TensorLimits = DEFAULT_LIMITS,
 ) -> InferRequest:
     header_length = _header_length(headers, len(body))
     document = _json_object(body[:header_length] if header_length is not None else body)
@@ -331,11 +367,11 @@ def decode_infer_request(
                 )
             raw = bytes(binary[offset : offset + size])
             offset += size
-            inputs.append(tensor_from_bytes(name, datatype, item["shape"], raw))
+            inputs.append(tensor_from_bytes(name, datatype, item["shape"], raw, limits))
         else:
             if "data" not in item:
                 raise InvalidArgumentError(f"input '{name}' needs 'data' (or binary_data_size)")
-            inputs.append(tensor_from_values(name, datatype, item["shape"], item["data"]))
+            inputs.append(tensor_from_values(name, datatype, item["shape"], item["data"], limits))
     if offset != len(binary):
         raise InvalidArgumentError(
             f"the body holds {len(binary) - offset} bytes of binary data no input claims"
@@ -369,7 +405,7 @@ def decode_infer_request(
 
 
 def _header_length(headers: Mapping[str, str], body_length: int) -> int | None:
-    value = headers.get(HEADER_LENGTH)
+    value = _header(headers, HEADER_LENGTH)
     if value is None:
         return None
     try:
@@ -409,6 +445,10 @@ def _parameters(value: object, where: str) -> dict[str, ParameterValue]:
             raise InvalidArgumentError(
                 f"{where}: '{key}' must be a boolean, number or string, got {type(item).__name__}"
             )
+        # As gRPC's int64_param / uint64_param hold them: a longer integer converts to no
+        # number the gateway computes with (float() of it overflows).
+        if isinstance(item, int) and not isinstance(item, bool) and not _INT64 <= item < _UINT64:
+            raise InvalidArgumentError(f"{where}: '{key}' is an integer beyond 64 bits")
     return value
 
 

@@ -14,17 +14,20 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 
 from gearbox.compression import ModelRepository
 from gearbox.serving.ingress import Ingress, free_port, ray_environment, session_state_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
+GEARBOX = str(Path(sys.executable).with_name("gearbox"))
 NODE_OBJECT_STORE_BYTES = 300 * 1024 * 1024
 
 
@@ -159,6 +162,17 @@ def wait_gateway_ready(http: str, grpc_target: str, process: subprocess.Popen, l
             pass
         time.sleep(1)
     pytest.fail(f"gateway never became ready:\n{log.read_text()}")
+
+
+def scrape_sum(metrics_url: str, sample: str, **labels: str) -> float:
+    """The sum of a gateway's ``sample`` series whose labels include ``labels``."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return sum(
+        found.value
+        for family in text_string_to_metric_families(text)
+        for found in family.samples
+        if found.name == sample and labels.items() <= found.labels.items()
+    )
 
 
 def start_gearbox(*args: str, cwd: Path = ROOT) -> subprocess.Popen:

@@ -173,6 +173,12 @@ def test_an_interrupted_run_resumes_from_the_builds_it_finished(ray_address, tmp
         if entry.name[0] != "."
     }
     assert kept
+    # What the killed run left is consistent: every variant listed is whole (its artifact
+    # matches its manifest's sha256); nothing half-written is visible.
+    interrupted_repository = ModelRepository(repo)
+    for model in interrupted_repository.models():
+        for manifest in interrupted_repository.variants(model):
+            interrupted_repository.read_artifact(manifest)
 
     resumed = run_gearbox(*command)
 

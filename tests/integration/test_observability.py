@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -38,6 +37,7 @@ from gearbox.serving.metric_names import (
     BATCH_SIZE,
     BUDGET,
     INFLIGHT,
+    LATENCY_BUCKETS_S,
     REQUEST_LATENCY,
     REQUESTS,
     VARIANT_AGREEMENT,
@@ -46,13 +46,18 @@ from gearbox.serving.metric_names import (
     VARIANT_SIZE,
 )
 from tests.fixtures.prometheus import PrometheusServer, prometheus_binary
-from tests.integration.conftest import ROOT, _free_port, run_gearbox, wait_gateway_ready
+from tests.integration.conftest import (
+    GEARBOX,
+    ROOT,
+    _free_port,
+    run_gearbox,
+    wait_gateway_ready,
+)
 
 MODEL = "digits"
 TOKEN = "integration-admin-token-0123456789"
 EXPERIMENT = "int8-vs-fp32"
 DASHBOARD = ROOT / "deploy" / "grafana" / "gearbox-dashboard.json"
-GEARBOX = str(Path(sys.executable).with_name("gearbox"))
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -148,6 +153,10 @@ class Sent:
     """(variant, met) of the answers to requests with a budget."""
     pinned: int = 0
     rows: int = 0
+    scraped_before: float = 0.0
+    """A wall-clock time whose latest Prometheus scrape saw none of these requests."""
+    scraped_after: float = 0.0
+    """A wall-clock time whose latest Prometheus scrape saw all of them, and nothing later."""
 
     def http(self, session: requests.Session, url: str, image: np.ndarray, **parameters) -> dict:
         body = {
@@ -176,6 +185,8 @@ def traffic(gateway, prometheus) -> tuple[Sent, Samples, Samples]:
     images = load_splits().heldout.inputs["images"]
     before = gateway.scrape()
     sent = Sent()
+    prometheus.wait_for_scrapes(1)
+    sent.scraped_before = time.time()
     session = requests.Session()
     routed = f"{gateway.http}/v2/models/{MODEL}/infer"
     for i in range(60):
@@ -197,6 +208,8 @@ def traffic(gateway, prometheus) -> tuple[Sent, Samples, Samples]:
                       for k, v in response.parameters.items()}  # fmt: skip
         sent.note(response.model_version, "grpc", parameters, {"latency_budget_ms": 1000.0})
     after = _caught_up(gateway, before, sum(sent.answered.values()))
+    prometheus.wait_for_scrapes(1)
+    sent.scraped_after = time.time()
     return sent, before, after
 
 
@@ -366,18 +379,22 @@ def test_every_dashboard_panel_has_data_in_prometheus(prometheus, traffic, exper
 
 def test_promql_latency_quantiles_come_from_the_same_clock(prometheus, traffic):
     sent, _before, _after = traffic
-    prometheus.wait_for_scrapes(2)
+    buckets = f'{REQUEST_LATENCY.name}_bucket{{model="{MODEL}"}}'
+    # Exactly this fixture's requests: later tests send more to the same series.
+    window = f"{buckets} @ {sent.scraped_after:.3f} - {buckets} @ {sent.scraped_before:.3f}"
     p95 = prometheus.values(
-        f"histogram_quantile(0.95, sum by (le, variant) "
-        f'(increase({REQUEST_LATENCY.name}_bucket{{model="{MODEL}"}}[10m])))',
-        by="variant",
+        f"histogram_quantile(0.95, sum by (le, variant) ({window}))", by="variant"
     )
+    bounds = (0.0, *LATENCY_BUCKETS_S)
     for variant, spans in sent.gateway_ms.items():
-        if len(spans) < 20:
-            continue
-        told = float(np.percentile(spans, 95))
-        # Bucket interpolation: within the bucket around the true value.
-        assert p95[variant] * 1000 == pytest.approx(told, rel=0.5, abs=0.5), variant
+        # Prometheus interpolates inside the bucket that holds the observation of rank
+        # ceil(0.95 n); the latency_ms the caller was told must fall in that same bucket.
+        rank = math.ceil(0.95 * len(spans))
+        # latency_ms is rounded to 0.1 µs: near a bound, either neighbouring bucket.
+        told_s = sorted(spans)[rank - 1] / 1000
+        low = bounds[int(np.searchsorted(LATENCY_BUCKETS_S, told_s - 1e-7))]
+        high = bounds[int(np.searchsorted(LATENCY_BUCKETS_S, told_s + 1e-7)) + 1]
+        assert low <= p95[variant] <= high, (variant, told_s, p95[variant])
 
 
 def test_triton_statistics_through_unmodified_clients(gateway, traffic):

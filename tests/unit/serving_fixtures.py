@@ -150,6 +150,7 @@ class RecordingMetrics:
         self.declared: list[tuple[str, str, tuple[str, ...]]] = []
         self.inflight_deltas: list[tuple[str, str, int]] = []
         self.batches: list[tuple[str, str, str, int]] = []
+        self.loaded: dict[tuple[str, str, str], bool] = {}
 
     def declare(self, model: str, variant: str, device_classes: Sequence[str]) -> None:
         self.declared.append((model, variant, tuple(device_classes)))
@@ -181,6 +182,9 @@ class RecordingMetrics:
         self, model: str, variant: str, matched: float, rows: int, offline: float
     ) -> None:
         self.agreements.append((model, variant, matched / rows if rows else offline))
+
+    def variant_loaded(self, model: str, variant: str, device_class: str, loaded: bool) -> None:
+        self.loaded[(model, variant, device_class)] = loaded
 
     def inflight(self, model: str, device_class: str, delta: int) -> None:
         self.inflight_deltas.append((model, device_class, delta))
@@ -269,6 +273,7 @@ async def start(
         batching or BatchingConfig(),
         on_batch=metrics.on_batch(DEVICE),
     )
+    catalog = backend.served(catalog)
     try:
         plane = DataPlane(
             catalog,
@@ -449,15 +454,19 @@ def serving(tiny_repository: ModelRepository) -> Iterator[Callable[..., Served]]
 class GrpcContext:
     """Records what an adapter tells the gRPC context."""
 
-    def __init__(self) -> None:
+    def __init__(self, metadata: Sequence[tuple[str, str]] = ()) -> None:
         self.code: grpc.StatusCode | None = None
         self.details: str | None = None
+        self.metadata = tuple(metadata)
 
     def set_code(self, code: grpc.StatusCode) -> None:
         self.code = code
 
     def set_details(self, details: str) -> None:
         self.details = details
+
+    def invocation_metadata(self) -> Sequence[tuple[str, str]]:
+        return self.metadata
 
 
 class _TritonReply:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import threading
 import time
@@ -17,13 +18,11 @@ import pytest
 
 from gearbox.compression.devices import DeviceClass
 from gearbox.compression.errors import (
-    IntegrityError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
     UnavailableError,
 )
-from gearbox.compression.repository import ARTIFACT_FILE
 from gearbox.serving.catalog import Catalog, profiled_cost
 from gearbox.serving.clock import RequestClock
 from gearbox.serving.config import BatchingConfig
@@ -37,6 +36,7 @@ from gearbox.serving.hosting import (
 )
 from gearbox.serving.inference import InferRequest, InferResponse, RequestedOutput, Tensor
 from gearbox.serving.queue_model import BatchCost, predict_ms, variant_key
+from gearbox.serving.rest.adapter import HttpAdapter
 from tests.unit.serving_fixtures import (
     BROKEN_MODEL,
     DEVICE,
@@ -721,9 +721,7 @@ def test_warm_up_measures_this_machine(tiny_repository):
     assert rows[REFERENCE]["predicted_latency_ms"] == {DEVICE: predicted}
 
 
-def test_health(served):
-    assert served.plane.live() is True
-    assert served.plane.ready() is True
+def test_server_metadata(served):
     meta = served.plane.server_metadata()
     assert meta.name == "gearbox"
     assert "binary_tensor_data" in meta.extensions
@@ -917,17 +915,6 @@ def test_synthetic_inputs_follow_the_signature(tiny_repository):
     assert record.signature.check_inputs(inputs, "warm-up") == 5
 
 
-def test_a_tampered_artifact_is_refused_at_load(tmp_path):
-    repository = publish_tiny_repository(tmp_path / "repo")
-    artifact = repository.root / MODEL / "int8" / ARTIFACT_FILE
-    data = bytearray(artifact.read_bytes())
-    data[-1] ^= 0xFF
-    artifact.write_bytes(bytes(data))
-    catalog = Catalog.load(repository)
-    with pytest.raises(IntegrityError, match="sha256"):
-        LocalBackend(repository, catalog, DeviceClass(DEVICE), BatchingConfig())
-
-
 def test_a_rejected_manifest_is_never_loaded(tiny_repository):
     manifest = tiny_repository.manifest(MODEL, REJECTED)
     with pytest.raises(UnavailableError, match="rejected"):
@@ -1097,3 +1084,17 @@ def test_background_runs_answer_as_the_artifact_does_on_an_idle_class_thread(ser
     assert policy == os.SCHED_IDLE
     with pytest.raises(NotFoundError):
         run(served.backend.run_in_background(MODEL, "pruned", {INPUT: data}))
+
+
+def test_a_replica_whose_workers_stopped_is_not_live(tiny_repository):
+    async def scenario() -> None:
+        async with started(tiny_repository) as served:
+            http = HttpAdapter(served.plane)
+            assert served.plane.live()
+            assert (await http.handle("GET", "/v2/health/live", {}, b"")).status == 200
+            served.backend.executor.close()  # as if its worker threads had died
+            assert not served.plane.live()
+            reply = await http.handle("GET", "/v2/health/live", {}, b"")
+            assert reply.status == 503 and json.loads(reply.body) == {"live": False}
+
+    run(scenario())

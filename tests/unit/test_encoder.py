@@ -365,7 +365,7 @@ def test_a_replica_keeps_the_manifest_figures_of_a_model_with_dynamic_token_leng
     import asyncio
 
     _, backend = encoder_backend
-    asyncio.run(backend.warm_up(runs=2))
+    asyncio.run(backend.warm_up())
     # Warmed on one-token zeros, which time no real sentence: the profile stands.
     assert _predicted(backend, 1) == pytest.approx(7.0)
     assert _predicted(backend, 8) == pytest.approx(21.0)
@@ -381,7 +381,7 @@ def test_the_gateways_own_warm_up_requests_leave_an_encoders_figures_alone(encod
     catalog, backend = encoder_backend
 
     async def warm() -> None:
-        await backend.warm_up(runs=2)
+        await backend.warm_up()
         plane = DataPlane(catalog, [backend], ["cpu"], RecordingMetrics(), shadow_fraction=0)
         await plane.warm_up()
         assert plane.ready()

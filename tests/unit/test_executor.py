@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from gearbox.compression.errors import (
+    ErrorCode,
     GearboxError,
     InvalidArgumentError,
     NotFoundError,
@@ -270,16 +271,21 @@ def test_a_batch_held_open_runs_with_what_it_has_once_the_wait_is_over(make):
     np.testing.assert_array_equal(result.outputs["y"], rows(70)["x"])
 
 
-def test_without_max_wait_a_later_request_runs_in_a_batch_of_its_own(make):
-    harness = make(max_wait_ms=0, max_batch_size=3)
+@pytest.mark.parametrize("batching", [{}, {"max_wait_ms": 0}], ids=["default", "zero"])
+def test_without_max_wait_a_lone_request_runs_at_once_in_a_batch_of_its_own(make, batching):
+    harness = make(max_batch_size=3, **batching)
     model = harness.host(Model())
 
     async def main():
-        await harness.submit(rows(1))
-        await harness.submit(rows(2, 3))
+        first = asyncio.ensure_future(harness.submit(rows(1)))
+        # Its batch runs before another request comes (a batch held open would wait for one).
+        await until(lambda: model.calls == 1)
+        second = await harness.submit(rows(2, 3))
+        return await first, second
 
-    run(main())
+    first, second = run(main())
     assert model.batches == [1, 2]
+    assert (first.batch_rows, second.batch_rows) == (1, 2)
 
 
 # --- admission --------------------------------------------------------------------------------
@@ -495,28 +501,118 @@ def test_a_gearbox_error_from_the_model_reaches_its_caller_unchanged(make):
     assert harness.formed == []
 
 
-def test_a_failure_outside_the_session_costs_the_batch_never_the_worker(make):
+class Exploding(list):
+    """An ``on_batch`` record that raises on recording the first batch of model ``m`` (a
+    metrics hiccup, say): the executor's bookkeeping after a session ran fails."""
+
+    def append(self, item):
+        super().append(item)
+        if [model for model, *_ in self].count("m") == 1 and item[0] == "m":
+            raise RuntimeError("metrics exploded")
+
+
+def test_a_failure_outside_the_session_fails_the_whole_batch_never_the_worker(make):
     harness = make()
     model = harness.host(Model())
-
-    class Exploding(list):
-        """The on_batch record; recording the first batch fails (a metrics hiccup, say)."""
-
-        def append(self, item):
-            super().append(item)
-            if len(self) == 1:
-                raise RuntimeError("metrics exploded")
-
     harness.formed = Exploding()
+    requests = [rows(1), rows(2), rows(3, 4)]
+
+    def submit():
+        return [asyncio.ensure_future(harness.submit(r)) for r in requests]
 
     async def main():
-        with pytest.raises(RuntimeError, match="metrics exploded"):
-            await harness.submit(rows(1))
-        return await harness.submit(rows(2))
+        failed = await held_then(harness, submit, queued=4)
+        await until(lambda: harness.executor.depth() == 0)
+        return failed, await harness.submit(rows(5))
 
-    result = run(main())
-    np.testing.assert_array_equal(result.outputs["y"], rows(20)["x"])
-    assert model.batches == [1, 1]
+    failed, later = run(main())
+    assert model.batches == [4, 1]  # the session ran the merged batch; recording it failed
+    for error in failed:
+        assert type(error) is GearboxError and error.code is ErrorCode.INTERNAL
+        assert "m/v on cpu: the batch failed outside the session" in error.message
+        assert "metrics exploded" not in error.message  # the details go to the log
+    # The same worker still serves: the next request is answered, and counted.
+    np.testing.assert_array_equal(later.outputs["y"], rows(50)["x"])
+    assert len(set(model.threads)) == 1
+    assert harness.executor.depth() == 0
+
+
+def test_a_failing_session_fails_every_caller_and_the_next_request_succeeds(make):
+    harness = make()
+    healthy = Model()
+    failures = {"left": 4}  # the merged run and each of the three alone
+
+    def flaky(inputs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("the session broke")
+        return healthy(inputs)
+
+    harness.host(flaky)
+
+    def submit():
+        return [asyncio.ensure_future(harness.submit(rows(v))) for v in (1, 2, 3)]
+
+    async def main():
+        failed = await held_then(harness, submit, queued=3)
+        await until(lambda: harness.executor.depth() == 0)
+        return failed, await harness.submit(rows(4))
+
+    failed, later = run(main())
+    assert [str(error) for error in failed] == ["the session broke"] * 3
+    assert failures["left"] == 0
+    np.testing.assert_array_equal(later.outputs["y"], rows(40)["x"])
+    assert healthy.batches == [1]
+
+
+class Stuck:
+    """A session that never answers until ``release`` is set (a hung driver, say)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.calls = 0
+
+    def __call__(self, inputs):
+        self.calls += 1
+        self.started.set()
+        self.release.wait(PATIENCE_S)
+        return {"y": inputs["x"] * 10}
+
+
+def test_a_session_that_never_answers_times_its_callers_out_and_frees_their_places(make):
+    harness = make(max_queue=2, answer_timeout_s=0.1)
+    stuck = harness.host(Stuck())
+
+    async def main():
+        first = asyncio.ensure_future(harness.submit(rows(1)))  # runs, and hangs
+        await until(stuck.started.is_set)
+        second = asyncio.ensure_future(harness.submit(rows(2)))  # waits behind it
+        timed_out = await asyncio.gather(first, second, return_exceptions=True)
+        # The worker is still stuck, yet the variant admits again: nothing holds it at 429.
+        depth_while_stuck = harness.executor.depth()
+        queued_while_stuck = harness.queued()
+        again = await asyncio.gather(harness.submit(rows(3)), return_exceptions=True)
+        stuck.release.set()
+        await until(lambda: not harness.executor.work_state().running)
+        return timed_out + again, depth_while_stuck, queued_while_stuck
+
+    errors, depth_while_stuck, queued_while_stuck = run(main())
+    for error in errors:
+        assert isinstance(error, UnavailableError), error
+        assert "m/v on cpu: no answer within 0.1 s (answer_timeout_s)" in error.message
+    assert (depth_while_stuck, queued_while_stuck) == (0, 0)
+    # The stuck batch finishing later frees nothing twice, and the next request is answered.
+    assert harness.executor.depth() == 0
+    result = run(harness.submit(rows(4)))
+    np.testing.assert_array_equal(result.outputs["y"], rows(40)["x"])
+    assert stuck.calls == 2  # the stuck batch and the last; the timed-out queued ones never ran
+
+
+def test_an_answer_timeout_must_be_positive():
+    for timeout_s in (0.0, -1.0):
+        with pytest.raises(InvalidArgumentError, match="answer_timeout_s must be positive"):
+            BatchingConfig(answer_timeout_s=timeout_s)
 
 
 def test_a_cancelled_callers_request_is_skipped(make):
@@ -532,11 +628,14 @@ def test_a_cancelled_callers_request_is_skipped(make):
                 cancelled.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await cancelled
+            # Their places are free at once, while the worker is still busy.
+            depth_while_held = harness.executor.depth()
         result = await futures[1]
         await until(lambda: harness.executor.depth() == 0)
-        return result
+        return result, depth_while_held
 
-    result = run(main())
+    result, depth_while_held = run(main())
+    assert depth_while_held == 2  # the gate's request and the one still waiting
     np.testing.assert_array_equal(result.outputs["y"], rows(20)["x"])
     assert model.batches == [1]
     np.testing.assert_array_equal(model.seen[0], rows(2)["x"])
@@ -725,6 +824,26 @@ def test_a_variant_of_unknown_cost_never_runs_inline(make):
     assert not harness.executor.runs_inline(KEY, 1)
     run(harness.submit(rows(1)))
     assert model.threads[0] != threading.get_ident()
+
+
+def test_an_inline_batch_whose_bookkeeping_fails_answers_an_internal_error(make):
+    harness = make()
+    model = harness.host(Model())
+    harness.times.seed(KEY, "cpu", BatchCost(0.0, 0.001))
+    harness.executor.hop_ms = 5.0
+    harness.formed = Exploding()
+
+    async def main():
+        with pytest.raises(GearboxError) as failed:
+            await harness.submit(rows(1))
+        return failed.value, await harness.submit(rows(2))
+
+    error, later = run(main())
+    assert type(error) is GearboxError and error.code is ErrorCode.INTERNAL
+    assert "m/v on cpu: the batch failed outside the session" in error.message
+    np.testing.assert_array_equal(later.outputs["y"], rows(20)["x"])
+    assert model.threads == [threading.get_ident()] * 2  # both inline
+    assert harness.executor.depth() == 0
 
 
 def test_a_negative_inline_max_ms_is_refused():

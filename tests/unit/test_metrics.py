@@ -72,6 +72,7 @@ def test_every_declared_family_is_exported_with_its_labels(tmp_path):
     replica.variant_figures("m", "fp32", 0.97, 1234)
     replica.agreement("m", "int8", 9.0, 10, 0.8)
     replica.inflight("m", "cpu", 1)
+    replica.variant_loaded("m", "fp32", "cpu", True)
     replica.batch_formed("m", "fp32", "cpu", 3)
     replica.flush()
     families = {f.name: f for f in text_string_to_metric_families(_exposition(tmp_path))}

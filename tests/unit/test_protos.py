@@ -75,6 +75,8 @@ METHODS = {
     "ModelStatistics",
     "ModelConfig",
     "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
 }
 
 

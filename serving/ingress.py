@@ -19,8 +19,10 @@ import enum
 import os
 import random
 import shutil
+import signal
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,7 +146,53 @@ def local_state_dir() -> Iterator[Path]:
     try:
         yield path
     finally:
+        stop_processes_using(path)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def stop_processes_using(state: Path, grace_s: float = 5.0) -> list[int]:
+    """Stops what still runs from ``state``'s files (their paths on its command line), and
+    returns their pids. Ray's HAProxy outlives a local Ray whose Serve did not stop in time
+    (its controller's shutdown timed out on a busy machine); ``state`` is a directory of this
+    session's own, so nothing else names it."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    marker = str(state).encode()
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for pid in found:
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _running(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie has exited; only its parent's wait is missing.
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
 
 
 def free_port(ports: range, *taken: int) -> int:

@@ -427,8 +427,11 @@ class DataPlane:
                 )
             ignored = request.parameters.keys() - KNOWN_REQUEST_PARAMETERS
             if ignored:
-                # Echoed, so that a misspelt parameter (latency_budget) does not pass unseen.
+                # Echoed and counted, so that a misspelt parameter (latency_budget) does not
+                # pass unseen.
                 text_parameters = {**text_parameters, IGNORED_PARAMETERS: ",".join(sorted(ignored))}
+                if recorded:
+                    self._metrics.parameters_ignored(request.model, len(ignored))
             experiment_parameters: dict[str, ParameterValue] = {}
             prediction = None
             if assignment is not None:

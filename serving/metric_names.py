@@ -76,6 +76,13 @@ BUDGET = MetricSpec(
     ("model", "variant", "outcome", ARM),
     "Requests with a latency budget, by whether the budget was met (outcome met or missed).",
 )
+IGNORED_PARAMETERS = MetricSpec(
+    "gearbox_ignored_parameters",
+    Kind.COUNTER,
+    ("model",),
+    "Request parameters Gearbox does not read (a misspelt latency_budget_ms, say); each "
+    "response names its own in ignored_parameters.",
+)
 VARIANT_SELECTED = MetricSpec(
     "gearbox_variant_selected",
     Kind.COUNTER,
@@ -131,6 +138,7 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     REQUESTS,
     REQUEST_LATENCY,
     BUDGET,
+    IGNORED_PARAMETERS,
     VARIANT_SELECTED,
     VARIANT_QUALITY,
     VARIANT_SIZE,

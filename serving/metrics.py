@@ -42,6 +42,7 @@ from gearbox.serving.metric_names import (
     ALL_METRICS,
     BATCH_SIZE,
     BUDGET,
+    IGNORED_PARAMETERS,
     INFLIGHT,
     REQUEST_LATENCY,
     REQUESTS,
@@ -87,6 +88,8 @@ class GatewayMetrics(Protocol):
     def budget_outcome(self, model: str, variant: str, met: bool, arm: str = "") -> None: ...
 
     def variant_selected(self, model: str, variant: str, reason: str, arm: str = "") -> None: ...
+
+    def parameters_ignored(self, model: str, count: int) -> None: ...
 
     def variant_figures(
         self, model: str, variant: str, quality: float, size_bytes: int
@@ -204,6 +207,7 @@ class ReplicaMetrics:
                 self._figures.live.setdefault((INFLIGHT.name, (model, device)), 0.0)
             for outcome in ("met", "missed"):
                 self._figures.counters.setdefault((BUDGET.name, (model, variant, outcome, "")), 0.0)
+            self._figures.counters.setdefault((IGNORED_PARAMETERS.name, (model,)), 0.0)
 
     def _count(self, spec: MetricSpec, labels: Labels, amount: float = 1.0) -> None:
         key = (spec.name, labels)
@@ -237,6 +241,9 @@ class ReplicaMetrics:
 
     def variant_selected(self, model: str, variant: str, reason: str, arm: str = "") -> None:
         self._count(VARIANT_SELECTED, (model, variant, reason, arm))
+
+    def parameters_ignored(self, model: str, count: int) -> None:
+        self._count(IGNORED_PARAMETERS, (model,), count)
 
     def variant_figures(self, model: str, variant: str, quality: float, size_bytes: int) -> None:
         now = time.time()

@@ -151,6 +151,7 @@ class RecordingMetrics:
         self.inflight_deltas: list[tuple[str, str, int]] = []
         self.batches: list[tuple[str, str, str, int]] = []
         self.loaded: dict[tuple[str, str, str], bool] = {}
+        self.ignored: list[tuple[str, int]] = []
 
     def declare(self, model: str, variant: str, device_classes: Sequence[str]) -> None:
         self.declared.append((model, variant, tuple(device_classes)))
@@ -174,6 +175,9 @@ class RecordingMetrics:
 
     def variant_selected(self, model: str, variant: str, reason: str, arm: str = "") -> None:
         self.selections.append((model, variant, reason))
+
+    def parameters_ignored(self, model: str, count: int) -> None:
+        self.ignored.append((model, count))
 
     def variant_figures(self, model: str, variant: str, quality: float, size_bytes: int) -> None:
         self.figures[(model, variant)] = (quality, size_bytes)

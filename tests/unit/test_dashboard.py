@@ -190,8 +190,9 @@ def test_the_required_panels_exist(dashboard):
     for panel_id in (41, 42):
         assert all('arm!=""' in e and "arm)" in e for e in exprs(panel_id))
     assert "histogram_quantile(0.95" in exprs(42)[0]
-    (codes,) = exprs(4)
+    codes, ignored = exprs(4)
     assert codes.startswith("sum by (code) (") and "code!=" not in codes  # ok included
+    assert "gearbox_ignored_parameters_total" in ignored
 
 
 def test_substitution_leaves_no_variable(queries):

@@ -94,6 +94,7 @@ def test_parameters_gearbox_does_not_read_are_echoed_so_a_typo_shows(served):
     assert "latency_budget_ms" not in response.parameters
     clean = run(served.answer(infer_request(images(1), latency_budget_ms=10_000.0)))
     assert "ignored_parameters" not in clean.parameters
+    assert served.metrics.ignored == [(MODEL, 2)]
 
 
 def test_response_parameters_describe_the_route(served):

@@ -69,6 +69,7 @@ def test_every_declared_family_is_exported_with_its_labels(tmp_path):
     replica.request_finished("m", "fp32", "cpu", "http", OK, 0.002, arm="a")
     replica.budget_outcome("m", "fp32", True, arm="a")
     replica.variant_selected("m", "fp32", "fits_budget", arm="a")
+    replica.parameters_ignored("m", 2)
     replica.variant_figures("m", "fp32", 0.97, 1234)
     replica.agreement("m", "int8", 9.0, 10, 0.8)
     replica.inflight("m", "cpu", 1)

@@ -127,7 +127,15 @@ def kill_phase(args: argparse.Namespace, gcs: str) -> list[dict[str, Any]]:
                 "sent": len(report.sent),
                 "answered": report.answered,
                 "lost": len(report.failed()),
-                "lost_outcomes": dict(report.outcomes() - {"ok": report.answered}),
+                "lost_outcomes": {k: n for k, n in report.outcomes().items() if k != "ok"},
+                "lost_details": [
+                    {
+                        "protocol": s.protocol,
+                        "after_kill_s": round(s.started - killed_at, 3),
+                        "detail": s.detail,
+                    }
+                    for s in report.failed()
+                ][:10],
                 "in_flight_at_the_kill": len(crossing),
                 "recovery_s": round(recovered_s, 1),
                 "by_protocol": {
@@ -213,6 +221,13 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {index} | {run['sent']:,} | {run['answered']:,} | {run['lost']} | "
             f"{run['in_flight_at_the_kill']} | {run['recovery_s']} |"
         )
+    lost = [(index, d) for index, run in enumerate(kills, 1) for d in run["lost_details"]]
+    if lost:
+        lines += ["", "What the lost requests' clients got (seconds after the kill):", ""]
+        lines += [
+            f"- run {index}, {d['protocol']}, {d['after_kill_s']:+.3f} s: {d['detail']}"
+            for index, d in lost
+        ]
     lines += [
         "",
         "Requests in flight on the killed replica are sent again to the other one by the "

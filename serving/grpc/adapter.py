@@ -202,30 +202,35 @@ class GrpcServicer:
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, grpc_context: StatusContext
     ) -> pb.RepositoryModelLoadResponse:
-        async def load() -> pb.RepositoryModelLoadResponse:
-            admin = self._administration(request.repository_name)
-            await admin.load_model(
-                request.model_name,
-                _repository_parameters(request.parameters),
-                _authorization(grpc_context),
-            )
-            return pb.RepositoryModelLoadResponse()
-
-        return await _answer(grpc_context, pb.RepositoryModelLoadResponse, load)
+        return await self._repository_change(
+            request, grpc_context, "load", pb.RepositoryModelLoadResponse
+        )
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, grpc_context: StatusContext
     ) -> pb.RepositoryModelUnloadResponse:
-        async def unload() -> pb.RepositoryModelUnloadResponse:
+        return await self._repository_change(
+            request, grpc_context, "unload", pb.RepositoryModelUnloadResponse
+        )
+
+    async def _repository_change(
+        self,
+        request: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest,
+        grpc_context: StatusContext,
+        action: str,
+        reply: Callable[[], Reply],
+    ) -> Reply:
+        async def change() -> Reply:
             admin = self._administration(request.repository_name)
-            await admin.unload_model(
+            call = admin.load_model if action == "load" else admin.unload_model
+            await call(
                 request.model_name,
                 _repository_parameters(request.parameters),
                 _authorization(grpc_context),
             )
-            return pb.RepositoryModelUnloadResponse()
+            return reply()
 
-        return await _answer(grpc_context, pb.RepositoryModelUnloadResponse, unload)
+        return await _answer(grpc_context, reply, change)
 
     def _administration(self, repository: str) -> Administration:
         if repository:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -173,6 +175,55 @@ def scrape_sum(metrics_url: str, sample: str, **labels: str) -> float:
         for found in family.samples
         if found.name == sample and labels.items() <= found.labels.items()
     )
+
+
+@dataclass(frozen=True)
+class LaunchedGateway:
+    """A `gearbox serve` this session started on free ports, its output in ``log``."""
+
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def metrics(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+
+def launch_serve(
+    repository: Path,
+    ray_address: str,
+    log: Path,
+    *options: str,
+    env: dict[str, str] | None = None,
+) -> LaunchedGateway:
+    """`gearbox serve --repo REPOSITORY --address RAY_ADDRESS` on free ports, plus ``options``
+    (``env``: added to this environment). Wait for it with :func:`wait_gateway_ready`."""
+    http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
+    process = subprocess.Popen(
+        [
+            GEARBOX, "serve", "--repo", str(repository), "--address", ray_address,
+            "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+            "--metrics-port", str(metrics_port), *options,
+        ],
+        cwd=ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    return LaunchedGateway(process, http_port, grpc_port, metrics_port, log)
+
+
+def stop_serve(process: subprocess.Popen, log: Path) -> str:
+    """SIGTERM to a `gearbox serve` still running, which must then exit 0; its output."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=120)
+    output = log.read_text()
+    assert code == 0, output
+    return output
 
 
 def start_gearbox(*args: str, cwd: Path = ROOT) -> subprocess.Popen:

@@ -29,7 +29,7 @@ from gearbox.compression.repository import ARTIFACT_FILE
 from gearbox.serving.config import APP_NAME
 from tests.fixtures.load import Sent, SteadyLoad
 from tests.fixtures.processes import GATEWAY_REPLICA, cluster_processes
-from tests.integration.conftest import GEARBOX, ROOT, _free_port, wait_gateway_ready
+from tests.integration.conftest import launch_serve, stop_serve, wait_gateway_ready
 
 MODEL = "digits"
 TAMPERED = "pruned"
@@ -58,35 +58,24 @@ def gateway(ray_address, digits_repository, tmp_path_factory) -> Iterator[Gatewa
     artifact = root / MODEL / TAMPERED / ARTIFACT_FILE
     original = artifact.read_bytes()
     artifact.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
-    http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
-    log = root.parent / "serve.log"
-    process = subprocess.Popen(
-        [
-            GEARBOX, "serve", "--repo", str(root), "--address", ray_address, "--replicas", "2",
-            "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-            "--metrics-port", str(metrics_port), "--shadow-fraction", "0",
-        ],
-        cwd=ROOT,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "GEARBOX_ADMIN_TOKEN": TOKEN},
+    launched = launch_serve(
+        root, ray_address, root.parent / "serve.log", "--replicas", "2",
+        "--shadow-fraction", "0", env={"GEARBOX_ADMIN_TOKEN": TOKEN},
     )  # fmt: skip
     gateway = Gateway(
-        f"http://127.0.0.1:{http_port}",
-        f"127.0.0.1:{grpc_port}",
-        f"http://127.0.0.1:{metrics_port}/metrics",
+        f"http://127.0.0.1:{launched.http_port}",
+        f"127.0.0.1:{launched.grpc_port}",
+        launched.metrics,
         ModelRepository(root),
-        process,
-        log,
+        launched.process,
+        launched.log,
         original,
     )
     try:
-        wait_gateway_ready(gateway.http, gateway.grpc, process, log)
+        wait_gateway_ready(gateway.http, gateway.grpc, gateway.process, gateway.log)
         yield gateway
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=120) == 0, log.read_text()
+        stop_serve(gateway.process, gateway.log)
 
 
 def _load(gateway: Gateway, **options) -> SteadyLoad:

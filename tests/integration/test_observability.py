@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import threading
 import time
@@ -47,10 +45,10 @@ from gearbox.serving.metric_names import (
 )
 from tests.fixtures.prometheus import PrometheusServer, prometheus_binary
 from tests.integration.conftest import (
-    GEARBOX,
     ROOT,
-    _free_port,
+    launch_serve,
     run_gearbox,
+    stop_serve,
     wait_gateway_ready,
 )
 
@@ -98,35 +96,24 @@ def _gearbox(*args: str) -> subprocess.CompletedProcess:
 def gateway(ray_address, digits_repository, tmp_path_factory) -> Iterator[Gateway]:
     repository, compressed = digits_repository
     assert compressed.returncode == 0, compressed.stderr
-    http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
-    log = tmp_path_factory.mktemp("observability") / "serve.log"
-    process = subprocess.Popen(
-        [
-            GEARBOX, "serve", "--repo", str(repository.root), "--address", ray_address,
-            "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-            "--metrics-port", str(metrics_port),
-            # No shadow runs: every batch then comes from this module's own requests.
-            "--shadow-fraction", "0",
-        ],
-        cwd=ROOT,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "GEARBOX_ADMIN_TOKEN": TOKEN},
+    launched = launch_serve(
+        repository.root, ray_address, tmp_path_factory.mktemp("observability") / "serve.log",
+        # No shadow runs: every batch then comes from this module's own requests.
+        "--shadow-fraction", "0", env={"GEARBOX_ADMIN_TOKEN": TOKEN},
     )  # fmt: skip
     gateway = Gateway(
-        f"http://127.0.0.1:{http_port}",
-        f"127.0.0.1:{grpc_port}",
-        f"http://127.0.0.1:{metrics_port}/metrics",
+        f"http://127.0.0.1:{launched.http_port}",
+        f"127.0.0.1:{launched.grpc_port}",
+        launched.metrics,
         repository,
-        process,
-        log,
+        launched.process,
+        launched.log,
     )
     try:
-        wait_gateway_ready(gateway.http, gateway.grpc, process, log)
+        wait_gateway_ready(gateway.http, gateway.grpc, gateway.process, gateway.log)
         yield gateway
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) == 0, log.read_text()
+        stop_serve(gateway.process, gateway.log)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import http.client
 import json
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -37,7 +36,12 @@ from gearbox.serving.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from gearbox.serving.metric_names import REQUEST_LATENCY, REQUESTS, VARIANT_SELECTED
 from tests.fixtures.processes import GATEWAY_REPLICA, cluster_processes
 from tests.fixtures.slow_model import chain_onnx
-from tests.integration.conftest import ROOT, _free_port, scrape_sum, wait_gateway_ready
+from tests.integration.conftest import (
+    launch_serve,
+    scrape_sum,
+    stop_serve,
+    wait_gateway_ready,
+)
 from tests.unit.tiny_encoder import text_encoder_spec, tiny_encoder, tiny_tokenizer_json
 from tests.unit.tiny_model import make_manifest, make_record
 
@@ -98,50 +102,23 @@ def gateway(ray_address, repository, tmp_path_factory) -> Iterator[Gateway]:
         "  - {name: cpu-remote, ray_resources: {CPU: 0.25}}\n"
         "  - {name: gpu, execution_provider: CUDAExecutionProvider, ray_resources: {GPU: 1}}\n"
     )
-    http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
-    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("gearbox")),
-            "serve",
-            "--repo",
-            str(repository.root),
-            "--address",
-            ray_address,
-            "--http-port",
-            str(http_port),
-            "--grpc-port",
-            str(grpc_port),
-            "--metrics-port",
-            str(metrics_port),
-            "--device-classes",
-            str(classes),
-            "--max-queue",
-            "2",
-            "--max-request-mb",
-            "1",
-        ],
-        cwd=ROOT,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    launched = launch_serve(
+        repository.root, ray_address, tmp_path_factory.mktemp("serve-log") / "serve.log",
+        "--device-classes", str(classes), "--max-queue", "2", "--max-request-mb", "1",
+    )  # fmt: skip
     gateway = Gateway(
-        f"http://127.0.0.1:{http_port}",
-        f"127.0.0.1:{grpc_port}",
+        f"http://127.0.0.1:{launched.http_port}",
+        f"127.0.0.1:{launched.grpc_port}",
         repository,
-        process,
-        log,
-        f"http://127.0.0.1:{metrics_port}/metrics",
+        launched.process,
+        launched.log,
+        launched.metrics,
     )
     try:
-        wait_gateway_ready(gateway.http, gateway.grpc, process, log)
+        wait_gateway_ready(gateway.http, gateway.grpc, gateway.process, gateway.log)
         yield gateway
     finally:
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=120)
-        output = log.read_text()
-        assert code == 0, output
-        assert "draining and stopping" in output
+        assert "draining and stopping" in stop_serve(gateway.process, gateway.log)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import trustme
 from tritonclient.utils import InferenceServerException
 
 from gearbox.compression.examples.digits import load_splits
-from tests.integration.conftest import ROOT, _free_port
+from tests.integration.conftest import launch_serve, stop_serve
 from tests.unit.tls_fixtures import issue_pair, process_running, write_authority
 
 MODEL = "digits"
@@ -76,40 +75,23 @@ def tls_gateway(ray_address, digits_repository, tmp_path_factory) -> Iterator[Tl
     authority = trustme.CA()
     pair = issue_pair(files, authority)
     trusted = write_authority(files, authority)
-    http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
-    log = files / "serve.log"
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("gearbox")),
-            "serve",
-            "--repo",
-            str(repository.root),
-            "--address",
-            ray_address,
-            "--http-port",
-            str(http_port),
-            "--grpc-port",
-            str(grpc_port),
-            "--metrics-port",
-            str(metrics_port),
-            "--tls-cert",
-            pair.certificate,
-            "--tls-key",
-            pair.key,
-        ],
-        cwd=ROOT,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
+    launched = launch_serve(
+        repository.root, ray_address, files / "serve.log",
+        "--tls-cert", pair.certificate, "--tls-key", pair.key,
+    )  # fmt: skip
+    gateway = TlsGateway(
+        f"127.0.0.1:{launched.http_port}",
+        f"127.0.0.1:{launched.grpc_port}",
+        trusted,
+        launched.process,
+        launched.log,
     )
-    gateway = TlsGateway(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", trusted, process, log)
     try:
-        _wait_until_ready(process, log)
+        _wait_until_ready(gateway.process, gateway.log)
         yield gateway
     finally:
         # The last test stops it; this only cleans up after a failure before that.
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=120)
+        stop_serve(gateway.process, gateway.log)
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,7 @@ from gearbox.serving.repository_control import (
     ReplicaRepository,
     RepositoryControl,
     RepositoryState,
+    Version,
     gateway_update,
 )
 from gearbox.serving.rest.adapter import HttpAdapter, error_response
@@ -122,7 +123,7 @@ class DeviceClassHost:
             self._report_loaded(catalog)
 
         self._repository = ReplicaRepository(
-            updates, apply, replica, repository.models, serving=state.generation
+            updates, apply, replica, repository.models, serving=state.version
         )
         self._repository.start()
 
@@ -214,7 +215,7 @@ class HandleControl:
     def __init__(self, handle: DeploymentHandle) -> None:
         self._call = _HandleCalls(handle, "the repository control")
 
-    async def sync(self, replica: str, serving: int | None) -> RepositoryState:
+    async def sync(self, replica: str, serving: Version | None) -> RepositoryState:
         return await self._call("sync", replica, serving)
 
     async def load(self, model: str) -> RepositoryState:
@@ -223,8 +224,8 @@ class HandleControl:
     async def unload(self, model: str) -> RepositoryState:
         return await self._call("unload", model)
 
-    async def behind(self, generation: int) -> list[str]:
-        return await self._call("behind", generation)
+    async def behind(self, version: Version) -> list[str]:
+        return await self._call("behind", version)
 
     async def forget(self, replica: str) -> None:
         await self._call("forget", replica)
@@ -310,7 +311,7 @@ class Gateway(GrpcServicer):
             gateway_update(repository, local, plane, remotes),
             replica,
             repository.models,
-            serving=state.generation,
+            serving=state.version,
         )
         self._repository.start()
         administration = Administration(plane, experiments, config.admin_token, self._repository)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -43,12 +44,23 @@ def unloaded_reason(model: str) -> str:
     return f"model '{model}' was unloaded (POST /v2/repository/models/{model}/load serves it again)"
 
 
+Version = tuple[str, int]
+"""(the control's epoch, a generation): what a replica serves."""
+
+
 @dataclass(frozen=True)
 class RepositoryState:
     """What the operator asked: served from the repository, less the unloaded models."""
 
     generation: int = 0
     unloaded: frozenset[str] = field(default_factory=frozenset)
+    epoch: str = ""
+    """Which control counted the generations: a control that restarted (its deployment's
+    replica died) counts from 0 again, and its states are new to every replica."""
+
+    @property
+    def version(self) -> Version:
+        return (self.epoch, self.generation)
 
     def applied_to(self, catalog: Catalog) -> Catalog:
         """``catalog`` (the repository as it is) as this state serves it."""
@@ -61,13 +73,17 @@ class RepositoryControl:
     """The one record of the repository's generation and of what each replica serves."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._state = RepositoryState()
-        self._serving: dict[str, tuple[int, float]] = {}
-        """replica -> (the generation it serves, when it last said so)."""
+        self._state = RepositoryState(epoch=uuid.uuid4().hex[:12])
+        self._serving: dict[str, tuple[Version, float]] = {}
+        """replica -> (the version it serves, when it last said so)."""
         self._clock = clock
 
-    async def sync(self, replica: str, serving: int | None) -> RepositoryState:
-        """The current state; ``serving``: the generation ``replica`` serves (None: it is
+    @property
+    def epoch(self) -> str:
+        return self._state.epoch
+
+    async def sync(self, replica: str, serving: Version | None) -> RepositoryState:
+        """The current state; ``serving``: the version ``replica`` serves (None: it is
         starting and serves none yet)."""
         if serving is not None:
             self._serving[replica] = (serving, self._clock())
@@ -75,20 +91,28 @@ class RepositoryControl:
 
     async def load(self, model: str) -> RepositoryState:
         """A new generation that serves ``model`` from the repository as it is now."""
-        self._state = RepositoryState(self._state.generation + 1, self._state.unloaded - {model})
-        return self._state
+        return self._next(self._state.unloaded - {model})
 
     async def unload(self, model: str) -> RepositoryState:
-        self._state = RepositoryState(self._state.generation + 1, self._state.unloaded | {model})
+        return self._next(self._state.unloaded | {model})
+
+    def _next(self, unloaded: frozenset[str]) -> RepositoryState:
+        current = self._state
+        self._state = RepositoryState(current.generation + 1, unloaded, current.epoch)
         return self._state
 
-    async def behind(self, generation: int) -> list[str]:
-        """The live replicas that serve an older generation than ``generation``."""
+    async def behind(self, version: Version) -> list[str]:
+        """The live replicas that do not serve ``version`` or a later one."""
         now = self._clock()
         for replica, (_, heard) in list(self._serving.items()):
             if now - heard > LIVE_AFTER_S:
                 del self._serving[replica]
-        return sorted(r for r, (serving, _) in self._serving.items() if serving < generation)
+        epoch, generation = version
+        return sorted(
+            replica
+            for replica, ((served_epoch, served), _) in self._serving.items()
+            if served_epoch != epoch or served < generation
+        )
 
     async def forget(self, replica: str) -> None:
         """``replica`` stopped: no update waits for it."""
@@ -99,13 +123,13 @@ class Control(Protocol):
     """:class:`RepositoryControl`'s calls, wherever it lives (in a deployment, reached
     through a handle, or in this process)."""
 
-    async def sync(self, replica: str, serving: int | None) -> RepositoryState: ...
+    async def sync(self, replica: str, serving: Version | None) -> RepositoryState: ...
 
     async def load(self, model: str) -> RepositoryState: ...
 
     async def unload(self, model: str) -> RepositoryState: ...
 
-    async def behind(self, generation: int) -> list[str]: ...
+    async def behind(self, version: Version) -> list[str]: ...
 
     async def forget(self, replica: str) -> None: ...
 
@@ -142,11 +166,11 @@ class ReplicaRepository:
         apply: Apply,
         replica: str,
         models: Callable[[], Iterable[str]],
-        serving: int | None = None,
+        serving: Version | None = None,
         poll_s: float = 0.1,
         timeout_s: float = UPDATE_TIMEOUT_S,
     ) -> None:
-        """``models``: the names the repository holds now; ``serving``: the generation this
+        """``models``: the names the repository holds now; ``serving``: the version this
         replica was built to serve (None: none yet)."""
         self._control = control
         self._apply = apply
@@ -164,14 +188,17 @@ class ReplicaRepository:
         await self._serve(state)
 
     def _is_new(self, state: RepositoryState) -> bool:
-        return self.serving is None or state.generation > self.serving
+        if self.serving is None:
+            return True
+        epoch, generation = self.serving
+        return state.epoch != epoch or state.generation > generation
 
     async def _serve(self, state: RepositoryState) -> None:
         async with self._lock:
             if not self._is_new(state):
                 return
             await self._apply(state)
-            self.serving = state.generation
+            self.serving = state.version
         await self._control.sync(self._replica, self.serving)
 
     def start(self) -> None:
@@ -242,7 +269,7 @@ class ReplicaRepository:
     async def _everywhere(self, state: RepositoryState) -> int:
         await self._serve(state)
         deadline = time.monotonic() + self._timeout_s
-        while behind := await self._control.behind(state.generation):
+        while behind := await self._control.behind(state.version):
             if time.monotonic() > deadline:
                 raise UnavailableError(
                     f"repository update {state.generation} is served here but not yet by "

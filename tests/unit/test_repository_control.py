@@ -48,29 +48,39 @@ class Clock:
 
 
 def _follower(
-    control: RepositoryControl, name: str, applied: list[RepositoryState], **options
+    control: RepositoryControl, name: str, applied: list[RepositoryState], built: bool = True
 ) -> ReplicaRepository:
+    """A replica of ``control`` that records what it applies; ``built``: it was started
+    from the control's current state (as a gateway replica is)."""
+
     async def apply(state: RepositoryState) -> None:
         applied.append(state)
 
-    return ReplicaRepository(control, apply, name, lambda: [MODEL, "other"], **options)
+    serving = (control.epoch, 0) if built else None
+    return ReplicaRepository(control, apply, name, lambda: [MODEL, "other"], serving=serving)
+
+
+async def _ignore(state: RepositoryState) -> None:
+    """Applies nothing (a replica whose own updates do not matter to the test)."""
 
 
 def test_a_load_returns_once_every_live_replica_serves_it():
     async def scenario() -> None:
         control = RepositoryControl()
         first, second = [], []
-        here = _follower(control, "here", first, serving=0)
-        there = _follower(control, "there", second, serving=0)
+        here = _follower(control, "here", first)
+        there = _follower(control, "there", second)
         await there.sync()  # heard from: a load must wait for it
         there.start()
+        epoch = control.epoch
         try:
             generation = await here.unload(MODEL)
             assert generation == 1
-            assert here.serving == there.serving == 1
-            assert first == second == [RepositoryState(1, frozenset({MODEL}))]
+            assert here.serving == there.serving == (epoch, 1)
+            assert first == second == [RepositoryState(1, frozenset({MODEL}), epoch)]
             assert await here.load(MODEL) == 2
-            assert there.serving == 2 and second[-1] == RepositoryState(2, frozenset())
+            assert there.serving == (epoch, 2)
+            assert second[-1] == RepositoryState(2, frozenset(), epoch)
         finally:
             await there.stop()
 
@@ -81,14 +91,16 @@ def test_a_replica_that_stopped_answering_is_not_waited_for():
     async def scenario() -> None:
         clock = Clock()
         control = RepositoryControl(clock=clock)
-        gone = _follower(control, "gone", [], serving=0)
+        gone = _follower(control, "gone", [])
         await gone.sync()
-        here = _follower(control, "here", [], serving=0, timeout_s=0.3)
+        here = ReplicaRepository(
+            control, _ignore, "here", lambda: [MODEL], serving=gone.serving, timeout_s=0.3
+        )
         with pytest.raises(UnavailableError, match="gone"):
             await here.load(MODEL)  # "gone" is still live and never syncs again
         clock.now += LIVE_AFTER_S + 1
         assert await here.load(MODEL) == 2
-        assert await control.behind(2) == []
+        assert await control.behind((control.epoch, 2)) == []
 
     run(scenario())
 
@@ -100,10 +112,11 @@ def test_an_update_that_fails_keeps_the_generation_served_and_says_why():
         async def broken(state: RepositoryState) -> None:
             raise UnavailableError("the repository is unreadable")
 
-        here = ReplicaRepository(control, broken, "here", lambda: [MODEL], serving=0)
+        built = (control.epoch, 0)
+        here = ReplicaRepository(control, broken, "here", lambda: [MODEL], serving=built)
         with pytest.raises(UnavailableError, match="unreadable"):
             await here.unload(MODEL)
-        assert here.serving == 0
+        assert here.serving == built
 
     run(scenario())
 
@@ -111,10 +124,10 @@ def test_an_update_that_fails_keeps_the_generation_served_and_says_why():
 def test_a_model_the_repository_does_not_hold_is_not_found_and_changes_nothing():
     async def scenario() -> None:
         control = RepositoryControl()
-        here = _follower(control, "here", [], serving=0)
+        here = _follower(control, "here", [])
         with pytest.raises(NotFoundError, match=f"'nope'.*{MODEL}"):
             await here.load("nope")
-        assert (await control.sync("here", 0)).generation == 0
+        assert (await control.sync("here", here.serving)).generation == 0
 
     run(scenario())
 
@@ -124,9 +137,37 @@ def test_a_starting_replica_serves_the_current_state_on_its_first_sync():
         control = RepositoryControl()
         await control.unload(MODEL)
         applied: list[RepositoryState] = []
-        newcomer = _follower(control, "new", applied)
+        newcomer = _follower(control, "new", applied, built=False)
         await newcomer.sync()
-        assert newcomer.serving == 1 and applied == [RepositoryState(1, frozenset({MODEL}))]
+        epoch = control.epoch
+        assert newcomer.serving == (epoch, 1)
+        assert applied == [RepositoryState(1, frozenset({MODEL}), epoch)]
+
+
+def test_a_restarted_control_is_followed_though_it_counts_from_zero_again():
+    async def scenario() -> None:
+        applied: list[RepositoryState] = []
+
+        async def apply(state: RepositoryState) -> None:
+            applied.append(state)
+
+        first = RepositoryControl()
+        replica = ReplicaRepository(first, apply, "replica", lambda: [MODEL])
+        for _ in range(3):
+            await replica.unload(MODEL)
+        # The control's deployment replica died and came back: it counts from 0 again, under
+        # a new epoch, so its generation 0 is news to a replica that served generation 3.
+        restarted = RepositoryControl()
+        replica = ReplicaRepository(
+            restarted, apply, "replica", lambda: [MODEL], serving=replica.serving
+        )
+        await replica.sync()
+        assert applied[-1] == RepositoryState(0, frozenset(), restarted.epoch)
+        state = await restarted.unload(MODEL)
+        assert await restarted.behind(state.version) == ["replica"]
+        await replica.sync()
+        assert applied[-1] == state and replica.serving == state.version
+        assert await restarted.behind(state.version) == []
 
     run(scenario())
 
@@ -145,7 +186,6 @@ def test_unload_and_load_over_http_and_grpc_change_what_is_served(tmp_path):
                 gateway_update(repository, served.backend, served.plane),
                 "here",
                 repository.models,
-                serving=0,
             )
             admin = Administration(served.plane, None, TOKEN, updates)
             http = HttpAdapter(served.plane, admin)
@@ -199,7 +239,6 @@ def test_a_variant_published_while_serving_is_served_after_a_load(tmp_path):
                 gateway_update(repository, served.backend, served.plane),
                 "here",
                 repository.models,
-                serving=0,
             )
             seed = VariantSeed("tiny-new", seed=7, quality=0.85, p50_ms=50.0)
             artifact = linear_onnx(seed.seed)

@@ -411,9 +411,17 @@ class RemoteBackend:
                 result: BatchResult = await response
         except Exception as error:
             if not deadline.expired():
-                raise unwrap_remote_error(
+                failure = unwrap_remote_error(
                     error, f"device class '{self.device_class}' failed to answer"
-                ) from None
+                )
+                if isinstance(failure, NotFoundError):
+                    # The router routes only variants it serves: the class's replicas have
+                    # not loaded this one yet (a repository update under way).
+                    raise UnavailableError(
+                        f"device class '{self.device_class}' does not serve it yet: "
+                        f"{failure.message}"
+                    ) from None
+                raise failure from None
             if isinstance(response, DeploymentResponse):
                 response.cancel()  # best effort: the replica stops working for nobody
             raise UnavailableError(

@@ -90,12 +90,18 @@ def check_port_free(port: int, what: str) -> None:
 
 
 def check_repository(path: str) -> list[str]:
-    models = ModelRepository(path).models()
+    """The repository's models, those with a ready variant first (the examples name them)."""
+    repository = ModelRepository(path)
+    models = repository.models()
     if not models:
         raise InvalidArgumentError(
             f"repository {path} holds no models; publish some with `gearbox compress` first"
         )
-    return models
+
+    def servable(model: str) -> bool:
+        return any(manifest.is_ready for manifest in repository.variants(model))
+
+    return sorted(models, key=lambda model: not servable(model))
 
 
 def metrics_urls(config: GatewayConfig) -> tuple[str, ...]:

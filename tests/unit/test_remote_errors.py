@@ -136,12 +136,14 @@ def test_the_remote_hosts_answer_comes_back(tiny_repository, pool_host):
     assert backend.depth() == 0
 
 
-def test_a_gearbox_error_in_the_remote_host_comes_back_as_itself(tiny_repository, pool_host):
+def test_a_variant_the_remote_host_has_not_loaded_is_unavailable_there(tiny_repository, pool_host):
+    # The router sends only variants it serves: one the class's replicas lack is one they
+    # have not loaded yet (an update under way), so the request may be sent again.
     backend = _remote(tiny_repository, pool_host)
-    with pytest.raises(NotFoundError) as raised:
+    with pytest.raises(UnavailableError) as raised:
         asyncio.run(backend.infer(MODEL, "no-such-variant", {INPUT: images(1)}))
-    assert type(raised.value) is NotFoundError
     assert raised.value.message == (
+        f"device class '{POOL}' does not serve it yet: "
         f"variant 'no-such-variant' of model '{MODEL}' is not hosted on {POOL}"
     )
     assert backend.depth() == 0
@@ -166,7 +168,11 @@ def test_a_session_failure_in_the_remote_host_is_unavailable_naming_the_class(
             ResourceExhaustedError,
             "queue full",
         ),
-        (_as_ray_raises_it(NotFoundError("gone")), NotFoundError, "gone"),
+        (
+            _as_ray_raises_it(NotFoundError("gone")),
+            UnavailableError,
+            f"device class '{POOL}' does not serve it yet: gone",
+        ),
         (
             _as_ray_raises_it(KeyError("boom")),
             UnavailableError,

@@ -1,11 +1,13 @@
 """What `gearbox serve` prints is true: Ray's note that Serve's controller "failed" at the end
-of a clean shutdown is left out, and nothing else is."""
+of a clean shutdown is left out, and nothing else is; the example request names a model that
+has a variant to answer it."""
 
 from __future__ import annotations
 
 import io
 
-from gearbox.serving.server import CONTROLLER_EXIT_NOTE, _WithoutNote
+from gearbox.serving.server import CONTROLLER_EXIT_NOTE, _WithoutNote, check_repository
+from tests.unit.serving_fixtures import BROKEN_MODEL, MODEL, publish_tiny_repository
 
 
 def test_the_controller_exit_note_and_its_newline_are_dropped_and_nothing_else():
@@ -22,3 +24,9 @@ def test_the_controller_exit_note_and_its_newline_are_dropped_and_nothing_else()
     assert sink.getvalue() == (
         "gearbox: draining and stopping\n\n(raylet) a worker died unexpectedly\n"
     )
+
+
+def test_the_example_model_is_one_with_a_ready_variant(tmp_path):
+    repository = publish_tiny_repository(tmp_path / "repo")  # "broken" has none ready
+    models = check_repository(str(repository.root))
+    assert models == [MODEL, BROKEN_MODEL]

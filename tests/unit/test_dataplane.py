@@ -1013,7 +1013,11 @@ def test_remote_backend_learns_the_round_trip_and_counts_what_is_in_flight(tiny_
     ("raised", "expected", "match"),
     [
         (ResourceExhaustedError("queue full"), ResourceExhaustedError, "queue full"),
-        (WrappedError(NotFoundError("no such variant")), NotFoundError, "no such variant"),
+        (
+            WrappedError(NotFoundError("no such variant")),
+            UnavailableError,
+            "'gpu' does not serve it yet: no such variant",
+        ),
         (RuntimeError("actor died"), UnavailableError, "'gpu' failed to answer: RuntimeError"),
     ],
 )

@@ -43,7 +43,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -56,16 +55,15 @@ sys.path.insert(0, str(ROOT))
 
 from gearbox.compression import ModelRepository  # noqa: E402
 from gearbox.compression.cluster import ray_session  # noqa: E402
-from gearbox.compression.errors import GearboxError  # noqa: E402
 from gearbox.compression.examples.digits import load_splits  # noqa: E402
 from gearbox.serving.config import APP_NAME, GatewayConfig  # noqa: E402
 from gearbox.serving.ingress import Ingress, ray_environment, session_state_dir  # noqa: E402
 from gearbox.serving.metric_names import REQUEST_LATENCY  # noqa: E402
-from gearbox.serving.server import LOOPBACK, check_port_free, start_gateway  # noqa: E402
+from gearbox.serving.server import LOOPBACK, start_gateway  # noqa: E402
 from tests.fixtures.prometheus import PrometheusServer, prometheus_binary  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_bench import HttpCaller  # noqa: E402
+from serving_bench import HttpCaller, digits_repository_to_serve  # noqa: E402
 
 MODEL = "digits"
 REFERENCE = "fp32"
@@ -240,19 +238,10 @@ def main() -> int:
     if prometheus_binary() is None:
         print("error: prometheus is not installed (make prometheus)", file=sys.stderr)
         return 2
-    try:
-        for port, what in ((args.http_port, "http"), (args.grpc_port, "grpc"),
-                           (args.metrics_port, "metrics")):  # fmt: skip
-            check_port_free(port, what)
-    except GearboxError as error:
-        print(f"error: {error.message}", file=sys.stderr)
+    ports = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
+    repo_dir = digits_repository_to_serve(args.repo, args.reuse, ports)
+    if repo_dir is None:
         return 2
-    repo_dir = (args.repo or Path(tempfile.mkdtemp(prefix="gearbox-bench-"))).resolve()
-    if not args.reuse:
-        compress = [GEARBOX, "compress", "--example", MODEL, "--repo", str(repo_dir)]
-        if subprocess.run(compress, stdout=subprocess.DEVNULL, check=False).returncode != 0:
-            print(f"error: {' '.join(compress)} failed", file=sys.stderr)
-            return 2
     repository = ModelRepository(repo_dir)
     variants = sorted(m.variant for m in repository.variants(MODEL) if m.is_ready)
     shadowed = _fastest_non_reference(repository).variant

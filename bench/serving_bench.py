@@ -255,6 +255,30 @@ class Round:
     truncated: bool = False
 
 
+def digits_repository_to_serve(
+    repo: Path | None, reuse: bool, ports: dict[str, int]
+) -> Path | None:
+    """The benchmark's `digits` repository, once ``ports`` ({what: port}) are known free:
+    ``repo`` as it is with ``reuse``, else compressed now (into a temp dir without ``repo``).
+    None, with the reason printed, when the run cannot be set up."""
+    try:
+        for what, port in ports.items():
+            check_port_free(port, what)
+    except GearboxError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return None
+    repo_dir = (repo or Path(tempfile.mkdtemp(prefix="gearbox-bench-"))).resolve()
+    if not reuse:
+        compress = [GEARBOX, "compress", "--example", MODEL, "--repo", str(repo_dir)]
+        if subprocess.run(compress, stdout=subprocess.DEVNULL, check=False).returncode != 0:
+            print(f"error: {' '.join(compress)} failed", file=sys.stderr)
+            return None
+    if MODEL not in ModelRepository(repo_dir).models():
+        print(f"error: repository {repo_dir} holds no '{MODEL}' model", file=sys.stderr)
+        return None
+    return repo_dir
+
+
 def measure(caller: Caller, warmup: int, requests: int, timeout_s: float, variant: str) -> Round:
     """Untimed warm-up, then ``requests`` sequential timed calls; stops early at the deadline.
     Logits are kept from answers of ``variant`` (the bare server names none: all of them)."""
@@ -955,26 +979,10 @@ def main() -> int:
         parser.error("need --rounds >= 1, --requests >= --rounds and --warmup >= 0")
     if args.concurrency < 1 or args.throughput_s < 0 or args.throughput_warmup_s < 0:
         parser.error("need --concurrency >= 1 and non-negative durations")
-    try:
-        for port, what in (
-            (args.http_port, "http"),
-            (args.grpc_port, "grpc"),
-            (args.bare_http_port, "bare-http"),
-            (args.bare_grpc_port, "bare-grpc"),
-        ):
-            check_port_free(port, what)
-    except GearboxError as error:
-        print(f"error: {error.message}", file=sys.stderr)
-        return 2
-
-    repo_dir = (args.repo or Path(tempfile.mkdtemp(prefix="gearbox-bench-"))).resolve()
-    if not args.reuse:
-        compress = [GEARBOX, "compress", "--example", MODEL, "--repo", str(repo_dir)]
-        if subprocess.run(compress, stdout=subprocess.DEVNULL, check=False).returncode != 0:
-            print(f"error: {' '.join(compress)} failed", file=sys.stderr)
-            return 2
-    if MODEL not in ModelRepository(repo_dir).models():
-        print(f"error: repository {repo_dir} holds no '{MODEL}' model", file=sys.stderr)
+    ports = {"http": args.http_port, "grpc": args.grpc_port,
+             "bare-http": args.bare_http_port, "bare-grpc": args.bare_grpc_port}  # fmt: skip
+    repo_dir = digits_repository_to_serve(args.repo, args.reuse, ports)
+    if repo_dir is None:
         return 2
     heldout = load_splits().heldout
     image = np.ascontiguousarray(heldout.inputs["images"][:1], dtype=np.float32)

@@ -21,12 +21,14 @@ import random
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from gearbox.compression.errors import InvalidArgumentError, UnavailableError
+from gearbox.serving.haproxy_launcher import LAUNCHER, RAY_BINARY_ENV
 
 INGRESS_SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
 """The Ray variable that selects the HAProxy ingress ("1") or the classic proxy."""
@@ -50,6 +52,19 @@ TLS_UPSTREAM_PORT_RANGE = range(22500, 25000)
 """Where Serve's plaintext HTTP and gRPC ingress ports are picked when Gearbox's TLS terminator
 holds the user's ports (:mod:`gearbox.serving.tls_terminator`): clear of the ranges above, and
 of the HAProxy pages, which a starting Serve binds after the pick."""
+
+
+HAPROXY_BUFFER_BYTES = 64 * 1024
+"""HAProxy's buffer: the largest request it can retry on another replica."""
+
+
+def haproxy_launcher() -> Path | None:
+    """Where ``gearbox-haproxy`` is installed (beside this Python, else on PATH), if it is."""
+    beside = Path(sys.executable).with_name(LAUNCHER)
+    if beside.is_file():
+        return beside
+    found = shutil.which(LAUNCHER)
+    return Path(found) if found else None
 
 
 class Ingress(enum.StrEnum):
@@ -107,8 +122,15 @@ def ray_environment(ingress: Ingress, state_dir: str | Path | None = None) -> di
             # connection closed with no answer, or half of one) goes to another replica
             # rather than being lost. Ray retries only failed connections by default.
             "RAY_SERVE_HAPROXY_RETRY_ON": RETRY_ON,
+            # HAProxy can only send a request again if it holds all of it: Gearbox's launcher
+            # makes it wait for the whole body first (see gearbox.serving.haproxy_launcher),
+            # and a 64 KiB buffer holds a batch of dozens of rows (Ray's default, 16 KiB, few).
+            "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(HAPROXY_BUFFER_BYTES),
         }
     )
+    launcher = haproxy_launcher()
+    if launcher is not None:
+        env[RAY_BINARY_ENV] = str(launcher)
     if state_dir is not None:
         state = Path(state_dir)
         state.mkdir(parents=True, exist_ok=True)

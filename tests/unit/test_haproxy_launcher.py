@@ -17,7 +17,9 @@ from gearbox.serving.haproxy_launcher import (
     RAY_BINARY_ENV,
     config_file,
     real_haproxy,
+    rewritten,
     with_buffered_requests,
+    with_pages_on_the_ingress_host,
 )
 from gearbox.serving.ingress import Ingress, haproxy_launcher, ray_environment
 
@@ -33,13 +35,41 @@ defaults
     # Retries
     option redispatch 1
     retry-on conn-failure empty-response junk-response
+frontend prometheus
+    bind :{exporter}
+    mode http
+    http-request use-service prometheus-exporter if { path /metrics }
 frontend http_frontend
     bind 127.0.0.1:{port}
     default_backend app
 backend app
     http-reuse always
     server one 127.0.0.1:1 check
+listen stats
+  bind *:{stats}
+  stats enable
+  stats uri /stats
 """
+
+
+def _ray_like(port: int = 8000, exporter: int = 9101, stats: int = 8404) -> str:
+    return (
+        RAY_LIKE.replace("{port}", str(port))
+        .replace("{exporter}", str(exporter))
+        .replace("{stats}", str(stats))
+    )
+
+
+def _binds(config: str) -> dict[str, str]:
+    """Each section's first bind address, by section."""
+    found: dict[str, str] = {}
+    section = ""
+    for line in config.splitlines():
+        if line and not line[0].isspace():
+            section = line.strip()
+        elif line.split()[:1] == ["bind"]:
+            found.setdefault(section, line.split()[1])
+    return found
 
 
 def _defaults_body(config: str) -> list[str]:
@@ -74,6 +104,26 @@ def test_every_defaults_section_gets_it_and_a_config_without_one_is_left_alone()
     assert with_buffered_requests(no_defaults) == no_defaults
     # A word merely starting with "defaults" is not the section keyword.
     assert with_buffered_requests("defaultsx\n    mode http\n") == "defaultsx\n    mode http\n"
+
+
+def test_haproxys_own_pages_listen_where_the_ingress_does():
+    changed = with_pages_on_the_ingress_host(_ray_like())
+    assert _binds(changed) == {
+        "frontend prometheus": "127.0.0.1:9101",
+        "frontend http_frontend": "127.0.0.1:8000",
+        "listen stats": "127.0.0.1:8404",
+    }
+    # Only the bind lines moved.
+    assert len(changed.splitlines()) == len(_ray_like().splitlines())
+    assert "  bind 127.0.0.1:8404\n  stats enable" in changed  # its indent kept
+    # An ingress served on every interface, or none at all: Ray's file as written.
+    everywhere = _ray_like().replace("bind 127.0.0.1:8000", "bind 0.0.0.0:8000")
+    assert with_pages_on_the_ingress_host(everywhere) == everywhere
+    no_http = "frontend prometheus\n    bind :9101\n"
+    assert with_pages_on_the_ingress_host(no_http) == no_http
+    # Another address the user chose is followed too.
+    other = _ray_like().replace("bind 127.0.0.1:8000", "bind 10.1.2.3:8000")
+    assert _binds(with_pages_on_the_ingress_host(other))["listen stats"] == "10.1.2.3:8404"
 
 
 def test_the_configuration_file_is_the_argument_after_dash_f():
@@ -111,13 +161,14 @@ def _launch(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess
 
 def test_the_launcher_rewrites_rays_file_then_runs_haproxy_with_the_same_arguments(tmp_path):
     config = tmp_path / "haproxy.cfg"
-    config.write_text(RAY_LIKE.format(port=1))
+    config.write_text(_ray_like(port=1, exporter=2, stats=3))
     config.chmod(0o640)
     # `-c` asks the real HAProxy to check the file it was given: proof that the launcher ran
     # it, with Ray's arguments, on the file as rewritten.
     checked = _launch("-c", "-f", str(config), env={RAY_BINARY_ENV: str(tmp_path / LAUNCHER)})
     assert checked.returncode == 0, checked.stderr
     assert "Configuration file is valid" in checked.stdout + checked.stderr
+    assert config.read_text() == rewritten(_ray_like(port=1, exporter=2, stats=3))
     assert BUFFER_REQUESTS in _defaults_body(config.read_text())
     assert config.stat().st_mode & 0o777 == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["haproxy.cfg"]  # no temporary left

@@ -232,8 +232,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Requests in flight on the killed replica are sent again to the other one by the "
         "ingress (inference is idempotent; Gearbox sets HAProxy's `retry-on` to connection "
-        "failures and empty or broken answers, and its launcher makes HAProxy read each "
-        "request whole before forwarding it, without which HAProxy cannot resend it), and new "
+        "failures and empty or broken answers, and its launcher makes HAProxy wait for each "
+        "request's body before forwarding it, without which HAProxy cannot resend it), and new "
         "connections go to the live replica until the replacement is ready.",
         "",
     ]

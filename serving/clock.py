@@ -14,6 +14,12 @@ the arrival there, in the request's own context:
 
 Under the classic proxy (or a cluster started without these hooks) the gateway starts the
 clock itself when its entry point is called; the proxy in front is outside the span either way.
+
+HAProxy reads each request whole before forwarding it, so that it can resend it to another
+replica if this one dies (:mod:`gearbox.serving.haproxy_launcher`). A body that reached HAProxy
+late would then be outside the span: HAProxy reports how long it held the request after its
+head (:data:`~gearbox.serving.haproxy_launcher.HELD_HEADER`, microseconds on its own clock),
+and both hooks start the clock that much earlier.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gearbox.serving.grpc.generated.grpc_service_pb2_grpc import (
     add_GRPCInferenceServiceServicer_to_server,
 )
+from gearbox.serving.haproxy_launcher import BODY_WAIT_S, HELD_HEADER
 
 GRPC_SERVICE_PREFIX = "/inference.GRPCInferenceService/"
 
@@ -55,6 +62,21 @@ class RequestClock:
 
 _ARRIVAL: ContextVar[RequestClock | None] = ContextVar("gearbox_arrival", default=None)
 
+_HELD_HEADER_BYTES = HELD_HEADER.encode()
+
+
+def held_by_the_ingress_s(value: str | bytes | None) -> float:
+    """Seconds the ingress held a request before forwarding it, from its
+    :data:`~gearbox.serving.haproxy_launcher.HELD_HEADER`; 0 when absent or not a count of
+    microseconds, and never more than the ingress waits for a body."""
+    if value is None:
+        return 0.0
+    try:
+        held_us = int(value)
+    except ValueError:
+        return 0.0
+    return min(max(held_us, 0) / 1e6, float(BODY_WAIT_S))
+
 
 def arrival() -> RequestClock:
     """This request's clock: stamped by the server hooks, else started now."""
@@ -69,7 +91,9 @@ class ArrivalMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            _ARRIVAL.set(RequestClock(time.perf_counter(), direct=True))
+            arrived = time.perf_counter()
+            held = next((v for k, v in scope["headers"] if k == _HELD_HEADER_BYTES), None)
+            _ARRIVAL.set(RequestClock(arrived - held_by_the_ingress_s(held), direct=True))
         await self._app(scope, receive, send)
 
 
@@ -86,7 +110,12 @@ def _clocked(handler: UnaryHandler) -> UnaryHandler:
         arrived = time.perf_counter()
         remaining = context.time_remaining()
         deadline_ms = remaining * 1000 if remaining is not None else None
-        _ARRIVAL.set(RequestClock(arrived, deadline_ms, direct=True))
+        metadata = context.invocation_metadata() or ()
+        held = held_by_the_ingress_s(next((v for k, v in metadata if k == HELD_HEADER), None))
+        # The caller's deadline ran while the ingress held the call, too.
+        if deadline_ms is not None:
+            deadline_ms += held * 1000
+        _ARRIVAL.set(RequestClock(arrived - held, deadline_ms, direct=True))
         return await handler(request, context)
 
     return clocked

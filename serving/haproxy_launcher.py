@@ -1,27 +1,32 @@
 """``gearbox-haproxy``: the HAProxy binary Gearbox points Ray Serve's ingress at.
 
-Ray Serve writes its HAProxy configuration from a fixed template that has no setting for
-``option http-buffer-request``. Without that option HAProxy forwards a request's headers as soon
-as they arrive, before its body, and HAProxy can only send a request again (``retry-on``) if it
-held the whole request when it first sent it. So when a replica died with such a request in
-flight, HAProxy could not retry it on the other replica: it closed the caller's keep-alive
-connection without an answer (leaving the retry to the client, which for a POST never comes).
+Ray Serve writes its HAProxy configuration from a fixed template. This program changes two
+things in the file Ray wrote, then becomes the real HAProxy.
+
+**Whole requests, timed.** HAProxy can send a request again (``retry-on``) only if it held all
+of it when it first forwarded it. Ray's template lets HAProxy forward a request's headers as
+soon as they arrive, before the body. So when a replica died with such a request in flight,
+HAProxy could not retry it on the other replica. Instead it closed the caller's keep-alive
+connection without an answer, leaving the retry to the client, which for a POST never comes.
 Clients that write headers and body separately, such as Python's ``requests``, hit this on
 about one kill in two.
 
-With the option, HAProxy waits for the whole request (up to its buffer, ``tune.bufsize``)
-before choosing a replica, so every request that fits is retried on another replica when its
-replica dies. The cost is nothing on the caller's clock: the replica could not answer before
-the body arrived anyway.
+So the ingress frontends now wait for each request's body (up to HAProxy's buffer,
+``tune.bufsize``) before choosing a replica, and every request that fits is retried on another
+replica when its replica dies. The budget's clock must still count a body that arrives late
+(it starts before the body is read, DESIGN §5). So HAProxy also reports how long it held the
+request between its head and the end of its body, in :data:`HELD_HEADER` (microseconds,
+measured on HAProxy's own clock). The replica's clock (:mod:`gearbox.serving.clock`) starts
+that much earlier.
 
-The same template binds HAProxy's own pages (its Prometheus exporter and its stats page) on
-every interface, whatever address the gateway is served on. This program binds them where the
-HTTP ingress listens: 127.0.0.1 unless the user chose otherwise.
+**HAProxy's own pages on the ingress's address.** The template binds HAProxy's Prometheus
+exporter and stats page on every interface, whatever address the gateway is served on. This
+program binds them where the HTTP ingress listens: 127.0.0.1 unless the user chose otherwise.
 
-Ray runs ``<binary> -db -f <config> [-sf <pids>] [-x <socket>]``. This program makes both
-changes to that file (:func:`rewritten`) and then becomes the real HAProxy (:func:`os.execv`:
-same process id, same arguments), so Ray's reloads and its process checks see what they expect.
-The real HAProxy is found by :func:`real_haproxy`.
+Ray runs ``<binary> -db -f <config> [-sf <pids>] [-x <socket>]``. This program rewrites that
+file (:func:`rewritten`) and then becomes the real HAProxy (:func:`os.execv`: same process id,
+same arguments), so Ray's reloads and its process checks see what they expect. The real
+HAProxy is found by :func:`real_haproxy`.
 """
 
 from __future__ import annotations
@@ -47,7 +52,22 @@ RAY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 LAUNCHER = "gearbox-haproxy"
 """This program's name on PATH (``[project.scripts]``)."""
 
-BUFFER_REQUESTS = "option http-buffer-request"
+HELD_HEADER = "x-gearbox-ingress-held-us"
+"""The header (gRPC: metadata key) in which the ingress reports the microseconds it held a
+request from its head to the end of its body."""
+
+BODY_WAIT_S = 300
+"""How long the ingress waits for a request's body before answering 408."""
+
+WHOLE_REQUEST_RULES = (
+    # HAProxy's clock when the head is parsed; then the body; then the span between the two.
+    "http-request set-var(txn.gearbox_head_us) date(0,us)",
+    f"http-request wait-for-body time {BODY_WAIT_S}s",
+    f"http-request set-header {HELD_HEADER} %[date(0,us),sub(txn.gearbox_head_us)]",
+)
+"""Placed first in each ingress frontend."""
+
+_INGRESS_FRONTENDS = [["frontend", "http_frontend"], ["frontend", "grpc_frontend"]]
 
 _SECTION = re.compile(r"^[a-z]")  # section keywords start a line; their settings are indented
 _EVERY_INTERFACE = {"", "*", "0.0.0.0", "::", "[::]"}
@@ -108,15 +128,19 @@ def _joined(sections: list[_Section]) -> str:
     return "".join(section.header + "".join(section.body) for section in sections)
 
 
-def with_buffered_requests(config: str) -> str:
-    """``config`` with ``option http-buffer-request`` in each ``defaults`` section that lacks
-    it; unchanged when there is none (the option then has nothing to apply to)."""
+def with_whole_requests_timed(config: str) -> str:
+    """``config`` with :data:`WHOLE_REQUEST_RULES` first (after the ``bind`` lines) in Ray's
+    HTTP and gRPC ingress frontends; unchanged where they are there already."""
     sections = _sections(config)
     for section in sections:
-        if section.keyword[:1] == ["defaults"] and not any(
-            line.split() == BUFFER_REQUESTS.split() for line in section.body
-        ):
-            section.body.insert(0, f"    {BUFFER_REQUESTS}\n")
+        if section.keyword not in _INGRESS_FRONTENDS:
+            continue
+        if any(line.strip() == WHOLE_REQUEST_RULES[0] for line in section.body):
+            continue
+        at = 0
+        while at < len(section.body) and section.body[at].split()[:1] == ["bind"]:
+            at += 1
+        section.body[at:at] = [f"    {rule}\n" for rule in WHOLE_REQUEST_RULES]
     return _joined(sections)
 
 
@@ -149,7 +173,7 @@ def with_pages_on_the_ingress_host(config: str) -> str:
 
 def rewritten(config: str) -> str:
     """What the launcher makes of the configuration Ray wrote."""
-    return with_pages_on_the_ingress_host(with_buffered_requests(config))
+    return with_pages_on_the_ingress_host(with_whole_requests_timed(config))
 
 
 def config_file(arguments: Sequence[str]) -> Path | None:
@@ -191,8 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             _rewrite(path)
         except OSError as error:
-            # HAProxy still runs, with Ray's configuration as written: requests keep flowing,
-            # only those whose replica dies mid-request go unretried.
+            # HAProxy still runs, with Ray's configuration as written: requests keep flowing;
+            # those whose replica dies mid-request may go unretried.
             print(f"{LAUNCHER}: left {path} as written: {error}", file=sys.stderr)
     os.execv(binary, [binary, *arguments])
     return 0  # not reached: execv replaces this process

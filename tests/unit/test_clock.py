@@ -24,11 +24,13 @@ from gearbox.serving.clock import (
     RequestClock,
     add_inference_service,
     arrival,
+    held_by_the_ingress_s,
     http_middlewares,
 )
 from gearbox.serving.grpc.adapter import GrpcServicer, parameter_to_proto, parameters_from_proto
 from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
 from gearbox.serving.grpc.generated import grpc_service_pb2_grpc as pb_grpc
+from gearbox.serving.haproxy_launcher import BODY_WAIT_S, HELD_HEADER
 from gearbox.serving.queue_model import BatchCost, variant_key
 from tests.unit.serving_fixtures import DEVICE, INPUT, MODEL, REFERENCE, images, started
 
@@ -88,8 +90,8 @@ class Recorder:
             await send({"type": "http.response.body", "body": b""})
 
 
-async def call_asgi(app, scope_type="http"):
-    scope = {"type": scope_type, "method": "GET", "path": "/", "headers": []}
+async def call_asgi(app, scope_type="http", headers=()):
+    scope = {"type": scope_type, "method": "GET", "path": "/", "headers": list(headers)}
     sent = []
 
     async def receive():
@@ -119,6 +121,37 @@ def test_the_middleware_stamps_each_http_request_before_the_app_runs():
     assert first.deadline_ms is None
     assert first.direct is True
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+
+
+@pytest.mark.parametrize(
+    ("held", "moved_s"),
+    [
+        (b"60000", 0.060),  # the ingress held the request 60 ms waiting for its body
+        (b"0", 0.0),
+        (b"-5", 0.0),  # never later than the replica's own arrival
+        (b"soon", 0.0),  # not a count: ignored
+        (b"9" * 30, float(BODY_WAIT_S)),  # never more than the ingress waits for a body
+    ],
+)
+def test_the_time_the_ingress_held_the_request_counts(held, moved_s):
+    recorder = Recorder()
+    middleware = ArrivalMiddleware(recorder)
+    header = (HELD_HEADER.encode(), held)
+
+    async def main():
+        before = time.perf_counter()
+        await call_asgi(middleware, headers=[(b"host", b"x"), header])
+        return before, time.perf_counter()
+
+    before, after = asyncio.run(main())
+    [(_kind, first, _later, _entered)] = recorder.seen
+    assert before - moved_s <= first.arrived <= after - moved_s
+
+
+def test_held_by_the_ingress_reads_microseconds():
+    assert held_by_the_ingress_s("2500") == pytest.approx(0.0025)
+    assert held_by_the_ingress_s(None) == 0.0
+    assert held_by_the_ingress_s(b"1.5") == 0.0
 
 
 def test_concurrent_requests_get_a_clock_each_and_nothing_leaks_out():
@@ -190,13 +223,17 @@ class FactoryServer:
 
 
 class Deadline:
-    """A gRPC context with the one method the clock reads."""
+    """A gRPC context with the two methods the clock reads."""
 
-    def __init__(self, remaining_s):
+    def __init__(self, remaining_s, metadata=None):
         self.remaining_s = remaining_s
+        self.metadata = metadata
 
     def time_remaining(self):
         return self.remaining_s
+
+    def invocation_metadata(self):
+        return self.metadata
 
 
 MODEL_INFER = f"{GRPC_SERVICE_PREFIX}ModelInfer"
@@ -257,6 +294,25 @@ def test_a_wrapped_handler_sees_the_arrival_and_the_callers_deadline(remaining_s
     assert clock.deadline_ms == (None if deadline_ms is None else pytest.approx(deadline_ms))
     assert before <= clock.arrived <= after
     assert clock.direct is True
+
+
+def test_a_grpc_call_the_ingress_held_starts_earlier_with_more_of_its_deadline():
+    server = FactoryServer()
+    add_inference_service(SERVICER, server)
+    handler = server.service_handler_factory(
+        service_method=MODEL_INFER, streaming_type=StreamingType.UNARY_UNARY
+    )
+    held = Deadline(2.5, metadata=(("user-agent", "grpc"), (HELD_HEADER, "40000")))
+
+    async def main():
+        before = time.perf_counter()
+        return before, await handler("request", held), time.perf_counter()
+
+    before, (_request, clock, _same), after = asyncio.run(main())
+    assert before - 0.040 <= clock.arrived <= after - 0.040
+    # The caller's deadline ran while the ingress held the call: 2.5 s left at the replica
+    # were 2.54 s when the clock starts.
+    assert clock.deadline_ms == pytest.approx(2540.0)
 
 
 def test_a_server_without_a_handler_factory_just_gets_the_service():

@@ -12,14 +12,15 @@ import pytest
 
 from gearbox.serving.haproxy_launcher import (
     BINARY_ENV,
-    BUFFER_REQUESTS,
+    HELD_HEADER,
     LAUNCHER,
     RAY_BINARY_ENV,
+    WHOLE_REQUEST_RULES,
     config_file,
     real_haproxy,
     rewritten,
-    with_buffered_requests,
     with_pages_on_the_ingress_host,
+    with_whole_requests_timed,
 )
 from gearbox.serving.ingress import Ingress, haproxy_launcher, ray_environment
 
@@ -41,6 +42,12 @@ frontend prometheus
     http-request use-service prometheus-exporter if { path /metrics }
 frontend http_frontend
     bind 127.0.0.1:{port}
+    # Health check endpoint
+    http-request return status 200 content-type text/plain string "success" if { path /-/healthz }
+    default_backend app
+frontend grpc_frontend
+    # gRPC clients speak HTTP/2 in cleartext
+    bind 127.0.0.1:{grpc} proto h2
     default_backend app
 backend app
     http-reuse always
@@ -52,9 +59,10 @@ listen stats
 """
 
 
-def _ray_like(port: int = 8000, exporter: int = 9101, stats: int = 8404) -> str:
+def _ray_like(port: int = 8000, exporter: int = 9101, stats: int = 8404, grpc: int = 9000) -> str:
     return (
         RAY_LIKE.replace("{port}", str(port))
+        .replace("{grpc}", str(grpc))
         .replace("{exporter}", str(exporter))
         .replace("{stats}", str(stats))
     )
@@ -72,38 +80,39 @@ def _binds(config: str) -> dict[str, str]:
     return found
 
 
-def _defaults_body(config: str) -> list[str]:
+def _section(config: str, header: str) -> list[str]:
     lines = config.splitlines()
-    start = lines.index("defaults") + 1
-    end = next(i for i in range(start, len(lines)) if not lines[i].startswith(" "))
+    start = lines.index(header) + 1
+    end = next((i for i in range(start, len(lines)) if not lines[i][:1].isspace()), len(lines))
     return [line.strip() for line in lines[start:end]]
 
 
-def test_the_option_goes_into_the_defaults_section_and_nowhere_else():
-    changed = with_buffered_requests(RAY_LIKE)
-    assert BUFFER_REQUESTS in _defaults_body(changed)
-    assert changed.count(BUFFER_REQUESTS) == 1
-    # Everything Ray wrote is still there, in order.
-    assert [line for line in changed.splitlines() if line.strip() != BUFFER_REQUESTS] == (
-        RAY_LIKE.splitlines()
+def test_both_ingress_frontends_wait_for_the_body_and_say_how_long_it_took():
+    changed = with_whole_requests_timed(_ray_like())
+    rules = list(WHOLE_REQUEST_RULES)
+    for frontend in ("frontend http_frontend", "frontend grpc_frontend"):
+        body = _section(changed, frontend)
+        at = body.index(rules[0])
+        assert body[at : at + 3] == rules
+        # After the bind line, before every rule Ray wrote (its health check answers first
+        # otherwise, and a rule after `use_backend` would draw a warning).
+        assert [line.split()[0] for line in body[:at] if not line.startswith("#")] in (
+            [],
+            ["bind"],
+        )
+    assert any(HELD_HEADER in rule for rule in rules)
+    # Nowhere else, and everything Ray wrote is still there, in order.
+    assert changed.count(rules[0]) == 2
+    assert [line for line in changed.splitlines() if line.strip() not in rules] == (
+        _ray_like().splitlines()
     )
 
 
-def test_adding_the_option_twice_changes_nothing():
-    once = with_buffered_requests(RAY_LIKE)
-    assert with_buffered_requests(once) == once
-    spaced = RAY_LIKE.replace("defaults\n", "defaults\n    option   http-buffer-request\n")
-    assert with_buffered_requests(spaced) == spaced
-
-
-def test_every_defaults_section_gets_it_and_a_config_without_one_is_left_alone():
-    two = RAY_LIKE + "defaults tcp_side\n    mode tcp\nlisten raw\n    bind :1\n"
-    changed = with_buffered_requests(two)
-    assert changed.count(BUFFER_REQUESTS) == 2
-    no_defaults = "global\n    maxconn 10\nfrontend f\n    bind :1\n"
-    assert with_buffered_requests(no_defaults) == no_defaults
-    # A word merely starting with "defaults" is not the section keyword.
-    assert with_buffered_requests("defaultsx\n    mode http\n") == "defaultsx\n    mode http\n"
+def test_timing_the_requests_twice_changes_nothing_and_other_configs_are_left_alone():
+    once = with_whole_requests_timed(_ray_like())
+    assert with_whole_requests_timed(once) == once
+    other = "global\n    maxconn 10\nfrontend mine\n    bind :1\n"
+    assert with_whole_requests_timed(other) == other
 
 
 def test_haproxys_own_pages_listen_where_the_ingress_does():
@@ -111,6 +120,7 @@ def test_haproxys_own_pages_listen_where_the_ingress_does():
     assert _binds(changed) == {
         "frontend prometheus": "127.0.0.1:9101",
         "frontend http_frontend": "127.0.0.1:8000",
+        "frontend grpc_frontend": "127.0.0.1:9000",
         "listen stats": "127.0.0.1:8404",
     }
     # Only the bind lines moved.
@@ -161,15 +171,15 @@ def _launch(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess
 
 def test_the_launcher_rewrites_rays_file_then_runs_haproxy_with_the_same_arguments(tmp_path):
     config = tmp_path / "haproxy.cfg"
-    config.write_text(_ray_like(port=1, exporter=2, stats=3))
+    config.write_text(_ray_like(port=1, exporter=2, stats=3, grpc=4))
     config.chmod(0o640)
     # `-c` asks the real HAProxy to check the file it was given: proof that the launcher ran
     # it, with Ray's arguments, on the file as rewritten.
     checked = _launch("-c", "-f", str(config), env={RAY_BINARY_ENV: str(tmp_path / LAUNCHER)})
     assert checked.returncode == 0, checked.stderr
     assert "Configuration file is valid" in checked.stdout + checked.stderr
-    assert config.read_text() == rewritten(_ray_like(port=1, exporter=2, stats=3))
-    assert BUFFER_REQUESTS in _defaults_body(config.read_text())
+    assert config.read_text() == rewritten(_ray_like(port=1, exporter=2, stats=3, grpc=4))
+    assert WHOLE_REQUEST_RULES[1] in _section(config.read_text(), "frontend http_frontend")
     assert config.stat().st_mode & 0o777 == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["haproxy.cfg"]  # no temporary left
 

@@ -240,9 +240,9 @@ def tensor_from_values(
         array = np.asarray(values)
         if array.dtype.kind not in _NUMERIC_KINDS:
             raise ValueError(f"numpy reads the data as {array.dtype}")
-        if dtype.kind == "f":
+        if dtype.kind == "f" or _holds_every_value(dtype, array):
             array = array.astype(dtype, copy=False)
-        else:  # converted again from the values, so that numpy checks each one's range
+        else:  # converted again from the values: numpy refuses the one out of range
             array = np.asarray(values, dtype=dtype)
     except (TypeError, ValueError, OverflowError):
         raise InvalidArgumentError(
@@ -255,6 +255,17 @@ def tensor_from_values(
             f"input '{name}': shape {list(dims)} needs {expected} elements, data has {array.size}"
         )
     return Tensor(name, array.reshape(dims))
+
+
+def _holds_every_value(dtype: np.dtype, array: np.ndarray) -> bool:
+    """Whether casting ``array`` (integers or booleans) to the integer or boolean ``dtype``
+    changes no value; floats are left to numpy's own conversion, which refuses NaN."""
+    if array.dtype.kind not in "biu":
+        return False
+    if dtype.kind == "b" or array.size == 0:
+        return True
+    bounds = np.iinfo(dtype)
+    return bool(array.min() >= bounds.min and array.max() <= bounds.max)
 
 
 def tensor_from_bytes(

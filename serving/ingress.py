@@ -29,6 +29,7 @@ from pathlib import Path
 
 from gearbox.compression.errors import InvalidArgumentError, UnavailableError
 from gearbox.serving.haproxy_launcher import LAUNCHER, RAY_BINARY_ENV
+from gearbox.serving.processes import process_running
 
 INGRESS_SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
 """The Ray variable that selects the HAProxy ingress ("1") or the classic proxy."""
@@ -195,30 +196,17 @@ def stop_processes_using(state: Path, grace_s: float = 5.0) -> list[int]:
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for pid in found:
-        while _running(pid) and time.monotonic() < deadline:
+        while process_running(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _running(pid):
+        if process_running(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     return found
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie has exited; only its parent's wait is missing.
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError):
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return False
-
-
 def free_port(ports: range, *taken: int) -> int:
-    """A port of ``ports`` free on every interface (HAProxy binds its pages on all of them),
+    """A port of ``ports`` free on every interface (HAProxy's pages bind on all of them when
+    the gateway is served there),
     tried from a random point so that two clusters on one machine differ; never one of
     ``taken`` (picked already, not bound yet)."""
     start = random.randrange(len(ports))

@@ -55,6 +55,7 @@ from gearbox.serving.metric_names import (
     Kind,
     MetricSpec,
 )
+from gearbox.serving.processes import process_running
 
 logger = logging.getLogger(__name__)
 
@@ -311,16 +312,6 @@ def _read_snapshots(directory: Path) -> Iterator[dict[str, Any]]:
             continue  # removed or replaced between listing and reading: the next scrape has it
 
 
-def _process_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class SnapshotCollector:
     """A ``prometheus_client`` collector over every replica snapshot in one directory."""
 
@@ -335,7 +326,7 @@ class SnapshotCollector:
         ratios: dict[tuple[str, Labels], tuple[float, float, float]] = {}
         now = time.time()
         for snapshot in _read_snapshots(self._directory):
-            running = _process_running(snapshot["pid"]) and (
+            running = process_running(snapshot["pid"]) and (
                 now - snapshot["written_at"] < STALE_AFTER_S
             )
             for name, labels, value in snapshot["counters"]:

@@ -26,8 +26,9 @@ import trustme
 from tritonclient.utils import InferenceServerException
 
 from gearbox.compression.examples.digits import load_splits
+from gearbox.serving.processes import process_running
 from tests.integration.conftest import launch_serve, stop_serve
-from tests.unit.tls_fixtures import issue_pair, process_running, write_authority
+from tests.unit.tls_fixtures import issue_pair, write_authority
 
 MODEL = "digits"
 READY_LINE = "ready; Ctrl-C or SIGTERM stops"

@@ -25,6 +25,7 @@ from gearbox.compression import UnavailableError
 from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
 from gearbox.serving.grpc.generated.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from gearbox.serving.ingress import TLS_UPSTREAM_PORT_RANGE, free_port
+from gearbox.serving.processes import process_running
 from gearbox.serving.server import TlsEndpoint, _grpc_not_ready, _http_not_ready
 from gearbox.serving.tls import TlsFiles, name_to_verify, pinned_client_context
 from gearbox.serving.tls_terminator import (
@@ -43,7 +44,6 @@ from tests.unit.tls_fixtures import (
     http_server,
     issue_pair,
     plaintext_grpc_server,
-    process_running,
     write_authority,
 )
 

@@ -82,11 +82,3 @@ def plaintext_grpc_server() -> Iterator[int]:
         yield port
     finally:
         server.stop(grace=None)
-
-
-def process_running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie has exited and only awaits its parent)."""
-    try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False

@@ -218,16 +218,6 @@ class DeviceExecutor:
     def hosted(self) -> list[tuple[str, str]]:
         return sorted(self._variants)
 
-    def run_now(
-        self, model: str, variant: str, inputs: Arrays
-    ) -> tuple[dict[str, np.ndarray], float]:
-        """Runs one batch on the calling thread, bypassing the queue (warm-up before serving):
-        its outputs and seconds."""
-        entry = self._entry(model, variant)
-        started = time.perf_counter()
-        outputs = entry.run_batch(inputs)
-        return outputs, time.perf_counter() - started
-
     # -- the request side (event loop) ---------------------------------------------------------
 
     async def submit(self, model: str, variant: str, inputs: Arrays) -> BatchResult:

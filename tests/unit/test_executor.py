@@ -426,8 +426,6 @@ def test_an_unhosted_variant_is_not_found(make):
     harness.host(Model())
     with pytest.raises(NotFoundError, match="variant 'w' of model 'm' is not hosted on cpu"):
         run(harness.submit(rows(1), variant="w"))
-    with pytest.raises(NotFoundError):
-        harness.executor.run_now("m", "w", rows(1))
 
 
 def test_an_executor_needs_a_worker():
@@ -914,31 +912,6 @@ def test_measure_hop_times_the_batch_on_a_worker_and_inline_and_sets_hop_ms(make
     assert sum(thread == here for thread in model.threads) == 7
     assert hop == harness.executor.hop_ms
     assert hop >= 0
-
-
-def test_run_now_runs_on_the_calling_thread_and_bypasses_the_queue(make):
-    harness = make(max_queue=1)
-    model = harness.host(Model())
-
-    async def main():
-        async with harness.gate().held():
-            # The worker is busy and the queue of m/v full: run_now needs neither.
-            waiting = asyncio.ensure_future(harness.submit(rows(1)))
-            await until(lambda: harness.queued() == 1)
-            outputs, seconds = harness.executor.run_now("m", "v", rows(4, 5))
-            depth = harness.executor.depth()
-        await waiting
-        return outputs, seconds, depth
-
-    outputs, seconds, depth = run(main())
-    np.testing.assert_array_equal(outputs["y"], rows(40, 50)["x"])
-    assert seconds >= 0
-    assert depth == 2  # the gate's request and the queued one; run_now is not admitted
-    assert model.threads[0] == threading.get_ident()
-    assert harness.batches() == [("v", 1)]  # run_now is not a served batch
-
-
-# --- the event loop stays free ----------------------------------------------------------------
 
 
 def _heartbeat_during(harness: Harness, running: threading.Event) -> int:

@@ -28,7 +28,7 @@ class Timeline:
         self.events.append(f"server {message['type']}")
 
 
-def app_sending(*messages: dict, timeline: Timeline, yield_between: bool = True):
+def app_sending(*messages: dict, timeline: Timeline):
     """An ASGI app that sends ``messages``, giving the event loop a turn between them, as Ray
     Serve's hand-over from the user thread does."""
 
@@ -36,8 +36,7 @@ def app_sending(*messages: dict, timeline: Timeline, yield_between: bool = True)
         for message in messages:
             timeline.events.append(f"app {message['type']}")
             await send(message)
-            if yield_between:
-                await asyncio.sleep(0)
+            await asyncio.sleep(0)
 
     return app
 
@@ -154,7 +153,7 @@ def test_the_stamp_comes_first_then_whole_responses_in_a_starlette_app():
 
     async def receive_once():
         # The request, then nothing: the caller stays connected.
-        if not sent and not received:
+        if not received:
             received.append(True)
             return await receive()
         await asyncio.Event().wait()

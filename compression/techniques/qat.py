@@ -6,12 +6,13 @@ loses least. Each batch-normalisation is first folded into the convolution (or l
 before it, because ONNX Runtime folds it too: quantising the unfolded weights would train
 against numbers the served graph never uses.
 
-Weights are fake-quantised to int8, symmetric, per output channel (the scale follows the
-weights as they train); activations to uint8, affine, per tensor, at the input and output of
-each convolution and linear layer. Activation ranges start as the minimum and maximum over the
-calibration split and are then tracked as moving averages of each training batch's. Rounding
-uses ``torch.fake_quantize_per_*_affine`` (straight-through gradients). Biases are rounded to
-int32 at the input scale times the weight scale, as ONNX Runtime's integer kernels add them.
+Weights are fake-quantised to int8 (seven bits used, see ``WEIGHT_LEVELS``), symmetric, per
+output channel (the scale follows the weights as they train); activations to uint8, affine,
+per tensor, at the input and output of each convolution and linear layer. Activation ranges
+start as the minimum and maximum over the calibration split and are then tracked as moving
+averages of each training batch's. Rounding uses ``torch.fake_quantize_per_*_affine``
+(straight-through gradients). Biases are rounded to int32 at the input scale times the weight
+scale, as ONNX Runtime's integer kernels add them.
 
 An output quantiser is placed after the ReLU that follows a layer, not between the two, and
 one range serves a tensor across max-pooling, flattening and dropout: that is the QDQ pattern
@@ -66,8 +67,15 @@ QDQ_OPSET = 17
 """Per-channel QuantizeLinear needs opset 13; 17 is what the other TorchScript exports use."""
 
 WEIGHT_QMIN, WEIGHT_QMAX = -128, 127
-"""int8 weights; the symmetric scale (max |w| / 127) never reaches -128. The exporter maps
-fake-quantisation to ONNX only for the (-128, 127) and (0, 255) ranges."""
+"""int8 weights as stored. The exporter maps fake-quantisation to ONNX only for the
+(-128, 127) and (0, 255) ranges."""
+WEIGHT_LEVELS = 63
+"""The symmetric weight scale is max |w| / 63, so trained weights use 7 of int8's 8 bits
+(ONNX Runtime's ``reduce_range``). x86 CPUs without VNNI multiply uint8 activations by int8
+weights with an instruction that adds pairs of products into int16 and saturates: with full
+range weights (255 x 127 x 2 > 32,767) the served graph then differs from the trained one on
+such a CPU. Seven bits keep every pair in range, so the artifact gives the same answer on any
+x86 CPU it is served on."""
 ACTIVATION_QMIN, ACTIVATION_QMAX = 0, 255
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -222,7 +230,7 @@ class QuantizedLayer(nn.Module):
     def _weight_scale(self) -> torch.Tensor:
         weight = self.layer.weight.detach()
         absmax = weight.abs().reshape(len(weight), -1).amax(dim=1)
-        return (absmax / WEIGHT_QMAX).clamp(min=1e-8)
+        return (absmax / WEIGHT_LEVELS).clamp(min=1e-8)
 
     def _rounded_bias(self, weight_scale: torch.Tensor) -> torch.Tensor | None:
         bias = self.layer.bias
@@ -662,7 +670,7 @@ def quantization_aware_training(
         "fp32": _quality(fp32, inputs, reference_outputs)[0],
     }
     details: dict[str, Any] = {
-        "weights": "int8 symmetric per output channel",
+        "weights": f"int8 symmetric per output channel, within +-{WEIGHT_LEVELS}",
         "activations": "uint8 affine per tensor",
         "activation_ranges": (
             f"calibration min/max over {len(inputs.data.calibration)} rows, then a moving "

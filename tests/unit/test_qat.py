@@ -16,6 +16,7 @@ from gearbox.compression.onnx_export import run_onnx
 from gearbox.compression.techniques import TechniqueInput, config_from_params, config_to_params
 from gearbox.compression.techniques.qat import (
     MAX_DIFFERENCE_STEPS,
+    WEIGHT_LEVELS,
     ActivationQuantizer,
     QatConfig,
     QuantizedLayer,
@@ -114,6 +115,9 @@ def test_the_artifact_is_a_qdq_graph_with_integer_weights(case):
         assert weight_dq.op_type == bias_dq.op_type == "DequantizeLinear"
         assert weights[weight_dq.input[0]].dtype == np.int8
         assert weights[bias_dq.input[0]].dtype == np.int32
+        # Seven bits: no uint8 x int8 pair sum saturates int16 on a CPU without VNNI.
+        steps = np.abs(weights[weight_dq.input[0]].astype(np.int32))
+        assert steps.max() == WEIGHT_LEVELS
     float_bytes = sum(w.nbytes for w in weights.values() if w.dtype == np.float32)
     integer_bytes = sum(w.nbytes for w in weights.values() if w.dtype == np.int8)
     assert integer_bytes > float_bytes

@@ -6,8 +6,8 @@ HAProxy ingress each gateway replica runs its own HTTP and gRPC servers, and two
 the arrival there, in the request's own context:
 
 - HTTP: :class:`ArrivalMiddleware`, the outermost ASGI middleware of the replica's server (Ray
-  Serve installs what :func:`gearbox.serving.replica_server.http_middlewares` returns), runs
-  as soon as the headers are parsed.
+  Serve installs what :func:`http_middlewares` returns, named by
+  ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``), runs as soon as the headers are parsed.
 - gRPC: :func:`add_inference_service` registers ``inference.GRPCInferenceService`` and wraps
   the handlers Ray Serve's server builds for it, so each call is stamped when its handler
   starts and carries the remaining time of the caller's deadline.
@@ -30,6 +30,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gearbox.serving.grpc.generated.grpc_service_pb2_grpc import (
@@ -94,6 +95,11 @@ class ArrivalMiddleware:
             held = next((v for k, v in scope["headers"] if k == _HELD_HEADER_BYTES), None)
             _ARRIVAL.set(RequestClock(arrived - held_by_the_ingress_s(held), direct=True))
         await self._app(scope, receive, send)
+
+
+def http_middlewares() -> list[Middleware]:
+    """What ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` names: the arrival stamp."""
+    return [Middleware(ArrivalMiddleware)]
 
 
 UnaryHandler = Callable[[Any, Any], Awaitable[Any]]

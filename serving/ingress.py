@@ -55,9 +55,6 @@ holds the user's ports (:mod:`gearbox.serving.tls_terminator`): clear of the ran
 of the HAProxy pages, which a starting Serve binds after the pick."""
 
 
-REPLICA_SERVER_MIDDLEWARES = "gearbox.serving.replica_server:http_middlewares"
-"""The ASGI middlewares of each replica's own HTTP server, as Ray Serve imports them."""
-
 HAPROXY_BUFFER_BYTES = 64 * 1024
 """HAProxy's buffer: the largest request it can retry on another replica."""
 
@@ -113,7 +110,7 @@ def ray_environment(ingress: Ingress, state_dir: str | Path | None = None) -> di
     env.update(
         {
             INGRESS_SWITCH: "1",
-            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": REPLICA_SERVER_MIDDLEWARES,
+            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "gearbox.serving.clock:http_middlewares",
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{DRAIN_PERIOD_S:g}",
             # HAProxy otherwise logs a line per request to a socket that a Python actor reads
             # and parses into Ray's own request metrics: 0.1 of a core at 700 requests/s on

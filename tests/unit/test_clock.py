@@ -14,6 +14,9 @@ import time
 
 import grpc
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from gearbox.serving.clock import (
     GRPC_SERVICE_PREFIX,
@@ -22,6 +25,7 @@ from gearbox.serving.clock import (
     add_inference_service,
     arrival,
     held_by_the_ingress_s,
+    http_middlewares,
 )
 from gearbox.serving.grpc.adapter import GrpcServicer, parameter_to_proto, parameters_from_proto
 from gearbox.serving.grpc.generated import grpc_service_pb2 as pb
@@ -172,6 +176,22 @@ def test_the_middleware_leaves_other_scopes_alone():
     [(kind, first, later, _)] = recorder.seen
     assert kind == "lifespan"
     assert first is not later
+
+
+def test_http_middlewares_put_the_stamp_in_front_of_a_starlette_app():
+    [middleware] = http_middlewares()
+    assert middleware.cls is ArrivalMiddleware
+    clocks = []
+
+    async def endpoint(request):
+        clocks.append((arrival(), arrival()))
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/", endpoint)], middleware=http_middlewares())
+    sent = asyncio.run(call_asgi(app))
+    [(first, second)] = clocks
+    assert first is second
+    assert sent[0]["status"] == 200
 
 
 # --- gRPC: which handlers are wrapped ---------------------------------------------------------
